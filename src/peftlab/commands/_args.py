@@ -1,0 +1,32 @@
+"""Shared argument handling: ``[CONFIG] [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import Config, load_config
+from ..errors import ConfigError
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "args", nargs="*", metavar="[CONFIG] [key=value]",
+        help="an optional YAML config, then overrides such as peft.r=16 train.lr=1e-3",
+    )
+
+
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    path, overrides = None, []
+    for i, a in enumerate(args):
+        if "=" in a:
+            overrides.append(a)
+        elif i == 0:
+            path = a
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: after the config file give key=value overrides")
+    return path, overrides
+
+
+def config_from_args(args: list[str], defaults: list[str] | None = None) -> Config:
+    path, overrides = split_config_args(args)
+    return load_config(path, [*(defaults or []), *overrides])

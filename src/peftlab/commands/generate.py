@@ -1,0 +1,73 @@
+"""peftlab generate [CONFIG] [key=value ...] [--run DIR | --adapter DIR] --prompt TEXT ..."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ._args import add_config_arguments, config_from_args
+
+NAME = "generate"
+HELP = "generate answers with the base model, an adapter, or a finished run (same template as training)"
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--run", help="a run directory: its config.yaml, template and adapter/ or model/")
+    p.add_argument("--adapter", help="an adapter directory (peftlab or Hugging Face PEFT)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); '-' reads lines from stdin")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def load_for_generation(run: str | None, adapter: str | None, cfg_args: list[str]):
+    """(model, tokenizer, encoder, cfg) for a run dir, an adapter, or a base model."""
+    from ..config import load_config
+    from ..data.tokenize import Encoder
+    from ..errors import ConfigError
+    from ..export.adapter import load_adapter
+    from ..model.load import load_model
+    from ._args import split_config_args
+
+    if run:
+        run_dir = Path(run)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--run {run!r} is not a run directory (no config.yaml)")
+        _, overrides = split_config_args(cfg_args)
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        if (run_dir / "model" / "config.json").is_file():  # full fine-tuning
+            cfg.model.name = str(run_dir / "model")
+            cfg.model.config_overrides = {}
+            model, tok = load_model(cfg.model)
+        else:
+            model, tok = load_model(cfg.model)
+            load_adapter(model, run_dir / "adapter")
+    else:
+        cfg = config_from_args(cfg_args)
+        model, tok = load_model(cfg.model)
+        if adapter:
+            load_adapter(model, adapter)
+    encoder = Encoder(tok, cfg.data.template, cfg.data.max_length, cfg.data.system)
+    return model, tok, encoder, cfg
+
+
+def run(args) -> int:
+    from ..errors import ConfigError
+    from ..eval.generate import generate
+
+    prompts = []
+    for p in args.prompt:
+        prompts.extend(line.rstrip("\n") for line in sys.stdin if line.strip()) if p == "-" else prompts.append(p)
+    if not prompts:
+        raise ConfigError("give at least one --prompt TEXT (or --prompt - to read prompts from stdin)")
+    model, tok, encoder, _ = load_for_generation(args.run, args.adapter, args.args)
+    answers = generate(model, tok, encoder, prompts, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
+    for prompt, answer in zip(prompts, answers):
+        if len(prompts) > 1:
+            print(f"### {prompt}")
+        print(answer)
+    return 0

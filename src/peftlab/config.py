@@ -1,0 +1,289 @@
+"""Run configuration: four sections of typed dataclasses, YAML files and dotted overrides.
+
+    model  -> ModelConfig        which base model, dtype, device, quantisation
+    peft   -> the method's config dataclass, chosen by ``peft.method`` (see registry)
+    data   -> DataConfig         where the examples come from and how they become tokens
+    train  -> TrainConfig        the loop: optimiser, schedule, batches, checkpoints
+
+``load_config(path, ["train.lr=1e-3", ...])`` reads an optional YAML file, applies overrides,
+and validates every key: an unknown key is an error that lists the valid keys of its section.
+A method's own options live only in its config class, so ``peft.r`` is valid for LoRA and an
+error for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import registry
+from .errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL  # HF directory, built-in asset name, or config:<arch>
+    dtype: str = "float32"  # storage dtype of the base weights: float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    quantize: str | None = None  # none | nf4 | int8 (the frozen base; LoRA-family methods)
+    tokenizer: str | None = None  # defaults to the model's own
+    config_overrides: dict = field(default_factory=dict)  # for config:<arch>, e.g. {n_layer: 2}
+    attn_implementation: str | None = None  # sdpa | eager (None: transformers' default)
+    gradient_checkpointing: bool = False
+    seed: int | None = None  # init seed for config:<arch> models (default: train.seed)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # file or directory; None means the built-in quickstart task
+    format: str = "auto"  # auto | alpaca | messages | sharegpt | text
+    template: str = "auto"  # auto | alpaca | vicuna | chat (the tokenizer's chat template) | ...
+    system: str | None = None  # system prompt for templates that have one
+    max_length: int = 512  # tokens per example (longer ones are truncated)
+    eval_split: float = 0.05  # fraction (< 1) or count (>= 1) of records held out for eval
+    eval_path: str | None = None  # a separate eval file instead of a split
+    skip_bad_records: bool = False  # skip malformed records (counted) instead of stopping
+    train_on_prompt: bool = False  # also learn the prompt tokens (labels not masked)
+    packing: bool = False  # pack several examples into one row (block-diagonal attention)
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    steps: int | None = None  # optimiser steps; None means train.epochs over the data
+    epochs: float = 1.0
+    batch_size: int = 4  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    warmup: float = 0.03  # fraction of steps (< 1) or a step count (>= 1)
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float | None = 1.0  # None or 0 disables clipping
+    eval_every: int = 50  # optimiser steps between eval-loss passes (0: only at the end)
+    eval_batches: int | None = None  # cap eval at this many batches (None: the whole split)
+    log_every: int = 1
+    save_every: int = 0  # optimiser steps between checkpoints (0: only the final save)
+    save_total_limit: int = 2  # checkpoints kept (the newest good one is never deleted)
+    output_dir: str = "runs/latest"
+    overwrite: bool = False  # replace a finished or stopped run in output_dir instead of refusing
+    seed: int = 42
+    mixed_precision: str = "auto"  # auto | bf16 | fp16 | no
+    threads: int = 0  # CPU threads for torch (0: the cores actually free)
+    progress: bool = True
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: Any = None  # the method's config dataclass instance
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": dataclasses.asdict(self.model),
+            "peft": dataclasses.asdict(self.peft),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+DEFAULT_METHOD = "lora"
+
+
+# ---------------------------------------------------------------------------- value coercion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key {key!r}: cannot be {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"config key {key!r}: unsupported type {_type_name(tp)}")
+
+
+def build_dataclass(cls: type, raw: dict, section: str) -> Any:
+    """Instantiate ``cls`` from a dict, coercing values and rejecting unknown keys."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in valid]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {section}.{unknown[0]}; valid keys of {section!r}"
+            + (" for this method" if section == "peft" else "")
+            + f": {', '.join(valid)}"
+        )
+    kwargs = {k: coerce(v, hints[k], f"{section}.{k}") for k, v in raw.items()}
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check()
+    return obj
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-3"`` -> (["train", "lr"], 0.001). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.lr=1e-3)")
+    key, _, value = text.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError(
+            f"override key {key!r} needs a section, e.g. train.lr; sections: model, peft, data, train"
+        )
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    # keep things such as 1e-3 as numbers even where YAML 1.1 reads them as strings
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)
+        except ValueError:
+            pass
+    return path, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r}{where}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections")
+    return raw
+
+
+def config_from_dict(raw: dict) -> Config:
+    unknown = [k for k in raw if k not in (*SECTIONS, "peft")]
+    if unknown:
+        raise ConfigError(
+            f"unknown config section {unknown[0]!r}; valid sections: model, peft, data, train"
+        )
+    peft_raw = dict(raw.get("peft") or {})
+    method = registry.get(str(peft_raw.get("method", DEFAULT_METHOD)))
+    peft_raw["method"] = method.name
+    return Config(
+        model=build_dataclass(ModelConfig, raw.get("model"), "model"),
+        peft=build_dataclass(method.config_cls, peft_raw, "peft"),
+        data=build_dataclass(DataConfig, raw.get("data"), "data"),
+        train=build_dataclass(TrainConfig, raw.get("train"), "train"),
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read an optional YAML file, apply ``key=value`` overrides, validate everything."""
+    raw = read_yaml(path) if path else {}
+    raw = apply_overrides(raw, list(overrides or []))
+    return config_from_dict(raw)

@@ -1,0 +1,64 @@
+"""Batched generation with the training template.
+
+Prompts are encoded exactly as the training prefix (``Encoder.prompt_ids``), left-padded into
+batches, and continued with Hugging Face ``generate`` (KV cache on). Greedy by default;
+``temperature`` > 0 samples (with ``top_p``). Only the new tokens are decoded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _as_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, encoder, prompts: list, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int | None = None) -> list[str]:
+    """Answers for ``prompts`` (strings, or lists of {role, content} messages ending with a user turn)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = {tokenizer.eos_token_id}
+    for s in encoder.renderer.stop_strings:
+        ids = tokenizer(s, add_special_tokens=False).input_ids
+        if len(ids) == 1:
+            eos_ids.add(ids[0])
+    use_cache = getattr(model.config, "use_cache", True)
+    model.config.use_cache = True
+    if seed is not None:
+        torch.manual_seed(seed)
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = [encoder.prompt_ids(_as_messages(p)) for p in prompts[start:start + batch_size]]
+            width = max(len(c) for c in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, ids in enumerate(chunk):
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                mask[i, width - len(ids):] = 1
+            sampling = temperature > 0
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                top_p=top_p if sampling else None,
+                top_k=None,
+                pad_token_id=pad_id,
+                eos_token_id=sorted(eos_ids),
+            )
+            for row in out[:, width:]:
+                outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        model.config.use_cache = use_cache
+        model.train(was_training)
+    return outputs

@@ -1,0 +1,160 @@
+"""Adapter directories that Hugging Face PEFT (and vLLM, for LoRA) load unchanged.
+
+    adapter_config.json          PEFT's config: peft_type, r, lora_alpha, target_modules, ...
+    adapter_model.safetensors    tensors named as PEFT names them (base_model.model.<path>...)
+    peftlab.json                 peftlab's own record: the full method config and the base
+                                 model's fingerprint (PEFT ignores this file)
+
+Only keys PEFT knows go into adapter_config.json (older loaders and vLLM reject unknown
+keys); everything else lives in peftlab.json. Loading reads safetensors only and refuses
+pickle files (``adapter_model.bin``) with an explanation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__, registry
+from ..config import build_dataclass
+from ..errors import ConfigError
+from ..io import atomic_dir
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFTLAB_NAME = "peftlab.json"
+PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt")
+
+
+def _owned(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(part.startswith(prefixes) for part in name.split("."))
+
+
+def adapter_state(model: nn.Module, method: registry.Method) -> dict[str, torch.Tensor]:
+    """The method's own tensors (parameters and persistent buffers), by module path."""
+    if not method.state_prefixes:
+        raise ConfigError(f"method {method.name!r} has no adapter tensors to save")
+    state = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if _owned(name, method.state_prefixes):
+            state[name] = tensor
+    return state
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """What an adapter needs of its base: architecture and the shapes it was built on."""
+    cfg = getattr(model, "config", None)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+            "num_attention_heads", "num_key_value_heads")
+    return {k: getattr(cfg, k, None) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
+
+
+def save_adapter(model: nn.Module, peft_cfg, out_dir: str | Path, base_model_name: str | None = None) -> Path:
+    """Write the adapter of ``model`` (built by ``peft_cfg.method``) atomically to ``out_dir``."""
+    method = registry.get(peft_cfg.method)
+    if method.peft_type is None:
+        raise ConfigError(f"method {method.name!r} saves a whole model, not an adapter")
+    state = method.to_peft_keys(adapter_state(model, method))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    config = method.to_peft_config(peft_cfg, model) if method.to_peft_config else {"peft_type": method.peft_type}
+    config["base_model_name_or_path"] = base_model_name
+    record = {
+        "peftlab_version": __version__,
+        "method": dataclasses.asdict(peft_cfg),
+        "base_model": base_model_name,
+        "base_fingerprint": base_fingerprint(model),
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / PEFTLAB_NAME).write_text(json.dumps(record, indent=2))
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str | Path) -> tuple[dict, dict | None]:
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise ConfigError(f"adapter directory {str(d)!r} does not exist")
+    if not (d / WEIGHTS_NAME).is_file():
+        pickles = [n for n in PICKLE_NAMES if (d / n).exists()]
+        if pickles:
+            raise ConfigError(
+                f"{d / pickles[0]} is a pickle file; peftlab never loads pickled weights because "
+                "unpickling can run arbitrary code. Convert it to safetensors where you trust it "
+                "(PEFT: model.save_pretrained(dir, safe_serialization=True))"
+            )
+        raise ConfigError(f"{d} has no {WEIGHTS_NAME}")
+    try:
+        config = json.loads((d / CONFIG_NAME).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{d} has no {CONFIG_NAME}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{d / CONFIG_NAME} line {e.lineno}: not valid JSON ({e.msg})") from None
+    record = None
+    if (d / PEFTLAB_NAME).is_file():
+        try:
+            record = json.loads((d / PEFTLAB_NAME).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{d / PEFTLAB_NAME} line {e.lineno}: not valid JSON ({e.msg})") from None
+    return config, record
+
+
+def adapter_method_config(adapter_dir: str | Path):
+    """The method config an adapter directory was saved with (peftlab's or PEFT's)."""
+    config, record = read_adapter_config(adapter_dir)
+    if record and "method" in record:
+        raw = dict(record["method"])
+        method = registry.get(raw.get("method", ""))
+        return build_dataclass(method.config_cls, raw, "peft")
+    method = registry.by_peft_type(str(config.get("peft_type")))
+    if method.from_peft_config is None:
+        raise ConfigError(f"{adapter_dir}: peft_type {config.get('peft_type')} cannot be read by peftlab")
+    return method.from_peft_config(config)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, peft_cfg=None):
+    """Apply the adapter's method to ``model`` and load its tensors; returns the method config.
+
+    Errors name the missing or unexpected tensors and shape mismatches (an adapter trained
+    on another base model fails here, before any output is produced).
+    """
+    adapter_dir = Path(adapter_dir)
+    config, record = read_adapter_config(adapter_dir)
+    cfg = peft_cfg or adapter_method_config(adapter_dir)
+    method = registry.get(cfg.method)
+    if record and record.get("base_fingerprint"):
+        mine = base_fingerprint(model)
+        diff = {k: (v, mine.get(k)) for k, v in record["base_fingerprint"].items() if mine.get(k) not in (None, v)}
+        if diff:
+            detail = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
+            raise ConfigError(
+                f"{adapter_dir} was trained for another base model ({record.get('base_model')}); {detail}"
+            )
+    method.apply(model, cfg)
+    loaded = method.from_peft_keys(load_file(str(adapter_dir / WEIGHTS_NAME)))
+    expected = adapter_state(model, method)
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(
+            f"{adapter_dir / WEIGHTS_NAME} does not fit this model: "
+            + (f"missing {len(missing)} tensors (e.g. {missing[0]}) " if missing else "")
+            + (f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]})" if unexpected else "")
+            + "; was it trained on another base model or with other targets?"
+        )
+    with torch.no_grad():
+        for name, target in expected.items():
+            src = loaded[name]
+            if tuple(src.shape) != tuple(target.shape):
+                raise ConfigError(
+                    f"{adapter_dir / WEIGHTS_NAME}: tensor {name} has shape {tuple(src.shape)}, "
+                    f"the model expects {tuple(target.shape)} (another base model or rank?)"
+                )
+            target.copy_(src.to(target.dtype))
+    return cfg

@@ -1,0 +1,120 @@
+"""Writing files so that nothing written is lost: temp file or directory, fsync, rename.
+
+A reader sees either the old complete version or the new complete version, never a torn one.
+Directories carry a ``MANIFEST.json`` (file sizes and sha256) written last, so a copy that lost
+files after the rename (a bad disk, a partial rsync) is detected on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+MANIFEST = "MANIFEST.json"
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[str(p.relative_to(directory))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_manifest(directory: Path) -> str | None:
+    """None when every file listed in the manifest is present and intact, else what is wrong."""
+    mpath = directory / MANIFEST
+    if not mpath.is_file():
+        return f"{directory}: no {MANIFEST} (the write did not finish)"
+    try:
+        files = json.loads(mpath.read_text())["files"]
+    except (ValueError, KeyError):
+        return f"{directory}/{MANIFEST} is damaged"
+    for rel, info in files.items():
+        p = directory / rel
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
+            return f"{p} is damaged (size or checksum differs from {MANIFEST})"
+    return None
+
+
+def _fsync_tree(directory: Path) -> None:
+    for p in directory.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, manifest: bool = True) -> Iterator[Path]:
+    """Yield a temp directory; on success it replaces ``path`` in one rename.
+
+    An existing ``path`` is moved aside first and deleted only once the new one is in place.
+    On an exception the temp directory is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if manifest:
+            write_manifest(tmp)
+        _fsync_tree(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

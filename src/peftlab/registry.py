@@ -1,0 +1,125 @@
+"""The method registry: the one piece of global state in peftlab.
+
+A method family registers itself from its own file (``methods/<name>.py``) with one
+``register(Method(...))`` call. Everything else — config parsing, ``peftlab params``, the
+training loop, adapter files — looks methods up here, so adding a method touches only its
+file, its docs section and the contract-test list.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import ConfigError
+
+PEFT_PREFIX = "base_model.model."
+
+
+def add_peft_prefix(state: dict) -> dict:
+    """peftlab module names -> PEFT's file names (``base_model.model.`` + path)."""
+    return {PEFT_PREFIX + k: v for k, v in state.items()}
+
+
+def strip_peft_prefix(state: dict) -> dict:
+    return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one ``peft.method`` plugs into peftlab.
+
+    name:         the value users type as ``peft.method``.
+    config_cls:   dataclass of the method's options (its first field is ``method``).
+    apply:        ``apply(model, cfg) -> None``: freeze the base, insert the method's modules,
+                  in place. Trainable parameters are exactly those left with requires_grad.
+    merge:        ``merge(model) -> None`` folds the method into plain modules, or None when the
+                  math does not allow it (export then raises a clear error).
+    peft_type:    the ``peft_type`` written to adapter_config.json (PEFT's name where PEFT has the
+                  method). None means the method saves a whole model (full fine-tuning).
+    state_prefixes: module-name components that mark the method's own tensors: every parameter
+                  or persistent buffer whose dotted name has a component starting with one of
+                  these belongs in the adapter file (trainable or not: LoRA-FA's frozen A too).
+    to_peft_config / from_peft_config: translate between the method config and PEFT's
+                  adapter_config.json dictionary.
+    to_peft_keys / from_peft_keys: rename state-dict keys between peftlab's module names and
+                  the adapter file's names (default: PEFT's ``base_model.model.`` prefix).
+    param_groups: optional ``param_groups(model, cfg, lr, weight_decay) -> list[dict]`` for
+                  methods that need their own optimizer groups (LoRA+).
+    on_step:      optional ``on_step(model, cfg, step, optimizer) -> None`` called after every
+                  optimizer step (methods whose training procedure changes over time).
+    param_extra:  optional ``param_extra(model, cfg) -> dict`` of figures ``peftlab params``
+                  adds to its report and JSON.
+    """
+
+    name: str
+    config_cls: type
+    apply: Callable[[nn.Module, Any], None]
+    merge: Callable[[nn.Module], None] | None = None
+    peft_type: str | None = None
+    state_prefixes: tuple[str, ...] = ()
+    to_peft_config: Callable[[Any, nn.Module], dict] | None = None
+    from_peft_config: Callable[[dict], Any] | None = None
+    to_peft_keys: Callable[[dict], dict] = add_peft_prefix
+    from_peft_keys: Callable[[dict], dict] = strip_peft_prefix
+    param_groups: Callable[..., list[dict]] | None = None
+    on_step: Callable[..., None] | None = None
+    param_extra: Callable[..., dict] | None = None  # extra figures for `peftlab params` (e.g. LISA)
+    aliases: tuple[str, ...] = field(default=())
+
+
+_METHODS: dict[str, Method] = {}
+_BY_PEFT_TYPE: dict[str, Method] = {}
+_LOADED = False
+
+
+def register(method: Method) -> Method:
+    """Add a method; called once from the method's own module."""
+    for name in (method.name, *method.aliases):
+        if name in _METHODS and _METHODS[name] is not method:
+            raise RuntimeError(f"method name {name!r} registered twice")
+        _METHODS[name] = method
+    if method.peft_type and method.peft_type not in _BY_PEFT_TYPE:
+        _BY_PEFT_TYPE[method.peft_type] = method
+    return method
+
+
+def _load_all() -> None:
+    """Import every module in peftlab.methods so each registers itself."""
+    global _LOADED
+    if _LOADED:
+        return
+    from . import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"{methods.__name__}.{info.name}")
+    _LOADED = True
+
+
+def get(name: str) -> Method:
+    _load_all()
+    if name not in _METHODS:
+        raise ConfigError(
+            f"unknown peft.method {name!r}; available methods: {', '.join(names())}"
+        )
+    return _METHODS[name]
+
+
+def by_peft_type(peft_type: str) -> Method:
+    _load_all()
+    if peft_type not in _BY_PEFT_TYPE:
+        known = ", ".join(sorted(_BY_PEFT_TYPE))
+        raise ConfigError(
+            f"adapter has peft_type {peft_type!r}, which peftlab cannot load; known types: {known}"
+        )
+    return _BY_PEFT_TYPE[peft_type]
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted({m.name for m in _METHODS.values()})
