@@ -167,7 +167,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads no/yes/off/on as booleans
+            return str(value).lower()
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
     if tp is list or origin is list:
@@ -220,10 +222,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(
             f"override key {key!r} needs a section, e.g. train.lr; sections: model, peft, data, train"
         )
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
+    if value.strip().lower() in ("yes", "no", "on", "off", "y", "n"):
+        parsed = value.strip()  # words, not YAML 1.1 booleans (train.mixed_precision=no)
+    else:
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
     # keep things such as 1e-3 as numbers even where YAML 1.1 reads them as strings
     if isinstance(parsed, str):
         try:

@@ -191,19 +191,23 @@ def gpt2_tokenizer():
 
 
 def load_tokenizer(name: str):
-    """A tokenizer by directory, asset name, or ``gpt2``."""
+    """A tokenizer by directory, asset name, or ``gpt2``; pad defaults to eos when it has none."""
     from transformers import AutoTokenizer
 
-    if name == "gpt2":
-        return gpt2_tokenizer()
     key = ASSET_ALIASES.get(name.lower(), name.lower())
-    if key in ASSETS:
-        return AutoTokenizer.from_pretrained(asset_dir(key))
-    if Path(name).is_dir():
-        return AutoTokenizer.from_pretrained(name)
-    raise ConfigError(
-        f"tokenizer {name!r} is not a local directory, a built-in asset ({', '.join(ASSETS)}) or 'gpt2'"
-    )
+    if name == "gpt2":
+        tok = gpt2_tokenizer()
+    elif key in ASSETS:
+        tok = AutoTokenizer.from_pretrained(asset_dir(key))
+    elif Path(name).is_dir():
+        tok = AutoTokenizer.from_pretrained(name)
+    else:
+        raise ConfigError(
+            f"tokenizer {name!r} is not a local directory, a built-in asset ({', '.join(ASSETS)}) or 'gpt2'"
+        )
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # only filler: labels never come from the pad id
+    return tok
 
 
 # ---------------------------------------------------------------------------- models
@@ -275,8 +279,6 @@ def load_model(cfg, *, seed: int = 0, with_tokenizer: bool = True, device: str |
         if with_tokenizer:
             tokenizer = load_tokenizer(cfg.tokenizer or str(path))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn)
-    if tokenizer is not None and tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if not meta:
         model.to(dev)
     model.eval()

@@ -74,7 +74,7 @@ def cpu_has_bf16() -> bool:
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.mixed_precision`` on ``device`` (None: fp32)."""
-    if name in ("no", "fp32", "none"):
+    if name in ("no", "fp32", "none", "false", "off"):
         return None
     if name == "auto":
         if device.type == "cuda":

@@ -1,0 +1,57 @@
+"""Config: typed sections, dotted overrides, and errors that list what is valid."""
+
+from __future__ import annotations
+
+import pytest
+
+from peftlab.config import load_config
+from peftlab.errors import ConfigError
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(None, ["train.lr=1e-3", "peft.r=16", "peft.targets=q_proj,v_proj", "train.steps=7",
+                             "data.eval_split=0", "train.max_grad_norm=none"])
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
+    assert cfg.peft.method == "lora" and cfg.peft.r == 16
+    assert cfg.peft.targets == "q_proj,v_proj"
+    assert cfg.train.steps == 7
+    assert cfg.train.max_grad_norm is None
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("peft:\n  method: lora\n  r: 4\n  targets: [c_attn]\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(path, ["peft.r=2"])
+    assert cfg.peft.r == 2 and cfg.peft.targets == ["c_attn"] and cfg.train.lr == 0.01
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.learning_rate=1"])
+    assert "train.learning_rate" in str(e.value) and "lr" in str(e.value) and "batch_size" in str(e.value)
+
+
+def test_method_options_belong_to_the_method():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["peft.method=full", "peft.r=8"])
+    assert "peft.r" in str(e.value)
+
+
+def test_unknown_method_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown peft.method 'loar'.*lora"):
+        load_config(None, ["peft.method=loar"])
+    with pytest.raises(ConfigError, match="train.lr.*number.*'fast'"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="peft.r must be >= 1"):
+        load_config(None, ["peft.r=0"])
+    with pytest.raises(ConfigError, match="section"):
+        load_config(None, ["lr=1"])
+    with pytest.raises(ConfigError, match="unknown config section 'optim'"):
+        load_config(None, ["optim.lr=1"])
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*line"):
+        load_config(path)

@@ -1,0 +1,93 @@
+"""Exact parameter counts: GPT-2 small and the SmolLM2 shape, against closed forms and PEFT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import peftlab
+from peftlab import registry
+from peftlab.config import load_config
+from peftlab.model.load import load_model
+from peftlab.model.params import param_report
+
+SRC = str(Path(peftlab.__file__).resolve().parents[1])
+GPT2_TARGETS = "peft.targets=c_attn,c_proj,c_fc"
+# SmolLM2-135M's shape as config:llama overrides (no weights needed to count)
+SMOL = ["model.name=config:llama", "model.config_overrides.layers=30", "model.config_overrides.hidden=576",
+        "model.config_overrides.heads=9", "model.config_overrides.kv_heads=3",
+        "model.config_overrides.intermediate=1536", "model.config_overrides.vocab=49152",
+        "model.config_overrides.tie_word_embeddings=true"]
+
+
+def count(overrides: list[str]) -> dict:
+    cfg = load_config(None, overrides)
+    model, _ = load_model(cfg.model, with_tokenizer=False, device="meta")
+    registry.get(cfg.peft.method).apply(model, cfg.peft)
+    return param_report(model).to_json()
+
+
+def test_gpt2_small_total():
+    assert count(["model.name=config:gpt2", "peft.method=full"]) == {"trainable": 124_439_808,
+                                                                     "total": 124_439_808}
+
+
+def test_gpt2_lora_rank_table():
+    """The seeds' table: LoRA on c_attn, attn.c_proj, c_fc, mlp.c_proj = 147,456 per unit of rank.
+
+    Per block: c_attn (768 -> 2304), attn.c_proj (768 -> 768), c_fc (768 -> 3072),
+    mlp.c_proj (3072 -> 768): r * (3072 + 1536 + 3840 + 3840) = 12,288 r; 12 blocks.
+    """
+    per_rank = 12 * ((768 + 2304) + (768 + 768) + (768 + 3072) + (3072 + 768))
+    assert per_rank == 147_456
+    for r in (1, 2, 4, 8, 16, 32):
+        got = count(["model.name=config:gpt2", f"peft.r={r}", GPT2_TARGETS])
+        assert got["trainable"] == per_rank * r
+        assert got["total"] == 124_439_808 + per_rank * r
+
+
+def test_smollm2_shape_counts():
+    assert count([*SMOL, "peft.method=full"])["total"] == 134_515_008
+    # all-linear: q,k,v,o,gate,up,down per layer; q/o 576x576, k/v 576x192, gate/up 576x1536, down 1536x576
+    per_rank = 30 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+    assert per_rank == 305_280
+    assert count([*SMOL, "peft.r=8"])["trainable"] == 8 * per_rank == 2_442_240
+    assert count([*SMOL, "peft.r=1", "peft.targets=q_proj,v_proj"])["trainable"] == 57_600
+
+
+def test_counts_match_peft():
+    from peft import LoraConfig, get_peft_model
+
+    cfg = load_config(None, ["model.name=config:gpt2", "model.config_overrides.n_layer=2"])
+    model, _ = load_model(cfg.model, with_tokenizer=False, device="meta")
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                  fan_in_fan_out=True))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    ours = count(["model.name=config:gpt2", "model.config_overrides.n_layer=2", "peft.r=8", GPT2_TARGETS])
+    assert ours == {"trainable": trainable, "total": total}
+
+
+@pytest.mark.parametrize("r", [1, 32])
+def test_cli_json(r):
+    out = subprocess.run(
+        [sys.executable, "-m", "peftlab", "params", "model.name=config:gpt2", "peft.method=lora", f"peft.r={r}",
+         GPT2_TARGETS, "--json"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC}, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"trainable": 147_456 * r, "total": 124_439_808 + 147_456 * r}
+
+
+def test_cli_bad_input_is_a_clear_error():
+    out = subprocess.run(
+        [sys.executable, "-m", "peftlab", "params", "model.name=config:gpt2", "peft.targets=attn_q"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC}, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "'attn_q' matches no layer" in out.stderr and "c_attn" in out.stderr
