@@ -272,12 +272,27 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
         artifact = save_artifact(model, tokenizer, cfg, run_dir)
         summary = {"steps": step, "eval_loss": eval_loss, "skipped_steps": skipped,
                    "trainable": report.trainable, "total": report.total, "data": stats.summary(),
-                   "wall_time_s": round(time.time() - started, 2), "artifact": str(artifact)}
+                   "wall_time_s": round(time.time() - started, 2), "artifact": str(artifact), **peak_memory(device)}
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     dist.barrier()
     model.eval()
     return RunResult(run_dir, step, metrics, eval_loss, artifact, model, tokenizer, encoder, data,
                      time.time() - started)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory of this process so far (MiB): resident set size and, on CUDA, peak allocated."""
+    out = {}
+    try:
+        import resource  # Unix only
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        out["peak_rss_mb"] = round(rss / (2**20 if sys.platform == "darwin" else 1024), 1)
+    except (ImportError, OSError):
+        pass
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 def save_artifact(model: nn.Module, tokenizer, cfg: Config, run_dir: Path) -> Path:
