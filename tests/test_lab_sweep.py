@@ -112,3 +112,12 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     # a changed config is not "done" any more
     changed = plan(f, tmp_path / "out", ["train.steps=4"])
     assert not is_done(changed.run_dir(changed.points[1]), run_spec(changed, changed.points[1]))
+    # the report lists the failure with its reason, and tables only what ran
+    pytest.importorskip("matplotlib")
+    from peftlab.lab.report import write_report
+
+    paths = write_report([tmp_path / "out"], tmp_path / "out", generate_missing=False)
+    md = paths["md"].read_text()
+    assert "- **lora-r100**: failed — `peft.r=100 does not fit" in md
+    quality = md.split("## Quality")[1].split("##")[0]
+    assert "| lora-r2 |" in quality and "| lora-r100 |" not in quality

@@ -44,7 +44,10 @@ def curves_figure(runs: dict[str, list[dict]], title: str | None = None):
             ax_train.plot(*zip(*train), label=name, **styles[name])
         if evals:
             ax_eval.plot(*zip(*evals), label=name, marker="o", markersize=3.5, **styles[name])
+    from matplotlib.ticker import MaxNLocator
+
     for ax, what in ((ax_train, "train loss"), (ax_eval, "eval loss (held out)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(what)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("cross-entropy per answer token")

@@ -19,6 +19,7 @@ import base64
 import html
 import json
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -247,7 +248,7 @@ QUALITY = [
     ("train_loss", "final train loss", lambda r: r.final_train_loss, "min", _f4),
     ("eval_loss", "eval loss", lambda r: r.final_eval_loss, "min", _f4),
     ("best_eval", "best eval loss (step)", _best_eval, "min", _f4),
-    ("perplexity", "perplexity", _ppl, "min", lambda v: f"{v:.3f}"),
+    ("perplexity", "perplexity", _ppl, "min", lambda v: f"{v:.3f}" if v < 1000 else f"{v:.3g}"),
     ("bleu4", "BLEU-4", lambda r: r.eval.get("bleu4"), "max", _pct),
     ("rouge1", "ROUGE-1", lambda r: r.eval.get("rouge1"), "max", _pct),
     ("rouge2", "ROUGE-2", lambda r: r.eval.get("rouge2"), "max", _pct),
@@ -265,6 +266,15 @@ COST = [
     ("file_size", "saved file size", lambda r: r.file_size, "min", _size),
     ("tokens_per_s", "tokens/s (median)", lambda r: r.tokens_per_s, "max", lambda v: f"{v:,.0f}"),
 ]
+
+
+QUALITY_NOTE = (
+    "Scores x100, on the held-out split. Eval loss: token-weighted cross-entropy over answer tokens after "
+    "training (perplexity = exp of it); best eval loss: the lowest point of the curve (its step). BLEU-4: "
+    "corpus level, smoothed (exp); ROUGE-1/2/L: mean F1; Chinese is segmented with jieba. Exact match: equal "
+    "after collapsing white space. Long-answer accuracy: exact match over references longer than N characters. "
+    "Definitions: peftlab.eval.metrics."
+)
 
 
 def _cells(runs: list[RunView], columns) -> tuple[list[str], list[list[tuple[str, bool]]]]:
@@ -361,8 +371,7 @@ def render_markdown(runs, sweeps, png_name: str, title: str) -> str:
     done = [r for r in runs if r.status == "success" or r.metrics]
     headers, rows = _cells(done, QUALITY)
     parts += ["## Quality (best per column in bold)", "",
-              "Scores x100. Eval loss: token-weighted cross-entropy on the held-out split after training; "
-              "best eval loss: the lowest point of the curve (its step).", "",
+              QUALITY_NOTE, "",
               _md_table(["run", *headers], [[r.name, *row] for r, row in zip(done, rows)]), ""]
     headers, rows = _cells(done, COST)
     parts += ["## Time and memory (best per column in bold)", "",
@@ -408,11 +417,15 @@ def _html_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out) + "</table>"
 
 
+def _code(escaped: str) -> str:
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", escaped)
+
+
 def render_html(runs, sweeps, png: bytes | None, title: str) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{e(title)}</h1>", f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M')} by peftlab report.</p>",
-             "<ul>" + "".join(f"<li>{e(line)}</li>" for line in _setup_lines(runs, sweeps)) + "</ul>",
+             "<ul>" + "".join(f"<li>{_code(e(line))}</li>" for line in _setup_lines(runs, sweeps)) + "</ul>",
              "<h2>Trainable parameters</h2>",
              _html_table(["run", "method", "rank", "trainable", "total", "% trainable"], param_rows(runs)),
              "<h2>Learning curves</h2>"]
@@ -420,9 +433,8 @@ def render_html(runs, sweeps, png: bytes | None, title: str) -> str:
         parts.append(f"<img alt='train and eval loss vs step' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
     done = [r for r in runs if r.status == "success" or r.metrics]
     headers, rows = _cells(done, QUALITY)
-    parts += ["<h2>Quality</h2><p class=note>Best per column highlighted. Scores x100. Eval loss: token-weighted "
-              "cross-entropy on the held-out split after training; best eval loss: the lowest point of the curve "
-              "(its step).</p>", _html_table(["run", *headers], [[r.name, *row] for r, row in zip(done, rows)])]
+    parts += [f"<h2>Quality</h2><p class=note>Best per column highlighted. {e(QUALITY_NOTE)}</p>",
+              _html_table(["run", *headers], [[r.name, *row] for r, row in zip(done, rows)])]
     headers, rows = _cells(done, COST)
     parts += ["<h2>Time and memory</h2><p class=note>Peak memory: peak resident set size of the training process "
               "(CPU) or peak CUDA allocation; 'whole run' includes loading and the evaluation afterwards.</p>",
