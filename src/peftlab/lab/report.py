@@ -247,7 +247,8 @@ def _ppl(r: RunView):
 QUALITY = [
     ("train_loss", "final train loss", lambda r: r.final_train_loss, "min", _f4),
     ("eval_loss", "eval loss", lambda r: r.final_eval_loss, "min", _f4),
-    ("best_eval", "best eval loss (step)", _best_eval, "min", _f4),
+    ("best_eval", "curve's lowest eval loss (step)", _best_eval, "min", _f4),
+    ("last_eval", "curve's last eval loss", lambda r: r.eval_curve[-1][1] if r.eval_curve else None, "min", _f4),
     ("perplexity", "perplexity", _ppl, "min", lambda v: f"{v:.3f}" if v < 1000 else f"{v:.3g}"),
     ("bleu4", "BLEU-4", lambda r: r.eval.get("bleu4"), "max", _pct),
     ("rouge1", "ROUGE-1", lambda r: r.eval.get("rouge1"), "max", _pct),
@@ -270,7 +271,9 @@ COST = [
 
 QUALITY_NOTE = (
     "Scores x100, on the held-out split. Eval loss: token-weighted cross-entropy over answer tokens after "
-    "training (perplexity = exp of it); best eval loss: the lowest point of the curve (its step). BLEU-4: "
+    "training, on eval.loss_batches batches (all when unset; perplexity = exp of it). The curve's values come "
+    "from the training loop, on train.eval_batches batches (its lowest point and step, and its last point: "
+    "last above lowest means the run got worse on held-out data). BLEU-4: "
     "corpus level, smoothed (exp); ROUGE-1/2/L: mean F1; Chinese is segmented with jieba. Exact match: equal "
     "after collapsing white space. Long-answer accuracy: exact match over references longer than N characters. "
     "Definitions: peftlab.eval.metrics."

@@ -417,7 +417,7 @@ def run_sweep(sweep: Sweep, parallel: int | None = None, retry_failed: bool = Tr
         while queue or running:
             while queue and len(running) < n_par:
                 i, p = queue.pop(0)
-                say(f"[{i}/{total}] {p.name}: running ({', '.join(f'{k}={_fmt(v)}' for k, v in p.overrides.items())}"
+                say(f"[{i}/{total}] {p.name}: running ({', '.join(f'{k}={_fmt(v)}' for k, v in p.overrides.items()) or 'the base config'}"
                     f"{'; dropped ' + ', '.join(p.dropped) if p.dropped else ''}); log: {sweep.run_dir(p) / LOG}")
                 running.append((i, _start(sweep, p, threads)))
             time.sleep(0.2)
