@@ -118,3 +118,18 @@ def test_split_prompt_needs_a_final_answer():
     assert split_prompt(Conversation(msgs, "x")) == (msgs[:1], "hello")
     with pytest.raises(ConfigError, match="x: the last message is not an assistant turn"):
         split_prompt(Conversation(msgs[:1], "x"))
+
+
+def test_report_generates_samples_for_a_plain_run(tiny_run, capsys):
+    """A `peftlab train` run has no stored samples: the report makes them with the run's model."""
+    pytest.importorskip("matplotlib")
+    result, tmp = tiny_run
+    out = tmp / "report"
+    assert cli.main(["report", str(result.run_dir), "--output", str(out), "--prompt", "What is 10 + 11?",
+                     "--max-new-tokens", "4"]) == 0
+    expected = generate_answers(result.model, result.tokenizer, result.encoder, ["What is 10 + 11?"],
+                                EvalConfig(batch_size=1), max_new_tokens=4)[0]
+    stored = json.loads((result.run_dir / "samples.json").read_text())
+    assert stored["samples"] == [{"prompt": "What is 10 + 11?", "answer": expected}]
+    md = (out / "report.md").read_text()
+    assert "### What is 10 + 11?" in md and f"| run | {expected or chr(8211)} |" in md

@@ -212,7 +212,6 @@ def ensure_samples(run: RunView, prompts: list[str], max_new_tokens: int = 128, 
 
 # ---------------------------------------------------------------------------- tables
 
-# (key, header, getter, better: "min" | "max", formatter)
 def _pct(v):
     return f"{100 * v:.1f}"
 
@@ -244,6 +243,7 @@ def _ppl(r: RunView):
     return math.exp(min(loss, 700.0)) if loss is not None else None
 
 
+# columns: (key, header, getter, which is best: "min" | "max", formatter)
 QUALITY = [
     ("train_loss", "final train loss", lambda r: r.final_train_loss, "min", _f4),
     ("eval_loss", "eval loss", lambda r: r.final_eval_loss, "min", _f4),
