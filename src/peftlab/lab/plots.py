@@ -70,6 +70,9 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str | None
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a plot is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
