@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError, DataError
-from .formats import Conversation, PreferencePair
+from .formats import TRAINED, Conversation, PreferencePair
 from .templates import Renderer, Segment
 
 IGNORE = -100
@@ -124,9 +124,16 @@ class Encoder:
         return Example(ids, labels, conv.source, cut, weights)
 
     def encode_pair(self, pair: PreferencePair) -> tuple[Example, Example]:
-        """(chosen, rejected) examples; their prompt tokens are identical."""
-        chosen, rejected = (self.encode(c) for c in pair.conversations())
-        return chosen, rejected
+        """(chosen, rejected) examples: identical prompt tokens (earlier answers in a multi-turn
+        prompt are context, not labels), labels on the two answers only."""
+        out = []
+        for conv in pair.conversations():
+            n = len(pair.prompt)
+            messages = [{**m, "weight": 0.0} if i < n and m["role"] in TRAINED else m
+                        for i, m in enumerate(conv.messages)]
+            ex = self.encode(Conversation(messages, conv.source, conv.extra, conv.tools))
+            out.append(Example(ex.input_ids, ex.labels, ex.source, ex.truncated, None, (), ex.dropped))
+        return out[0], out[1]
 
     def prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
         """Token ids of the generation prompt (the training prefix, token for token)."""
