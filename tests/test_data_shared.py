@@ -106,3 +106,20 @@ def test_padding_waste_on_real_data_drops_with_packing():
     plain, grouped, packed = padding_report(d.train, 8, 512, seed=0)
     assert packed.fraction < 0.05 < plain.fraction
     assert grouped.fraction < plain.fraction / 4
+
+
+def test_sample_registry_names_every_shared_file():
+    from peftlab.data.catalog import load_registry
+
+    reg = load_registry(Path(__file__).resolve().parents[1] / "configs" / "datasets.yaml")
+    assert {Path(s.path).name for s in reg.values()} == EXPECTED_FILES
+    tok = tokenizer_for("llama")
+    for spec in reg.values():  # the registry's paths point at the files tested above
+        target = SHARED / Path(spec.path).name
+        first = next(iter(read_records(target, spec.format, spec.columns)))
+        if spec.format == "preference":
+            assert isinstance(first, PreferencePair)
+        elif spec.format == "text":
+            assert first.is_text
+        else:
+            Encoder(tok, "chatml").encode(first)
