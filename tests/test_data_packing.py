@@ -178,3 +178,20 @@ def test_length_grouped_sampler_resumes_and_cuts_padding():
     pad_g, tot_g = padding_waste(lengths, epoch0)
     pad_r, tot_r = padding_waste(lengths, random_batches)
     assert pad_g / tot_g < 0.25 * pad_r / tot_r
+
+
+def test_packed_mask_follows_the_compute_dtype():
+    """Under autocast (and for half-precision weights) the mask is re-expressed in the dtype
+    attention runs in: float16's minimum, never -inf (which would turn padding rows into NaN)."""
+    from peftlab.train.loss import additive_mask_in, compute_dtype
+
+    plain, packed, _ = packed_and_plain("llama")
+    half = additive_mask_in(packed["attention_mask"], torch.float16)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    assert torch.equal(half == 0, packed["attention_mask"] == 0)
+    model, _ = tiny_model("llama", attn_implementation="sdpa")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(model, torch.device("cpu")) == torch.bfloat16
+        ref, _ = mean_loss(model, plain)
+        got, _ = mean_loss(model, [packed])
+    assert abs(got - ref) < 2e-3 * abs(ref)

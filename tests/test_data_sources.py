@@ -77,7 +77,7 @@ def test_incremental_json_reader_across_chunk_boundaries(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_CHUNK", 13)  # records cut by the buffer everywhere
     assert [r for _, r in sources.iter_json(path)] == data
     path.write_text('[\n{"text": "a"},\n{"text": "b"}\n{"text": "c"}]')
-    with pytest.raises(DataError, match="line 4: not valid JSON .*expected ',' or ']' after record 1"):
+    with pytest.raises(DataError, match="line 4 column 1: not valid JSON .*expected ',' or ']' after record 1"):
         list(sources.iter_json(path))
     path.write_text('[{"text": "a"}, {"text": ')
     with pytest.raises(DataError, match="not valid JSON"):

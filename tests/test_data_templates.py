@@ -191,7 +191,8 @@ def test_render_equals_published_jinja_template(template, conv):
         return
     tools = TOOLS if conv == "tools" else None
     r = Renderer(template, tok)
-    assert r.render(messages, tools=tools) == reference(tok, template, messages, tools)
+    # training text = the reference rendering without the separator after the last answer
+    assert r.render(messages, tools=tools) + TEMPLATES[template].sep == reference(tok, template, messages, tools)
     for i in answer_indices(messages):  # the generation prompt before every answer
         assert r.generation_prompt(messages[:i], tools=tools) == reference(tok, template, messages[:i], tools, gen=True)
 
@@ -295,11 +296,11 @@ def test_alpaca_and_vicuna_text_formulas():
     tok = tokenizer_for("gpt2")
     eos = tok.eos_token
     alpaca = Renderer("alpaca", tok).render(MULTI[:3])
-    assert alpaca == ("You are terse.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue." + eos + "\n\n")
+    assert alpaca == ("You are terse.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue." + eos)
     vicuna = Renderer("vicuna", tok).render(SINGLE)
-    assert vicuna == "BEGINNING OF CONVERSATION: USER: What is 2 + 2? ASSISTANT: It is 4." + eos + " "
+    assert vicuna == "BEGINNING OF CONVERSATION: USER: What is 2 + 2? ASSISTANT: It is 4." + eos
     default = Renderer("default", tok).render(SINGLE)
-    assert default == "Human: What is 2 + 2?\nAssistant: It is 4." + eos + "\n"
+    assert default == "Human: What is 2 + 2?\nAssistant: It is 4." + eos
 
 
 def test_system_precedence_and_train_on_prompt():

@@ -201,7 +201,7 @@ def tool_call_content(value: str, where: str, name: str) -> str:
     return json.dumps({"name": call["name"], "arguments": args}, ensure_ascii=False)
 
 
-def check_turns(messages: list[dict], where: str, complete: bool = True) -> None:
+def check_turns(messages: list[dict], where: str, complete: bool = True, name: str = "the conversation") -> None:
     """The order of roles every template can render.
 
     system? then turns of: user, then (tool_call, tool)*, then assistant. ``complete`` means
@@ -224,7 +224,7 @@ def check_turns(messages: list[dict], where: str, complete: bool = True) -> None
         prev = role
     if complete:
         if not any(r in TRAINED for r in roles):
-            raise DataError(f"{where}: no assistant turn, so there is nothing to learn")
+            raise DataError(f"{where}: {name} has no assistant turn, so there is nothing to learn")
         if prev not in TRAINED:
             raise DataError(f"{where}: the last turn is {prev!r}; the assistant's answer to it is missing "
                             f"(roles: {', '.join(roles)})")
@@ -299,7 +299,7 @@ def _sharegpt_messages(f: Fields, key: str = "conversations") -> list[dict]:
 def from_sharegpt(rec: dict, where: str, columns: dict | None = None) -> Conversation:
     f = Fields(rec, where, columns)
     messages = _sharegpt_messages(f)
-    check_turns(messages, where)
+    check_turns(messages, where, name=f.name("conversations"))
     return Conversation(messages, where, tools=tools_field(f.get("tools"), where, f.name("tools")))
 
 
@@ -356,7 +356,7 @@ def _openai_messages(f: Fields, key: str = "messages") -> list[dict]:
 def from_messages(rec: dict, where: str, columns: dict | None = None) -> Conversation:
     f = Fields(rec, where, columns)
     messages = _openai_messages(f)
-    check_turns(messages, where)
+    check_turns(messages, where, name=f.name("messages"))
     return Conversation(messages, where, tools=tools_field(f.get("tools"), where, f.name("tools")))
 
 

@@ -68,8 +68,9 @@ def iter_json(path: Path) -> Iterator[tuple[str, object]]:
 
         def fail(msg: str, at: int):
             line = lines_before + buf.count("\n", 0, at) + 1
-            raise DataError(f"{path} line {line}: not valid JSON ({msg}); the file must hold one JSON array "
-                            "of records (or use .jsonl, one record a line)")
+            column = at - buf.rfind("\n", 0, at)  # exact unless the line began before the buffer
+            raise DataError(f"{path} line {line} column {column}: not valid JSON ({msg}); the file must hold one "
+                            "JSON array of records (or use .jsonl, one record a line)")
 
         def skip_space(p: int) -> int:
             while p < len(buf) and buf[p] in " \t\r\n":

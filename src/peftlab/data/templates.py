@@ -48,7 +48,7 @@ class Template:
                     conversation has none. With ``system_in_user`` it opens the first user turn.
     user:           a user turn, ending with the assistant header (= the generation prompt).
     assistant:      an answer: the trained part, ending in the stop token.
-    sep:            untrained text after each answer (and at the very end).
+    sep:            untrained text between an answer and the next turn (none after the last).
     tool_call:      a trained answer that calls a tool (``None``: the template has no tool calls).
     tool:           a tool result, ending with the assistant header (``None``: no tool results).
     tools:          how the tool schemas (``{tools}``, one JSON per line) join the system text.
@@ -199,7 +199,8 @@ class Renderer:
     # -- public ------------------------------------------------------------------------
 
     def segments(self, messages: list[dict], where: str = "", tools: list | None = None) -> list[Segment]:
-        """The whole conversation as ordered segments; joined, they are the full rendered text."""
+        """The whole conversation as ordered segments; joined, they are the text training sees
+        (a built-in template's separator after the last answer is left out)."""
         messages = self._with_system(messages)
         check_turns(messages, where)
         self._check_roles(messages, where)
@@ -280,13 +281,13 @@ class Renderer:
                 out.append(Segment(pending, False))
                 fmt = t.assistant if role == "assistant" else t.tool_call
                 out.append(Segment(self._fill(fmt, content), True, m.get("weight", 1.0)))
-                pending = self._fill(t.sep)
+                pending = self._fill(t.sep)  # dropped if nothing follows: no untrained tail
             elif role == "user":
                 pending += self._fill(t.user, first_user + content)
                 first_user = ""
             else:  # tool
                 pending += self._fill(t.tool, content)
-        if pending:
+        if pending and not (out and out[-1].trained and pending == self._fill(t.sep)):
             out.append(Segment(pending, False))
         return [s for s in out if s.text]
 

@@ -158,13 +158,14 @@ class Encoder:
 
     def cut_text(self, text: str, limit: int) -> tuple[str, bool]:
         """The longest prefix of ``text`` (at a token boundary) that is at most ``limit`` tokens."""
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        fast = getattr(self.tokenizer, "is_fast", False)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
         if len(enc.input_ids) <= limit:
             return text, False
         n = limit
         while n > 0:
-            cut = text[: enc["offset_mapping"][n][0]]
-            if len(self.tokenizer(cut, add_special_tokens=False).input_ids) <= limit:
+            cut = text[: enc["offset_mapping"][n][0]] if fast else self.tokenizer.decode(enc.input_ids[:n])
+            if len(self.tokenizer(cut, add_special_tokens=False).input_ids) <= limit and text.startswith(cut):
                 return cut, True
             n -= 1
         return "", True

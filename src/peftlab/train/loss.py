@@ -73,8 +73,25 @@ def backbone_hidden(model: nn.Module, batch: dict, varlen: bool | None = None) -
         out = backbone(**kwargs, use_cache=False)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return hidden.reshape(*shape, -1)
+    if packed and mask.is_floating_point():
+        kwargs["attention_mask"] = additive_mask_in(mask, compute_dtype(model, mask.device))
     out = backbone(**kwargs, use_cache=False)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype attention runs in: autocast's if on, else the embedding weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.get_input_embeddings().weight.dtype
+
+
+def additive_mask_in(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 0 / most-negative additive mask re-expressed in ``dtype`` (SDPA wants the query's dtype;
+    float32's minimum would overflow to -inf in float16)."""
+    if mask.dtype == dtype:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask < 0, torch.finfo(dtype).min)
 
 
 def causal_lm_loss(model: nn.Module, batch: dict, chunk_rows: int = 4096) -> tuple[torch.Tensor, int]:
