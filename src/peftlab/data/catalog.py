@@ -120,7 +120,7 @@ def load_registry(path: str | Path) -> dict[str, DatasetSpec]:
     return out
 
 
-def resolve(items: list[str], data_cfg) -> list[DatasetSpec]:
+def resolve(items: list[str], data_cfg, key: str = "data.train") -> list[DatasetSpec]:
     """Dataset names (from ``data.registry``) or paths -> specs. A path takes ``data.format``/``columns``."""
     registry = load_registry(data_cfg.registry) if data_cfg.registry else {}
     specs = []
@@ -132,5 +132,5 @@ def resolve(items: list[str], data_cfg) -> list[DatasetSpec]:
         else:
             known = f"; datasets in {data_cfg.registry}: {', '.join(registry)}" if registry else \
                 " and no data.registry is set to look names up in"
-            raise ConfigError(f"data.train item {item!r} is neither an existing file or directory{known}")
+            raise ConfigError(f"{key} item {item!r} is neither an existing file or directory{known}")
     return specs

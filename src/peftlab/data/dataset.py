@@ -99,23 +99,27 @@ def record_key(rec) -> bytes:
                            digest_size=16).digest()
 
 
+def unique(records: Iterator, seen: set | None, stats: DataStats) -> Iterator:
+    """``records`` without exact repeats of anything in ``seen`` (counted); ``seen=None`` keeps all."""
+    for rec in records:
+        if seen is not None:
+            key = record_key(rec)
+            if key in seen:
+                stats.duplicates += 1
+                continue
+            seen.add(key)
+        yield rec
+
+
 def _read_all(specs: list[DatasetSpec], data_cfg, stats: DataStats, bad, seen: set | None) -> list[tuple[int, object]]:
     out = []
     for d, spec in enumerate(specs):
-        n = 0
-        for rec in iter_spec(spec, data_cfg, bad, stats):
-            n += 1
-            if seen is not None:
-                key = record_key(rec)
-                if key in seen:
-                    stats.duplicates += 1
-                    continue
-                seen.add(key)
-            out.append((d, rec))
-        if n == 0:
+        records = list(iter_spec(spec, data_cfg, bad, stats))
+        if not records:
             raise DataError(f"{spec.path}: no usable records" + (f" ({bad.count} bad records skipped)"
                                                                     if bad is not None and bad.count else ""))
-        stats.per_dataset[spec.name] = stats.per_dataset.get(spec.name, 0) + n
+        stats.per_dataset[spec.name] = stats.per_dataset.get(spec.name, 0) + len(records)
+        out += [(d, rec) for rec in unique(records, seen, stats)]
     return out
 
 
@@ -242,7 +246,7 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Datasets:
     seen: set | None = set() if data_cfg.dedup else None
     eval_pairs: list[tuple[int, object]] = []
     if data_cfg.eval_path:  # read first, so a training record that repeats an eval record is the one removed
-        eval_pairs = _read_all(resolve([data_cfg.eval_path], data_cfg), data_cfg, stats, bad, seen)
+        eval_pairs = _read_all(resolve([data_cfg.eval_path], data_cfg, "data.eval_path"), data_cfg, stats, bad, seen)
     pairs = _read_all(specs, data_cfg, stats, bad, seen)
     stats.records = len(pairs) + len(eval_pairs)
     if not data_cfg.eval_path:
@@ -304,14 +308,8 @@ def stream_examples(data_cfg, tokenizer, stats: DataStats | None = None) -> Iter
 
     def records():
         for spec in dataset_specs(data_cfg):
-            for rec in iter_spec(spec, data_cfg, bad, stats):
+            for rec in unique(iter_spec(spec, data_cfg, bad, stats), seen, stats):
                 stats.records += 1
-                if seen is not None:
-                    key = record_key(rec)
-                    if key in seen:
-                        stats.duplicates += 1
-                        continue
-                    seen.add(key)
                 yield rec
 
     objective = data_cfg.objective

@@ -69,25 +69,26 @@ class Waste:
         return self.pad / self.total if self.total else 0.0
 
 
+def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Epoch 0's batches as the default sampler cuts them (ragged tail dropped)."""
+    order = epoch_order(n, seed, 0, True)
+    return [order[i:i + batch_size] for i in range(0, n // batch_size * batch_size, batch_size)]
+
+
 def padding_report(examples: list[Example], batch_size: int, capacity: int, seed: int) -> list[Waste]:
-    """Padding in one epoch of batches of ``batch_size`` rows (ragged tail dropped, as in training):
-    random order, length-grouped order, and packed rows (best-fit-decreasing into ``capacity``)."""
+    """Padding in one epoch of batches of ``batch_size`` rows: random order, length-grouped
+    order, and packed rows (best-fit-decreasing into ``capacity``) in random order."""
     lengths = [len(e) for e in examples]
     out = []
     if len(lengths) >= batch_size:
-        order = epoch_order(len(lengths), seed, 0, True)
-        full = len(order) // batch_size * batch_size
-        random_batches = [order[i:i + batch_size] for i in range(0, full, batch_size)]
-        out.append(Waste("no packing, random batches", len(lengths), *padding_waste(lengths, random_batches)))
+        out.append(Waste("no packing, random batches", len(lengths),
+                         *padding_waste(lengths, random_batches(len(lengths), batch_size, seed))))
         grouped = grouped_batches(lengths, batch_size, seed, 0)
         out.append(Waste("no packing, data.group_by_length", len(lengths), *padding_waste(lengths, grouped)))
-    rows = best_fit_decreasing(lengths, capacity)
-    row_lengths = [sum(lengths[i] for i in r) for r in rows]
-    if len(row_lengths) >= batch_size:
-        order = epoch_order(len(row_lengths), seed, 0, True)
-        full = len(order) // batch_size * batch_size
-        batches = [order[i:i + batch_size] for i in range(0, full, batch_size)]
-        out.append(Waste(f"packing into rows of {capacity}", len(row_lengths), *padding_waste(row_lengths, batches)))
+    rows = [sum(lengths[i] for i in r) for r in best_fit_decreasing(lengths, capacity)]
+    if len(rows) >= batch_size:
+        out.append(Waste(f"packing into rows of {capacity}", len(rows),
+                         *padding_waste(rows, random_batches(len(rows), batch_size, seed))))
     return out
 
 
