@@ -15,7 +15,7 @@ from conftest import tiny_model, tokenizer_for
 from peftlab.data.collate import collate
 from peftlab.data.formats import Conversation
 from peftlab.data.packing import (
-    LengthGroupedSampler,
+    EpochSampler,
     best_fit_decreasing,
     chunk_blocks,
     grouped_batches,
@@ -163,11 +163,11 @@ def test_pretrain_blocks_formula():
 def test_length_grouped_sampler_resumes_and_cuts_padding():
     rng = random.Random(0)
     lengths = [rng.randint(10, 500) for _ in range(1000)]
-    s = LengthGroupedSampler(lengths, 8, seed=1)
+    s = EpochSampler(lambda e: grouped_batches(lengths, 8, 1, e))
     seen = [s.next() for _ in range(60)]
     state = s.state_dict()
     after = [s.next() for _ in range(80)]  # crosses into epoch 1
-    t = LengthGroupedSampler(lengths, 8, seed=1)
+    t = EpochSampler(lambda e: grouped_batches(lengths, 8, 1, e))
     t.load_state_dict(state)
     assert [t.next() for _ in range(80)] == after
     epoch0 = grouped_batches(lengths, 8, 1, 0)

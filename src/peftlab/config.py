@@ -67,6 +67,7 @@ class DataConfig:
     objective: str = "auto"  # sft | pretrain (labels = ids, fixed blocks) | auto (pretrain for text data)
     block_size: int | None = None  # pre-training block length (default: max_length)
     group_by_length: bool = False  # batches of similar length (the non-packed way to cut padding)
+    streaming: bool = False  # read the training data as a stream (one window in memory; needs eval_path)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from ..errors import ConfigError, DataError
 from .catalog import DatasetSpec, resolve
 from .collate import collate
 from .formats import BadRecords, Conversation, PreferencePair, fill_placeholders, read_records
-from .packing import LengthGroupedSampler, chunk_blocks, pack_examples
+from .packing import EpochSampler, chunk_blocks, grouped_batches, pack_examples, window_batches
 from .tokenize import Encoder, Example
 
 OBJECTIVES = ("auto", "sft", "pretrain")
@@ -229,16 +229,29 @@ class Datasets:
         return collate(examples, self.pad_id, packed=self.packing)
 
     def sampler(self, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        """The order of training micro-batches: random, or length-grouped (``data.group_by_length``)."""
+        """The order of training micro-batches: random; length-grouped (``data.group_by_length``);
+        or, for a stream, shuffled within the stream's windows."""
+        n = len(self.train)
+        if n < batch_size * world_size:
+            raise ConfigError(f"train.batch_size={batch_size} x {world_size} process(es) is larger than the "
+                              f"{n} training examples; lower train.batch_size or add data")
         if self.group_by_length:
-            return LengthGroupedSampler([len(e) for e in self.train], batch_size, seed, shuffle, rank, world_size)
+            lengths = [len(e) for e in self.train]
+            return EpochSampler(lambda e: grouped_batches(lengths, batch_size, seed, e, shuffle), rank, world_size)
+        window = getattr(self.train, "window", None)  # a stream (data.streaming) is read window by window
+        if window is not None:
+            return EpochSampler(lambda e: window_batches(n, batch_size, seed, e, shuffle, window), rank, world_size)
         from ..train.sampler import BatchSampler
 
-        return BatchSampler(len(self.train), batch_size, seed, shuffle, rank, world_size)
+        return BatchSampler(n, batch_size, seed, shuffle, rank, world_size)
 
 
 def build_datasets(data_cfg, tokenizer, seed: int) -> Datasets:
     """Train and eval rows, counts and the encoder for a DataConfig."""
+    if data_cfg.streaming:
+        from .stream import build_stream_datasets
+
+        return build_stream_datasets(data_cfg, tokenizer, seed)
     stats = DataStats()
     bad = stats.bad if data_cfg.skip_bad_records else None
     specs = dataset_specs(data_cfg)

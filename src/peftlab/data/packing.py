@@ -155,24 +155,31 @@ def grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, 
     return batches
 
 
-class LengthGroupedSampler:
-    """``data.group_by_length``: the BatchSampler's interface (next, state_dict, load_state_dict),
-    batches of similar length. Resumes exactly from (epoch, position), like BatchSampler."""
+def window_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                   window: int = 2048) -> list[list[int]]:
+    """Batches for a stream: indices shuffled only within consecutive windows of ``window``
+    examples (windows in order), so a reader holding one window serves them all."""
+    order = []
+    for start in range(0, n, window):
+        idx = list(range(start, min(start + window, n)))
+        if shuffle:
+            g = torch.Generator().manual_seed(seed + epoch * 1_000_003 + start)
+            idx = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+        order += idx
+    full = (n // batch_size) * batch_size
+    return [order[i:i + batch_size] for i in range(0, full, batch_size)]
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1):
-        if len(lengths) < batch_size * world_size:
-            raise ConfigError(
-                f"train.batch_size={batch_size} x {world_size} process(es) is larger than the "
-                f"{len(lengths)} training examples; lower train.batch_size or add data"
-            )
-        self.lengths, self.batch_size, self.seed, self.shuffle = lengths, batch_size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
+
+class EpochSampler:
+    """The training loop's sampler interface (``next``, ``state_dict``, ``load_state_dict``) over
+    any rule that cuts epoch ``e`` into batches. The position is (epoch, next batch), saved in
+    checkpoints, so a resumed run continues exactly. Rank ``r`` of ``world_size`` takes every
+    ``world_size``-th batch of the same global order."""
+
+    def __init__(self, batches_for_epoch, rank: int = 0, world_size: int = 1):
+        self.batches_for_epoch, self.rank, self.world_size = batches_for_epoch, rank, world_size
         self.epoch, self.position = 0, 0
-        self._batches = self._epoch_batches(0)
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        return grouped_batches(self.lengths, self.batch_size, self.seed, epoch, self.shuffle)
+        self._batches = batches_for_epoch(0)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -182,7 +189,7 @@ class LengthGroupedSampler:
         if self.position + self.world_size > len(self._batches):
             self.epoch += 1
             self.position = 0
-            self._batches = self._epoch_batches(self.epoch)
+            self._batches = self.batches_for_epoch(self.epoch)
         batch = self._batches[self.position + self.rank]
         self.position += self.world_size
         return batch
@@ -192,4 +199,4 @@ class LengthGroupedSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._batches = self._epoch_batches(self.epoch)
+        self._batches = self.batches_for_epoch(self.epoch)
