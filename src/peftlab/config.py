@@ -44,16 +44,30 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = None  # file or directory; None means the built-in quickstart task
-    format: str = "auto"  # auto | alpaca | messages | sharegpt | text
-    template: str = "auto"  # auto | alpaca | vicuna | chat (the tokenizer's chat template) | ...
+    format: str = "auto"  # auto | alpaca | sharegpt | messages | text | preference
+    template: str = "auto"  # auto | chat (the tokenizer's) | alpaca | vicuna | default | chatml | qwen | llama3 | gemma
     system: str | None = None  # system prompt for templates that have one
-    max_length: int = 512  # tokens per example (longer ones are truncated)
+    max_length: int = 512  # tokens per example (and per packed row)
     eval_split: float = 0.05  # fraction (< 1) or count (>= 1) of records held out for eval
-    eval_path: str | None = None  # a separate eval file instead of a split
+    eval_path: str | None = None  # a separate eval file (or registry name) instead of a split
     skip_bad_records: bool = False  # skip malformed records (counted) instead of stopping
     train_on_prompt: bool = False  # also learn the prompt tokens (labels not masked)
     packing: bool = False  # pack several examples into one row (block-diagonal attention)
     shuffle: bool = True
+    train: list[str] = field(default_factory=list)  # dataset names from data.registry, or paths
+    registry: str | None = None  # dataset registry file (YAML/JSON; LLaMA-Factory's dataset_info.json works)
+    columns: dict = field(default_factory=dict)  # for data.path: our field name -> the file's field name
+    placeholders: dict = field(default_factory=dict)  # {{key}} -> value, e.g. {name: peftlab, author: me}
+    mix: dict = field(default_factory=dict)  # dataset name -> sampling weight (share of the training set)
+    mix_size: int | None = None  # training records after mixing (default: as many as before)
+    dedup: bool = True  # remove exact-duplicate records (counted)
+    source_length: int | None = None  # max tokens of each prompt message's content
+    target_length: int | None = None  # max tokens of each answer's content
+    overlong: str = "truncate"  # over max_length: truncate | drop_oldest (turns) | drop (the record)
+    objective: str = "auto"  # sft | pretrain (labels = ids, fixed blocks) | auto (pretrain for text data)
+    block_size: int | None = None  # pre-training block length (default: max_length)
+    group_by_length: bool = False  # batches of similar length (the non-packed way to cut padding)
+    streaming: bool = False  # read the training data as a stream (one window in memory; needs eval_path)
 
 
 @dataclass

@@ -35,10 +35,9 @@ from ..model.load import load_model
 from ..model.params import param_report, trainable_parameters
 from . import checkpoint as ckpt
 from .distributed import context as dist_context
-from .loss import causal_lm_loss, count_label_tokens
+from .loss import causal_lm_loss, count_input_tokens, count_label_tokens
 from .optim import build_optimizer, build_scheduler
 from .runtime import autocast, resolve_precision, seed_everything, set_threads
-from .sampler import BatchSampler
 
 
 @dataclass
@@ -158,7 +157,7 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
     train_ex, eval_ex, stats, encoder = data.train, data.eval, data.stats, data.encoder
     amp = resolve_precision(t.mixed_precision, device)
     steps = total_steps(cfg, len(train_ex), dist.world_size)
-    sampler = BatchSampler(len(train_ex), t.batch_size, t.seed, cfg.data.shuffle, dist.rank, dist.world_size)
+    sampler = data.sampler(t.batch_size, t.seed, cfg.data.shuffle, dist.rank, dist.world_size)
     optimizer = build_optimizer(model, method, cfg.peft, t)
     scheduler = build_scheduler(optimizer, t, steps)
     params = trainable_parameters(model)
@@ -235,7 +234,7 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
             if method.on_step is not None:
                 method.on_step(model, cfg.peft, step, optimizer)
             dt = time.perf_counter() - t0
-            n_input = int(dist.all_reduce_sum(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in micro)),
+            n_input = int(dist.all_reduce_sum(torch.tensor(float(sum(count_input_tokens(b) for b in micro)),
                                                             device=device)).item())
             record = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(n_input / dt, 2),
                       "label_tokens": n_tokens, "grad_norm": round(float(grad_norm), 6)}
