@@ -47,13 +47,14 @@ def save_tiny_base(arch: str, path: Path, dtype: torch.dtype = torch.float32, **
     return path
 
 
-def load_base(path: Path, dtype: str = "float32"):
-    return load_model(ModelConfig(name=str(path), dtype=dtype))
+def load_base(path: Path, dtype: str = "float32", tokenizer: bool = False):
+    """(model, tokenizer or None); loading the tokenizer costs ~1 s, so only when asked."""
+    return load_model(ModelConfig(name=str(path), dtype=dtype), with_tokenizer=tokenizer)
 
 
 def lora_model(base: Path, r: int = 4, alpha: float = 8.0, targets="all-linear", seed: int = 1,
                use_rslora: bool = False, dtype: str = "float32"):
-    """(model with LoRA whose A and B are random, tokenizer, LoRAConfig)."""
+    """(model with LoRA whose A and B are random, None, LoRAConfig)."""
     model, tok = load_base(base, dtype)
     cfg = LoRAConfig(r=r, alpha=alpha, targets=targets, use_rslora=use_rslora)
     torch.manual_seed(seed)

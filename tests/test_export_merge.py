@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import tokenizer_for
 from peftlab import registry
 from peftlab.config import load_config
 from peftlab.errors import ConfigError
@@ -80,6 +81,7 @@ def test_merged_export_equals_unmerged_fp32(arch, bases, tmp_path):
     assert not [k for k in tensors if "lora" in k]
     conf = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "auto_map" not in conf and conf["dtype"] == "float32"
+    tok = tokenizer_for(arch)
     gen = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
     assert gen["eos_token_id"] in (tok.eos_token_id, [tok.eos_token_id]) or tok.eos_token_id in gen["eos_token_id"]
 
