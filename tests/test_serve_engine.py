@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from conftest import tokenizer_for
 
+from conftest import tokenizer_for
 from peftlab.errors import ConfigError
 from peftlab.export.adapter import load_adapter
 from peftlab.serve.engine import Engine, EngineBusy, SamplingParams, Sequence
