@@ -76,7 +76,7 @@ def test_continuous_batching_equals_single_runs(setup):
     while not all(s.done for s in seqs):
         assert engine.step()
     assert engine.stats["max_rows"] == 3 and engine.stats["prefills"] >= 3
-    for s, (prompt, adapter, n) in zip(seqs, PROMPTS):
+    for s, (prompt, adapter, _n) in zip(seqs, PROMPTS):
         assert s.generated == refs[prompt], (prompt, adapter)
         assert s.finish_reason == ("stop" if refs[prompt][-1] == tok.eos_token_id else "length")
     # streamed pieces add up to the final text, which is the decoded tokens
