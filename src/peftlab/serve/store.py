@@ -52,15 +52,15 @@ class AdapterStore:
         if name in self.pinned:
             return self.pinned[name]
         if not isinstance(name, str) or not NAME_RX.match(name) or ".." in name:
-            raise UnknownAdapter(f"model {name!r} is not a valid adapter name (letters, digits, '.', '_', '-'; "
+            raise UnknownAdapter(f"{name!r} is not a valid adapter name (letters, digits, '.', '_', '-'; "
                                  "no path separators)")
         if self.root is None:
-            raise UnknownAdapter(f"model {name!r} does not exist; this server has no adapters directory")
+            raise UnknownAdapter(f"no adapter named {name!r} (no adapters directory was given)")
         path = (self.root / name).resolve()
         if path.parent != self.root:  # a symlink (or anything else) pointing out of the directory
-            raise UnknownAdapter(f"model {name!r} does not exist")
+            raise UnknownAdapter(f"no adapter named {name!r}")
         if not (path / CONFIG_NAME).is_file():
-            raise UnknownAdapter(f"model {name!r} does not exist; available: {', '.join(self.names()) or 'none'}")
+            raise UnknownAdapter(f"no adapter named {name!r}; available: {', '.join(self.names()) or 'none'}")
         return path
 
     def names(self) -> list[str]:
