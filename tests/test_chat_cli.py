@@ -12,8 +12,8 @@ import subprocess
 import time
 
 import torch
-from conftest import tokenizer_for
 
+from conftest import tokenizer_for
 from peftlab.data.tokenize import Encoder
 from peftlab.export.adapter import load_adapter
 from shipkit import cli, cli_env, load_base, make_adapter, save_tiny_base
