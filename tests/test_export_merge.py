@@ -200,3 +200,43 @@ def test_failed_verification_leaves_the_old_export_in_place(bases, tmp_path, mon
         export_merged(out, adapter=adapter)
     assert (out / "keep.txt").read_text() == "old export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]  # no temp dirs left
+
+
+@pytest.mark.slow
+def test_smollm2_merged_exports_fp32_and_bf16(tmp_path):
+    """The real model: fp32 export within 1e-5 x logit scale; bf16 export within 3x bf16's own error.
+    Run: flock /work/heavy.lock python -m pytest -m slow tests/test_export_merge.py -s"""
+    from peftlab.config import ModelConfig
+
+    model, tok = load_model(ModelConfig(name="smollm2-135m"))
+    import peftlab
+    from peftlab.methods.lora import LoRAConfig
+
+    cfg = LoRAConfig(r=8, alpha=16, targets="all-linear")
+    torch.manual_seed(0)
+    peftlab.apply_method(model, cfg)
+    from conftest import randomize
+
+    randomize(model, std=0.01)  # a trained-size update (|ΔW| ~ 1e-3 of |W|)
+    save_adapter(model, cfg, tmp_path / "adapter", base_model_name="smollm2-135m")
+    ids = tok("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+    base, _ = load_model(ModelConfig(name="smollm2-135m"), with_tokenizer=False)
+    with torch.no_grad():
+        base32 = base(input_ids=ids).logits.float()
+        base16 = base.to(torch.bfloat16)(input_ids=ids).logits.float()
+    del base
+    scale = ref.abs().max().item()
+    r32 = export_merged(tmp_path / "m32", adapter=tmp_path / "adapter")
+    got32, _ = _load_hf(tmp_path / "m32")
+    err32 = (got32 - ref).abs().max().item()
+    r16 = export_merged(tmp_path / "m16", adapter=tmp_path / "adapter", dtype="bfloat16")
+    got16, dtype = _load_hf(tmp_path / "m16")
+    err16, inherent = (got16 - ref).abs().max().item(), (base16 - base32).abs().max().item()
+    same_argmax = (got16.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"\nsmollm2-135m merged export: logit scale {scale:.2f}; fp32 max|Δ| {err32:.3g} (verify {r32.max_abs_diff:.3g}); "
+          f"bf16 max|Δ| {err16:.3g} vs bf16-cast base {inherent:.3g} (ratio {err16 / inherent:.2f}); "
+          f"argmax agreement bf16 {same_argmax:.1%}; verify {r16.max_abs_diff:.3g}")
+    assert r32.dtype == "float32" and err32 <= 1e-5 * scale
+    assert dtype == torch.bfloat16 and err16 <= 3 * inherent
