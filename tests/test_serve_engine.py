@@ -137,6 +137,29 @@ def test_stop_strings_cancel_limits_and_seeds(setup):
     assert runs[0] == runs[1] and len(runs[0]) >= 1
 
 
+def test_damaged_adapter_fails_only_its_request(setup, tmp_path):
+    base, adapters, tok, refs = setup
+    import shutil
+
+    root = tmp_path / "adapters"
+    shutil.copytree(adapters / "a", root / "a")
+    shutil.copytree(adapters / "a", root / "broken")
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    model, _ = load_base(base)
+    mm = MultiLoRAModel(model)
+    engine = Engine(mm, tok, store=AdapterStore(mm, root), max_batch=2)
+    bad, good = _seq(tok, "hi", "broken", 3), _seq(tok, *PROMPTS[0])
+    engine.generate([bad, good])
+    assert bad.finish_reason == "error" and "cannot be read as safetensors" in bad.error
+    assert good.generated == refs[PROMPTS[0][0]]
+    # an interrupted answer can be aborted wherever it is
+    s = engine.submit(_seq(tok, *PROMPTS[1]))
+    engine.step()
+    engine.abort(s)
+    assert s.finish_reason == "cancelled" and not engine.running and engine.cache is None
+    assert engine.store._holders.get("a") == 0
+
+
 def test_adapter_names_cannot_escape(setup, tmp_path):
     base, adapters, tok, _ = setup
     outside = tmp_path / "outside"

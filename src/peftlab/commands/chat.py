@@ -139,10 +139,8 @@ class Chat:
             engine.submit(seq)
             while not seq.done:
                 engine.step()
-        except KeyboardInterrupt:  # stop this answer, keep the chat
-            seq.cancel()
-            while not seq.done:
-                engine.step()
+        except KeyboardInterrupt:  # stop this answer, keep the chat (the batch cache is dropped whole)
+            engine.abort(seq)
             self.out.write(" [interrupted]")
         self.say()
         if seq.error:

@@ -80,6 +80,7 @@ class Sequence:
     cancelled: bool = False
     created: float = field(default_factory=time.time)
     _generator: torch.Generator | None = None
+    _held: bool = False  # the engine holds this sequence's adapter in the store
     _done: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -180,6 +181,18 @@ class Engine:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
+    def abort(self, seq: Sequence) -> None:
+        """Finish ``seq`` as cancelled now, wherever it is. After a ``step`` interrupted half-way (Ctrl-C
+        in ``peftlab chat``) the cache may be torn, so a lone running row takes the cache with it."""
+        seq.cancel()
+        self._remove_waiting(seq)
+        if seq in self.running and len(self.running) == 1:
+            self._finish(seq, "cancelled")
+            self.running, self.cache, self.mask = [], None, None
+        elif seq in self.running:
+            self._drop([seq], "cancelled")
+        self._finish(seq, "cancelled")
+
     def _fail_all(self, message: str) -> None:
         for seq in list(self.running):
             self._finish(seq, None, error=message)
@@ -196,7 +209,13 @@ class Engine:
             return False
         self.stats["steps"] += 1
         if admitted:
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except BaseException as e:  # the admitted rows are in no list yet: finish them here
+                for seq in admitted:
+                    if seq not in self.running:
+                        self._finish(seq, None, error=f"{type(e).__name__}: {e}")
+                raise
         if self.running:
             self._decode()
         self.stats["max_rows"] = max(self.stats["max_rows"], len(self.running))
@@ -217,7 +236,8 @@ class Engine:
                 try:
                     if not self.store.acquire(seq.adapter):
                         continue  # every resident adapter is busy; try a later request
-                except PeftlabError as e:
+                    seq._held = True
+                except Exception as e:  # a damaged adapter fails its request, not the engine
                     self._remove_waiting(seq)
                     self._finish(seq, None, error=str(e))
                     continue
@@ -292,11 +312,10 @@ class Engine:
         self._accept(seqs, tokens)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        out = []
-        for row, s in zip(logits, seqs):
+        out = logits.argmax(-1).tolist()  # greedy rows: one device sync for the whole batch
+        for i, (row, s) in enumerate(zip(logits, seqs)):
             p = s.params
             if p.temperature <= 0:
-                out.append(int(row.argmax()))
                 continue
             probs = torch.softmax(row / p.temperature, -1)
             if p.top_p < 1.0:
@@ -304,7 +323,7 @@ class Engine:
                 keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # the smallest set whose mass reaches top_p
                 sorted_p = sorted_p * keep
                 probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            out.append(int(torch.multinomial(probs, 1, generator=s._generator)))
+            out[i] = int(torch.multinomial(probs, 1, generator=s._generator))
         return out
 
     def _accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
@@ -372,8 +391,9 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str | None, error: str | None = None) -> None:
         if seq.done:
             return
-        if seq.adapter is not None and self.store is not None and seq in self.running:
+        if seq._held:
             self.store.release(seq.adapter)
+            seq._held = False
         if error is not None:
             seq.error, seq.finish_reason = error, "error"
             seq._emit("error", error)

@@ -225,7 +225,10 @@ def read_lora_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, tuple[torch.
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise ConfigError(f"{d / CONFIG_NAME} has no {key!r}")
-    tensors = load_file(str(d / WEIGHTS_NAME))
+    try:
+        tensors = load_file(str(d / WEIGHTS_NAME))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ConfigError(f"{d / WEIGHTS_NAME} cannot be read as safetensors ({e}); is the file damaged?") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         key = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name

@@ -208,14 +208,14 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
             raise ApiError(400, str(e), "invalid_model", "model") from None
         return model, model
 
-    def check_length(prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_length(prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", "invalid_value", "prompt")
         total = len(prompt_ids) + params.max_tokens
         if total > engine.max_context:
             raise ApiError(400, f"this model's context is {engine.max_context} tokens; the prompt has "
                                 f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} ({total} in all). "
-                                "Shorten the prompt or lower max_tokens", "context_length_exceeded", "messages")
+                                "Shorten the prompt or lower max_tokens", "context_length_exceeded", param)
 
     async def run(seq: Sequence, stream_fn, final_fn, stream: bool):
         loop = asyncio.get_running_loop()
@@ -304,7 +304,7 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
         else:
             raise ApiError(400, "'prompt' must be a string (or one string in a list, or a list of token ids)",
                            "invalid_value", "prompt")
-        check_length(ids, params)
+        check_length(ids, params, "prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         stream = _field(body, "stream", bool, False)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
@@ -338,7 +338,7 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
             raise ApiError(400, str(e), "invalid_value", "messages") from None
         if not body.get("max_tokens") and not body.get("max_completion_tokens"):  # fill the context, up to the limit
             params.max_tokens = max(1, min(params.max_tokens, engine.max_context - len(ids)))
-        check_length(ids, params)
+        check_length(ids, params, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         stream = _field(body, "stream", bool, False)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
