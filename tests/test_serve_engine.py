@@ -88,6 +88,7 @@ def test_continuous_batching_equals_single_runs(setup):
     assert store.resident() and all(not h for h in store._holders.values())
 
 
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
 def test_lru_cache_waits_for_busy_adapters_and_stays_correct(setup):
     base, adapters, tok, refs = setup
     engine, store = _engine(base, adapters, tok, max_batch=3, max_loaded=2)
@@ -100,6 +101,7 @@ def test_lru_cache_waits_for_busy_adapters_and_stays_correct(setup):
     assert store.evictions >= 1 and store.loads >= 3
 
 
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
 def test_stop_strings_cancel_limits_and_seeds(setup):
     base, adapters, tok, refs = setup
     engine, _ = _engine(base, adapters, tok, max_batch=2, max_queue=3)
@@ -137,6 +139,7 @@ def test_stop_strings_cancel_limits_and_seeds(setup):
     assert runs[0] == runs[1] and len(runs[0]) >= 1
 
 
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
 def test_damaged_adapter_fails_only_its_request(setup, tmp_path):
     base, adapters, tok, refs = setup
     import shutil
@@ -160,6 +163,7 @@ def test_damaged_adapter_fails_only_its_request(setup, tmp_path):
     assert engine.store._holders.get("a") == 0
 
 
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
 def test_adapter_names_cannot_escape(setup, tmp_path):
     base, adapters, tok, _ = setup
     outside = tmp_path / "outside"
