@@ -6,8 +6,9 @@ files and ``key=value`` overrides with values of every type). Each case must end
 ways, within a time limit:
 
 - a ``PeftlabError`` (never another exception type, never a hang), or
-- success that is not garbage: a data file that is not valid UTF-8 JSON/JSONL cannot load, and
-  a config that loads has the values the loop relies on in range.
+- success that is not garbage: a .json/.jsonl file that does not parse as JSON cannot load (other
+  suffixes may be other formats: .txt is plain text), and a config that loads has the values the
+  loop relies on in range.
 
 Data goes through ``build_datasets`` behind the loop's guard (``peftlab.train.loop._load_data``,
 exactly what ``peftlab train`` runs); configs through ``load_config`` and the loop's input
@@ -122,9 +123,14 @@ def mutate_bytes(r: random.Random, raw: bytes) -> bytes:
 
 
 def parses(raw: bytes, suffix: str) -> bool:
-    """The format-level oracle: is this valid UTF-8 JSON (.json) / JSON Lines (.jsonl)?"""
+    """The format-level oracle: is this JSON (.json) / JSON Lines (.jsonl) at all?
+
+    Lenient on purpose, like the data layer's documented reading: bytes that are not UTF-8 are
+    kept (``surrogateescape``; the record parser rejects a field that holds one) and a leading
+    BOM is ignored. What does not parse even so is garbage that must never load.
+    """
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
         if suffix == ".json":
             json.loads(text)
         else:
@@ -132,8 +138,18 @@ def parses(raw: bytes, suffix: str) -> bool:
                 if line.strip():
                     json.loads(line)
         return True
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except (ValueError, RecursionError):
         return False
+
+
+def trailing_data_only(raw: bytes) -> bool:
+    """A .json file whose first JSON value parses and is followed by more text."""
+    text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff").lstrip()
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return False
+    return bool(text[end:].strip())
 
 
 def make_data_case(r: random.Random, d: Path, i: int) -> tuple[Path, bool]:
@@ -159,7 +175,7 @@ def make_data_case(r: random.Random, d: Path, i: int) -> tuple[Path, bool]:
             raw = mutate_bytes(r, raw)
     path = d / f"case{i}{suffix}"
     path.write_bytes(raw)
-    must_fail = suffix not in (".json", ".jsonl") or not parses(raw, suffix)
+    must_fail = suffix in (".json", ".jsonl") and not parses(raw, suffix)
     return path, must_fail
 
 
@@ -181,6 +197,9 @@ def test_fuzz_data_files_fail_cleanly(tmp_path):
             continue
         except Exception as e:  # noqa: BLE001 - the point of the test
             pytest.fail(f"{path.name}: {type(e).__name__} escaped: {e}\n{path.read_bytes()[:300]!r}")
+        if must_fail and trailing_data_only(path.read_bytes()):
+            outcomes["known: trailing data ignored"] = outcomes.get("known: trailing data ignored", 0) + 1
+            continue  # pinned below as a strict xfail (data/sources.py), so the rest stays enforced
         assert not must_fail, f"{path.name}: garbage loaded silently ({len(data.train)} examples)"
         assert data.train and all(ex.n_labels > 0 for ex in data.train)
         outcomes["loaded"] = outcomes.get("loaded", 0) + 1
@@ -284,6 +303,18 @@ def test_pinned_configs(tmp_path, text):
     path.write_bytes(text)
     with pytest.raises(PeftlabError):
         _check_inputs(load_config(path))
+
+
+@pytest.mark.xfail(strict=True, reason="data/sources.py iter_json stops at the array's closing ']' and ignores "
+                   "whatever follows (found by the fuzzer: a duplicated line loads half the file)")
+def test_trailing_data_after_a_json_array_is_an_error(tmp_path):
+    tok = tokenizer_for("gpt2")
+    rec = {"instruction": "Add 1 and 2.", "output": "3"}
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([rec] * 4) + "\n" + json.dumps([rec] * 4) + "\n")
+    shim = type("Cfg", (), {"data": DataConfig(path=str(path), eval_split=0, max_length=64, template="alpaca")})()
+    with pytest.raises(PeftlabError):
+        _load_data(shim, tok, 0)
 
 
 def test_yaml_no_is_a_word_for_string_keys(tmp_path):
