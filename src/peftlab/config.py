@@ -95,6 +95,40 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch (0: the cores actually free)
     progress: bool = True
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    distributed: str = "ddp"  # ddp | fsdp (ZeRO-3-like) | fsdp_grad_op (ZeRO-2-like); under torchrun only
+
+    def validate(self) -> None:
+        """Every value the loop relies on, checked where the config is built."""
+        from .validate import check_path, finite
+
+        for key in ("batch_size", "grad_accum", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "log_every", "save_every", "save_total_limit", "threads", "seed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1 (or none to train by epochs), got {self.steps}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ConfigError(f"train.eval_batches must be >= 1 (or none for all), got {self.eval_batches}")
+        finite(self.lr, "train.lr", 0.0)
+        finite(self.epochs, "train.epochs", 0.0, low_open=True)
+        finite(self.warmup, "train.warmup", 0.0)
+        finite(self.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0)
+        finite(self.weight_decay, "train.weight_decay", 0.0)
+        if self.max_grad_norm is not None:
+            finite(self.max_grad_norm, "train.max_grad_norm", 0.0)
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas must be two numbers, e.g. [0.9, 0.999]; got {self.adam_betas!r}")
+        self.adam_betas = [finite(coerce(b, float, f"train.adam_betas[{i}]"), f"train.adam_betas[{i}]", 0.0, 1.0,
+                                  high_open=True) for i, b in enumerate(self.adam_betas)]
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"train.schedule {self.schedule!r} is not one of cosine, linear, constant")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no", "fp32", "none", "false", "off"):
+            raise ConfigError(f"train.mixed_precision {self.mixed_precision!r} is not one of auto, bf16, fp16, no")
+        if self.distributed not in ("ddp", "fsdp", "fsdp_grad_op"):
+            raise ConfigError(f"train.distributed {self.distributed!r} is not one of ddp, fsdp, fsdp_grad_op")
+        check_path(self.output_dir, "train.output_dir")
 
 
 @dataclass
@@ -274,7 +308,9 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -290,6 +326,9 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError(
             f"unknown config section {unknown[0]!r}; valid sections: model, peft, data, train"
         )
+    for name in (*SECTIONS, "peft"):
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise ConfigError(f"config section {name!r} must be a mapping of keys, got {raw[name]!r}")
     peft_raw = dict(raw.get("peft") or {})
     method = registry.get(str(peft_raw.get("method", DEFAULT_METHOD)))
     peft_raw["method"] = method.name

@@ -64,22 +64,48 @@ def write_manifest(directory: Path) -> None:
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
-def verify_manifest(directory: Path) -> str | None:
-    """None when every file listed in the manifest is present and intact, else what is wrong."""
+def verify_manifest(directory: Path, deep: bool = True) -> str | None:
+    """None when every file listed in the manifest is present and intact, else what is wrong.
+
+    ``deep=False`` checks presence and sizes only (cheap, for rotation); ``deep=True`` also
+    re-hashes every file (before anything is loaded from the directory).
+    """
+    directory = Path(directory)
     mpath = directory / MANIFEST
     if not mpath.is_file():
         return f"{directory}: no {MANIFEST} (the write did not finish)"
     try:
-        files = json.loads(mpath.read_text())["files"]
-    except (ValueError, KeyError):
+        files = json.loads(mpath.read_text(encoding="utf-8"))["files"]
+        entries = [(str(rel), int(info["size"]), str(info["sha256"])) for rel, info in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return f"{directory}/{MANIFEST} is damaged"
-    for rel, info in files.items():
+    for rel, size, digest in entries:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"{directory}/{MANIFEST} names a file outside the directory ({rel!r})"
         p = directory / rel
         if not p.is_file():
             return f"{p} is missing"
-        if p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
+        if p.stat().st_size != size or (deep and sha256_file(p) != digest):
             return f"{p} is damaged (size or checksum differs from {MANIFEST})"
     return None
+
+
+def sweep_stale(path: str | Path) -> None:
+    """Clean up after an ``atomic_dir(path)`` that was killed part-way.
+
+    A kill between moving the old ``path`` aside and renaming the new one in leaves only
+    ``.<name>.old-<pid>``: it is moved back. Unfinished temp directories are deleted.
+    """
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f".{path.name}.old-*"))
+    if olds and not path.exists():
+        os.replace(olds.pop(), path)
+        fsync_dir(parent)
+    for stale in (*olds, *parent.glob(f".{path.name}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync_tree(directory: Path) -> None:
