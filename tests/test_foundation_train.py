@@ -165,3 +165,17 @@ def test_generate_answers_are_deterministic_and_batched_like_single():
     batched = generate(model, tok, enc, prompts, max_new_tokens=6, batch_size=3)
     single = [generate(model, tok, enc, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    from peftlab.io import atomic_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

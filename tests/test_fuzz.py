@@ -142,16 +142,6 @@ def parses(raw: bytes, suffix: str) -> bool:
         return False
 
 
-def trailing_data_only(raw: bytes) -> bool:
-    """A .json file whose first JSON value parses and is followed by more text."""
-    text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff").lstrip()
-    try:
-        _, end = json.JSONDecoder().raw_decode(text)
-    except ValueError:
-        return False
-    return bool(text[end:].strip())
-
-
 def make_data_case(r: random.Random, d: Path, i: int) -> tuple[Path, bool]:
     """(file, must_fail)."""
     recs = valid_records(r, r.randint(1, 12))
@@ -197,9 +187,6 @@ def test_fuzz_data_files_fail_cleanly(tmp_path):
             continue
         except Exception as e:  # noqa: BLE001 - the point of the test
             pytest.fail(f"{path.name}: {type(e).__name__} escaped: {e}\n{path.read_bytes()[:300]!r}")
-        if must_fail and trailing_data_only(path.read_bytes()):
-            outcomes["known: trailing data ignored"] = outcomes.get("known: trailing data ignored", 0) + 1
-            continue  # pinned below as a strict xfail (data/sources.py), so the rest stays enforced
         assert not must_fail, f"{path.name}: garbage loaded silently ({len(data.train)} examples)"
         assert data.train and all(ex.n_labels > 0 for ex in data.train)
         outcomes["loaded"] = outcomes.get("loaded", 0) + 1
@@ -305,15 +292,13 @@ def test_pinned_configs(tmp_path, text):
         _check_inputs(load_config(path))
 
 
-@pytest.mark.xfail(strict=True, reason="data/sources.py iter_json stops at the array's closing ']' and ignores "
-                   "whatever follows (found by the fuzzer: a duplicated line loads half the file)")
 def test_trailing_data_after_a_json_array_is_an_error(tmp_path):
     tok = tokenizer_for("gpt2")
     rec = {"instruction": "Add 1 and 2.", "output": "3"}
     path = tmp_path / "two.json"
     path.write_text(json.dumps([rec] * 4) + "\n" + json.dumps([rec] * 4) + "\n")
     shim = type("Cfg", (), {"data": DataConfig(path=str(path), eval_split=0, max_length=64, template="alpaca")})()
-    with pytest.raises(PeftlabError):
+    with pytest.raises(PeftlabError, match=r"two.json line 2 column 1: .*extra data after the array"):
         _load_data(shim, tok, 0)
 
 

@@ -32,6 +32,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(path: str | Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; what we publish gets the usual mode."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +52,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
@@ -126,6 +138,7 @@ def atomic_dir(path: str | Path, manifest: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    ordinary_permissions(tmp, directory=True)
     try:
         yield tmp
         if manifest:

@@ -106,6 +106,17 @@ def iter_json(path: Path) -> Iterator[tuple[str, object]]:
                 fail("the array is not closed with ']'", pos)
             ch = buf[pos]
             if ch == "]":
+                # Nothing but white space may follow: a second array (a file appended to itself,
+                # two files concatenated) must not load half the data silently.
+                pos = skip_space(pos + 1)
+                while pos >= len(buf) and not eof:
+                    more = f.read(_CHUNK)
+                    eof = not more
+                    lines_before += buf.count("\n")
+                    buf, pos = more, 0
+                    pos = skip_space(pos)
+                if pos < len(buf):
+                    fail("extra data after the array's closing ']' (two arrays in one file?)", pos)
                 return
             if need_comma:
                 if ch != ",":

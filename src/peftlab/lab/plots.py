@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..io import ordinary_permissions
+
 
 def _style(names: list[str]) -> dict[str, dict]:
     from matplotlib import colormaps
@@ -70,9 +72,7 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str | None
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a plot is an ordinary file
+        ordinary_permissions(tmp)  # mkstemp makes it private; a plot is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
