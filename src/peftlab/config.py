@@ -96,12 +96,18 @@ class TrainConfig:
     progress: bool = True
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     distributed: str = "ddp"  # ddp | fsdp (ZeRO-3-like) | fsdp_grad_op (ZeRO-2-like); under torchrun only
+    # speed levers (benchmarks/README.md measures each one)
+    fused_loss: bool = True  # LM head + CE in chunks whose backward keeps no logits
+    loss_chunk: int = 1024  # label rows per LM-head chunk
+    fast_lora: bool = True  # LoRA layers without dropout run one autograd function saving only x
+    skip_pad_mask: bool = True  # right-padded batches: causal attention without the padding mask
+    compile: bool = False  # torch.compile the backbone (slow first steps; recompiles per shape)
 
     def validate(self) -> None:
         """Every value the loop relies on, checked where the config is built."""
         from .validate import check_path, finite
 
-        for key in ("batch_size", "grad_accum", "max_bad_steps"):
+        for key in ("batch_size", "grad_accum", "max_bad_steps", "loss_chunk"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("eval_every", "log_every", "save_every", "save_total_limit", "threads", "seed"):

@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..model.params import freeze
 from ..model.targets import find_targets, linear_shape, peft_target_modules, set_submodule
 from ..registry import Method, register
+from . import lora_kernels
 
 INITS = ("kaiming", "gaussian")
 
@@ -117,6 +118,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and lora_kernels.fast_path_ok(self, x):  # same math, fewer saved tensors
+            return lora_kernels.lora_linear(self, x)
         result = self.base_layer(x)
         if self.merged:
             return result

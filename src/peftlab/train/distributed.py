@@ -82,12 +82,13 @@ class LossModule(nn.Module):
     (the loss calls the backbone and the LM head separately; see ``loss.causal_lm_loss``).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, **loss_options):
         super().__init__()
         self.model = model
+        self.loss_options = loss_options  # causal_lm_loss keywords (train.fused_loss, ...)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
-        return causal_lm_loss(self.model, batch)
+        return causal_lm_loss(self.model, batch, **self.loss_options)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -183,7 +184,7 @@ class DistContext:
 
     # ------------------------------------------------------------------ the engine
 
-    def wrap(self, model: nn.Module, mode: str = "ddp") -> nn.Module:
+    def wrap(self, model: nn.Module, mode: str = "ddp", **loss_options) -> nn.Module:
         """The module the loop calls: ``engine(batch) -> (loss_sum, n)``.
 
         Call after the method has been applied (trainable parameters are final) and before the
@@ -192,7 +193,7 @@ class DistContext:
         if mode not in MODES:
             raise ConfigError(f"train.distributed {mode!r} is not one of {', '.join(MODES)}")
         check_launcher(mode)
-        engine = LossModule(model)
+        engine = LossModule(model, **loss_options)
         if self.world_size <= 1:
             self.mode = "none"
             return engine

@@ -104,6 +104,19 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, co
     return float(sums[0]) / max(float(sums[1]), 1.0)
 
 
+def apply_speed_options(model: nn.Module, t) -> dict:
+    """``train.fast_lora`` (a flag on every LoRA layer) and ``train.compile`` (the backbone);
+    returns the loss options (``causal_lm_loss`` keyword arguments) of the other levers."""
+    sharded = str(getattr(t, "distributed", "none")).startswith("fsdp")
+    for m in model.modules():  # the LoRA function's caches are Python state that dynamo cannot trace
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
+            m.fast_path = t.fast_lora and not t.compile
+            m.cache_weight = not sharded  # no persistent copies of FSDP-unsharded weights
+    if t.compile:
+        model.base_model.compile()
+    return {"chunk_rows": t.loss_chunk, "fused": t.fused_loss, "skip_pad_mask": t.skip_pad_mask}
+
+
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
     if has_run and not resume:
@@ -294,7 +307,7 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
     steps = total_steps(cfg, len(train_ex), dist.world_size)
     sampler = data.sampler(t.batch_size, t.seed, cfg.data.shuffle, dist.rank, dist.world_size)
     report = param_report(model)  # before wrapping: FSDP turns parameters into shards
-    engine = dist.wrap(model, t.distributed)
+    engine = dist.wrap(model, t.distributed, **apply_speed_options(model, t))
     optimizer = build_optimizer(model, method, cfg.peft, t)
     scheduler = build_scheduler(optimizer, t, steps)
     params = trainable_parameters(model)
@@ -377,6 +390,8 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if t.threads == 0 and dist.world_size == 1 and step % 25 == 0:  # neighbours come and go
+                threads = set_threads(0)
             if method.on_step is not None:
                 method.on_step(model, cfg.peft, step, optimizer)
             dt = time.perf_counter() - t0

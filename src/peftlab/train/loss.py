@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.tokenize import IGNORE
+from .fused_loss import fused_head_loss
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -94,15 +95,28 @@ def additive_mask_in(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask < 0, torch.finfo(dtype).min)
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, chunk_rows: int = 4096) -> tuple[torch.Tensor, int]:
+def right_padded(mask: torch.Tensor | None) -> bool:
+    """True for a 2-D mask whose rows are ones then zeros (right padding, or none at all)."""
+    return mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def causal_lm_loss(model: nn.Module, batch: dict, chunk_rows: int = 1024,
+                   fused: bool = True, skip_pad_mask: bool = True) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of label tokens) for one micro-batch.
 
     batch: input_ids [B, T], attention_mask [B, T] (or a 4-D additive mask for packing),
     labels [B, T] aligned with input_ids (-100 = not learned), optional position_ids [B, T],
     optional loss_weights [B, T] (each token's loss is scaled by its weight; the count stays
     the number of label tokens).
+    ``fused`` (a plain linear head): ``fused_loss.chunked_linear_cross_entropy``, which never
+    keeps a chunk's vocabulary-sized logits for backward; otherwise chunks of plain autograd.
+    ``skip_pad_mask``: a right-padded batch goes in without its mask. Causal attention alone
+    keeps every real token from seeing the padding after it (padding rows carry no labels),
+    so the loss is the same, and attention takes SDPA's causal kernel instead of a dense mask.
     """
     labels = batch["labels"]
+    if skip_pad_mask and "position_ids" not in batch and right_padded(batch.get("attention_mask")):
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
     hidden = backbone_hidden(model, batch)
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -113,6 +127,10 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk_rows: int = 4096) -> tup
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
+    if fused:  # speed: chunked head + CE whose backward needs no stored logits
+        total = fused_head_loss(model, h, y, w, chunk_rows)
+        if total is not None:
+            return total, n
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_rows):
         logits = _head_logits(model, h[start:start + chunk_rows])
