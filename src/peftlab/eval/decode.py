@@ -1,9 +1,9 @@
 """A lean greedy decoder for Llama-family models: fused weights and a preallocated KV cache.
 
-Batch-1 decoding on a CPU is bound by per-op overhead, not by arithmetic: Hugging Face
-``generate`` spends ~70 ms per token of SmolLM2-135M for ~3 ms of GEMM work (30 layers of
-module calls, cache objects, mask building, logits processors). This decoder runs the same
-math with the fewest ops it can:
+Hugging Face ``generate`` wraps each token in 30 layers of module calls, cache objects, mask
+building and logits processors. This decoder runs the same math with the fewest ops it can
+(at batch 1 both end up bound by memory bandwidth — every weight is read once per token —
+so the gain is largest in bf16 and at larger batches; benchmarks/README.md):
 
     per layer:  h = rms(x) ; [q k v] = h W_qkv^T            (q/k/v fused into one GEMM)
                 q, k = rope(q), rope(k) ; K[:, t], V[:, t] = k, v     (preallocated cache)

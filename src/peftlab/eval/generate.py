@@ -2,7 +2,7 @@
 
 Prompts are encoded exactly as the training prefix (``Encoder.prompt_ids``), left-padded into
 batches, and continued with KV caching. Greedy decoding of a Llama-family model goes through
-``decode.lean_greedy`` (the same tokens as HF ``generate``, several times faster at batch 1);
+``decode.lean_greedy`` (the same tokens as HF ``generate``, without its per-token overhead);
 sampling (``temperature`` > 0, with ``top_p``) and other models use Hugging Face ``generate``.
 Only the new tokens are decoded.
 """
