@@ -178,6 +178,9 @@ def lean_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     step_bias = torch.zeros(b, 1, 1, total, dtype=dtype, device=dev).masked_fill_(~key_ok[:, None, None, :], neg)
     scale = hd ** -0.5
     gqa = nh != nkv
+    # fp32 GEMMs give the same bits fused or not; in half precision a fused product can round
+    # differently from HF's separate ones, and greedy decoding then drifts
+    split = dtype != torch.float32
 
     def forward(ids: torch.Tensor, start: int, attn_mask: torch.Tensor) -> torch.Tensor:
         n = ids.shape[1]
@@ -185,7 +188,12 @@ def lean_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         c, s = cos[:, :, start:start + n], sin[:, :, start:start + n]
         for i, (n1, e1, w_qkv, b_qkv, w_o, b_o, n2, e2, w_gu, w_d, b_d) in enumerate(lw.layers):
             h = _rms(x, n1, e1)
-            qkv = F.linear(h, w_qkv, b_qkv)
+            if split:  # bf16/fp16: HF's three GEMMs, so every product rounds exactly as in HF
+                qkv = torch.cat([F.linear(h, w_qkv[a:z], None if b_qkv is None else b_qkv[a:z])
+                                 for a, z in ((0, q_size), (q_size, q_size + kv_size),
+                                              (q_size + kv_size, q_size + 2 * kv_size))], dim=-1)
+            else:
+                qkv = F.linear(h, w_qkv, b_qkv)
             q = qkv[..., :q_size].view(b, n, nh, hd).transpose(1, 2)
             k = qkv[..., q_size:q_size + kv_size].view(b, n, nkv, hd).transpose(1, 2)
             v = qkv[..., q_size + kv_size:].view(b, n, nkv, hd).transpose(1, 2)
@@ -196,7 +204,11 @@ def lean_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
             o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
             x = x + F.linear(o.transpose(1, 2).reshape(b, n, q_size), w_o, b_o)
             h = _rms(x, n2, e2)
-            g, u = F.linear(h, w_gu).chunk(2, dim=-1)
+            if split:
+                half = w_gu.shape[0] // 2
+                g, u = F.linear(h, w_gu[:half]), F.linear(h, w_gu[half:])
+            else:
+                g, u = F.linear(h, w_gu).chunk(2, dim=-1)
             x = x + F.linear(F.silu(g) * u, w_d, b_d)
         x = _rms(x[:, -1], *lw.final_norm)
         return F.linear(x, lw.head)

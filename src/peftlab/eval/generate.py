@@ -1,7 +1,7 @@
 """Batched generation with the training template.
 
 Prompts are encoded exactly as the training prefix (``Encoder.prompt_ids``), left-padded into
-batches, and continued with KV caching. Greedy decoding of a Llama-family model goes through
+batches, and continued with KV caching. Greedy decoding of an fp32 Llama-family model goes through
 ``decode.lean_greedy`` (the same tokens as HF ``generate``, without its per-token overhead);
 sampling (``temperature`` > 0, with ``top_p``) and other models use Hugging Face ``generate``.
 Only the new tokens are decoded.
@@ -49,7 +49,9 @@ def generate(model: nn.Module, tokenizer, encoder, prompts: list, max_new_tokens
                 input_ids[i, width - len(ids):] = torch.tensor(ids)
                 mask[i, width - len(ids):] = 1
             sampling = temperature > 0
-            if not sampling and decode.supports(model):  # same tokens, a fraction of the overhead
+            # fp32: token for token HF's output (tested on the real model, batch 1 and padded
+            # batches); half precision can round differently in padded batches, so HF decides there
+            if not sampling and decode.supports(model) and model.dtype == torch.float32:
                 out = decode.lean_greedy(model, input_ids.to(device), mask.to(device), max_new_tokens,
                                          sorted(eos_ids), pad_id)
             else:
