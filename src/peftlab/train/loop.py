@@ -7,8 +7,8 @@
         log (metrics.jsonl, progress bar); eval loss every eval_every; checkpoint every save_every
     save the adapter (PEFT layout) or, for full fine-tuning, the whole model
 
-Methods plug in through ``apply`` (which modules train), ``param_groups`` and ``on_step``;
-nothing in here branches on the method's name.
+Methods plug in through ``apply`` (which modules train), ``param_groups``, ``aux_loss``,
+``on_step`` and ``finalize`` (see registry.Method); nothing in here branches on the method's name.
 """
 
 from __future__ import annotations
@@ -168,6 +168,9 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
     if resume:
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is not None:
+            if method.on_step is not None:  # bring a step-dependent method (LISA) to the checkpoint's state
+                method.on_step(model, cfg.peft, int(ckpt.STEP_DIR.match(latest.name).group(1)), optimizer)
+                params = trainable_parameters(model)
             state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, prefixes)
             step, skipped = state["step"], state.get("skipped_steps", 0)
             sampler.load_state_dict(state["sampler"])
@@ -202,8 +205,10 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
             for batch in micro:
                 batch = _to_device(batch, device)
                 with autocast(device, amp):
-                    loss_sum, _ = causal_lm_loss(model, batch)
-                (loss_sum / max(n_tokens, 1)).backward()
+                    loss_sum, n_micro = causal_lm_loss(model, batch)
+                    aux = method.aux_loss(model, cfg.peft, batch) if method.aux_loss is not None else None
+                objective = loss_sum if aux is None else loss_sum + aux * n_micro
+                (objective / max(n_tokens, 1)).backward()
                 loss_total += loss_sum.detach()
             dist.sync_gradients(params)
             loss_total = dist.all_reduce_sum(loss_total)
@@ -231,13 +236,14 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            extra = method.on_step(model, cfg.peft, step, optimizer) if method.on_step is not None else None
             if method.on_step is not None:
-                method.on_step(model, cfg.peft, step, optimizer)
+                params = trainable_parameters(model)  # the method may have changed what trains
             dt = time.perf_counter() - t0
             n_input = int(dist.all_reduce_sum(torch.tensor(float(sum(count_input_tokens(b) for b in micro)),
                                                             device=device)).item())
             record = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(n_input / dt, 2),
-                      "label_tokens": n_tokens, "grad_norm": round(float(grad_norm), 6)}
+                      "label_tokens": n_tokens, "grad_norm": round(float(grad_norm), 6), **(extra or {})}
             is_last = step == steps
             if eval_ex and ((t.eval_every and step % t.eval_every == 0) or is_last):
                 eval_loss = evaluate_loss(model, eval_ex, t.batch_size, data.collate, device, amp, t.eval_batches)
@@ -268,6 +274,8 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
             ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler,
                                  {"sampler": sampler.state_dict(), "skipped_steps": skipped}, prefixes,
                                  t.save_total_limit)
+        if method.finalize is not None:
+            method.finalize(model, cfg.peft)
         artifact = save_artifact(model, tokenizer, cfg, run_dir)
         summary = {"steps": step, "eval_loss": eval_loss, "skipped_steps": skipped,
                    "trainable": report.trainable, "total": report.total, "data": stats.summary(),
