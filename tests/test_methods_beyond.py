@@ -22,6 +22,7 @@ fp32 rounding does not blow up through the layers).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Callable
@@ -53,6 +54,8 @@ def safe_open_keys(path) -> list[str]:
 
 
 def small_model(arch: str, seed: int = 0, **extra):
+    if arch == "gpt2":  # GPT-2's special ids (50256) do not exist in the small vocabulary
+        extra = {"bos_token_id": 0, "eos_token_id": 0, **extra}
     model, _ = load_model(tiny_model_config(arch, vocab=VOCAB, **extra), seed=seed, with_tokenizer=False)
     return model
 
@@ -463,6 +466,32 @@ def test_prompt_methods_refuse_packed_batches():
         model(input_ids=batch["input_ids"], position_ids=packed)
     with pytest.raises(ConfigError, match="packing"):
         model(input_ids=batch["input_ids"], attention_mask=torch.zeros(2, 1, 8, 8))
+
+
+def test_prefix_refuses_gradient_checkpointing():
+    model, _, _ = applied(next(c for c in CASES if c.id == "prefix_tuning"), "llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ConfigError, match="gradient_checkpointing=false"):
+        causal_lm_loss(model.train(), batch_of())
+
+
+def test_prompt_tuning_works_with_gradient_checkpointing():
+    model, _, _ = applied(CASES[0], "llama")
+    batch = batch_of()
+    expected = causal_lm_loss(model.train(), batch)[0]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss, _ = causal_lm_loss(model, batch)
+    loss.backward()
+    assert torch.equal(loss.detach(), expected.detach()) and model.prompt_encoder.embedding.weight.grad is not None
+
+
+def test_deepcopy_keeps_the_virtual_tokens_wired():
+    model, _, _ = applied(next(c for c in CASES if c.id == "prefix_tuning"), "gpt2")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.prompt_encoder.embedding.weight.add_(1.0)
+    batch = batch_of()
+    assert not torch.equal(logits(twin, batch), logits(model, batch))  # the copy uses its own prefix
 
 
 def test_bitfit_on_bias_free_model_says_so():

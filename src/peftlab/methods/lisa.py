@@ -75,8 +75,9 @@ def apply(model: nn.Module, cfg: LISAConfig) -> None:
 def on_step(model: nn.Module, cfg: LISAConfig, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
     """Switch to the layer set of ``step``; re-point the optimizer at the trainable parameters."""
     active = schedule(len(decoder_layers(model)), cfg, step)
+    record = {"lisa_layers": ",".join(map(str, active))}
     if active == getattr(model, "_lisa_active", None):
-        return None
+        return record
     _activate(model, active)
     trainable = [p for _, p in unique_parameters(model) if p.requires_grad]
     keep = {id(p) for p in trainable}
@@ -99,7 +100,7 @@ def on_step(model: nn.Module, cfg: LISAConfig, step: int, optimizer: torch.optim
     order = {id(p): i for i, p in enumerate(trainable)}
     for group in optimizer.param_groups:
         group["params"].sort(key=lambda p: order[id(p)])
-    return {"lisa_layers": ",".join(map(str, active))}
+    return record
 
 
 def param_extra(model: nn.Module, cfg: LISAConfig) -> dict:

@@ -109,6 +109,12 @@ class VirtualTokenBackbone(nn.Module):
                 "(position_ids restart inside a row): set data.packing=false"
             )
         cache = past_key_values
+        if self.prefix is not None and self.training and any(
+                getattr(m, "gradient_checkpointing", False) for m in self.base.modules()):
+            raise ConfigError(
+                "prefix methods (prefix_tuning, p_tuning_v2, mam) put their prefixes in the KV cache, which "
+                "gradient checkpointing drops inside every layer; set model.gradient_checkpointing=false"
+            )
         if self.prefix is not None and fresh:
             if cache is None:
                 from transformers import DynamicCache
