@@ -392,6 +392,22 @@ def test_we_load_peft_adapter(case, arch, tmp_path):
     torch.testing.assert_close(logits(ours, batch), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_peft_text_init_adapter_loads_without_its_tokenizer(tmp_path):
+    """The file's values replace the init, so a hub tokenizer named in the config is not needed."""
+    from peft import get_peft_model
+
+    theirs = get_peft_model(small_model("llama"), peft_config_for("prompt_tuning"))
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="Classify:",
+                  tokenizer_name_or_path="some-org/not-on-this-machine")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    ours = small_model("llama")
+    load_adapter(ours, tmp_path)
+    assert torch.equal(ours.prompt_encoder.embedding.weight, theirs.prompt_encoder["default"].embedding.weight)
+
+
 @pytest.mark.parametrize("kind", ["MLP", "LSTM", "PREFIX"])
 def test_encoders_match_peft_with_same_weights(kind):
     """The trainable reparameterisations compute what PEFT's do (before folding)."""

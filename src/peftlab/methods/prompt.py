@@ -398,10 +398,9 @@ def _check_single_stack(d: dict) -> None:
 
 
 def prompt_tuning_from_peft(d: dict) -> PromptTuningConfig:
+    """The loaded file replaces any init, so PEFT's TEXT init (and its hub tokenizer) is not replayed."""
     _check_single_stack(d)
-    init = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}.get(str(d.get("prompt_tuning_init")), "random")
-    return PromptTuningConfig(num_virtual_tokens=int(d["num_virtual_tokens"]), init=init,
-                              init_text=d.get("prompt_tuning_init_text"), tokenizer=d.get("tokenizer_name_or_path"))
+    return PromptTuningConfig(num_virtual_tokens=int(d["num_virtual_tokens"]))
 
 
 def p_tuning_from_peft(d: dict) -> PTuningConfig:
