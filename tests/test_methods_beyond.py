@@ -145,6 +145,9 @@ CASES = [
          False, False, lstm_count, PROMPT_NAMES, lr=1e-2, learns_to=0.8),
     Case("prefix_tuning", "prefix_tuning", {"num_virtual_tokens": N, "encoder_hidden_size": H}, False, False,
          lambda D: prefix_count(D, H), PROMPT_NAMES, lr=5e-2, learns_to=0.8),
+    Case("prefix_tuning_vocab_init", "prefix_tuning", {"num_virtual_tokens": N, "encoder_hidden_size": H,
+                                                       "init": "vocab"}, False, False,
+         lambda D: prefix_count(D, H), PROMPT_NAMES, lr=5e-2, learns_to=0.8, archs=("llama",)),
     Case("p_tuning_v2", "p_tuning_v2", {"num_virtual_tokens": N}, False, False,
          lambda D: prefix_count(D, None), PROMPT_NAMES, lr=0.1, learns_to=0.8),
     Case("adapter_serial", "adapter", {"bottleneck": B}, True, False,
@@ -472,6 +475,28 @@ def test_prompt_init_from_text_and_vocab():
     registry.get("prompt_tuning").apply(vocab_model, build_dataclass(method.config_cls, {"init": "vocab"}, "peft"))
     p = vocab_model.prompt_encoder.embedding.weight
     assert all(any(torch.equal(r, e) for e in rows) for r in p)
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "p_tuning_v2", "mam"])
+def test_prefix_init_from_text_equals_the_text_prepended(method, arch):
+    """init=text: at step 0 the prefix makes the model behave exactly as if the text came first."""
+    from conftest import tiny_model
+
+    model, tok = tiny_model(arch, initializer_range=0.02)
+    base = copy.deepcopy(model)
+    name = "gpt2" if arch == "gpt2" else "smollm2-135m"
+    m = registry.get(method)
+    extra = {"bottleneck": B, "encoder_hidden_size": H} if method == "mam" else {}
+    cfg = build_dataclass(m.config_cls, {"method": method, "num_virtual_tokens": 5, "init": "text",
+                                         "init_text": "Hello world", "tokenizer": name, **extra}, "peft")
+    m.apply(model, cfg)
+    text = tok("Hello world", add_special_tokens=False).input_ids
+    text = torch.tensor([(text * 5)[:5]] * 2)
+    x = batch_of()["input_ids"]
+    with torch.no_grad():
+        ours = model(input_ids=x).logits
+        ref = base(input_ids=torch.cat([text, x], dim=1)).logits[:, 5:]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_prompt_methods_refuse_packed_batches():

@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..model.params import freeze
 from ..registry import Method, register
 from .prefix import attach_prefix, finalize
-from .prompt import ENCODER_KEY, from_file_keys, model_dims, to_file_keys
+from .prompt import ENCODER_KEY, check_init, from_file_keys, model_dims, to_file_keys
 
 PLACEMENTS = ("serial", "parallel")
 SITES = ("attn", "ffn")
@@ -65,10 +65,14 @@ class MAMConfig:
     bottleneck: int = 512  # b of the parallel FFN adapter
     activation: str = "relu"
     scaling: float = 4.0  # s
+    init: str = "random"  # the prefix's start: random | vocab | text (see prefix_tuning)
+    init_text: str | None = None
+    tokenizer: str | None = None
 
     def validate(self) -> None:
         if self.num_virtual_tokens < 1:
             raise ConfigError(f"peft.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        check_init(self)
         _check_common(self.bottleneck, self.activation)
 
 
@@ -157,7 +161,7 @@ def apply(model: nn.Module, cfg: AdapterConfig) -> None:
 def apply_mam(model: nn.Module, cfg: MAMConfig) -> None:
     freeze(model)
     add_adapters(model, "parallel", ["ffn"], cfg.bottleneck, cfg.activation, cfg.scaling)
-    attach_prefix(model, cfg.num_virtual_tokens, True, cfg.encoder_hidden_size)
+    attach_prefix(model, cfg.num_virtual_tokens, True, cfg.encoder_hidden_size, cfg)
 
 
 def to_peft_config(cfg: AdapterConfig, model: nn.Module) -> dict:

@@ -13,6 +13,12 @@ prefix tuning:  [P^1 .. P^L] = MLP(P₀),  MLP = Linear(t, h) tanh Linear(h, 2·
                 it into its output afterwards, so the saved adapter holds P alone)
 P-tuning v2:    P ∈ R^{n × 2·L·t} trained directly ("deep prompts", no reparameterisation)
 
+Init: ``random`` is PEFT's (N(0, 1) table, default MLP init). ``vocab`` / ``text`` start from the
+keys and values the frozen model computes for n real tokens (random ones, or ``init_text``) at
+positions 0..n-1 — Li & Liang's initialisation from real activations: at step 0 the model behaves
+exactly as if those tokens were prepended. Behind the MLP this is a frozen offset plus a zero last
+layer (P = offset + MLP(P₀)), folded away with the MLP.
+
 The prefixes enter through the model's KV cache (a transformers ``DynamicCache`` filled before the
 first forward of a sequence), so the base model's attention code runs unchanged and generation
 keeps the prefix in the cache across decoding steps. Real tokens sit at positions n + i, as in
@@ -35,8 +41,10 @@ from .prompt import (
     _check_single_stack,
     _common_peft_config,
     attach_virtual_tokens,
+    check_init,
     finalize,
     from_file_keys,
+    init_token_ids,
     model_dims,
     to_file_keys,
 )
@@ -47,9 +55,13 @@ class PrefixTuningConfig:
     method: str = "prefix_tuning"
     num_virtual_tokens: int = 20
     encoder_hidden_size: int | None = None  # h of the reparameterisation MLP (default t = H_kv·d_h)
+    init: str = "random"  # random (PEFT's) | vocab | text: start from the K/V of real tokens
+    init_text: str | None = None  # for init=text
+    tokenizer: str | None = None  # for init=text (default: the model's own directory)
 
     def validate(self) -> None:
         _check_n(self.num_virtual_tokens)
+        check_init(self)
         if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
             raise ConfigError(f"peft.encoder_hidden_size must be >= 1, got {self.encoder_hidden_size}")
 
@@ -58,9 +70,13 @@ class PrefixTuningConfig:
 class PTuningV2Config:
     method: str = "p_tuning_v2"
     num_virtual_tokens: int = 20
+    init: str = "random"  # random (PEFT's) | vocab | text: start from the K/V of real tokens
+    init_text: str | None = None
+    tokenizer: str | None = None
 
     def validate(self) -> None:
         _check_n(self.num_virtual_tokens)
+        check_init(self)
 
 
 def _check_n(n: int) -> None:
@@ -91,9 +107,23 @@ class PrefixEncoder(nn.Module):
             self.embedding = nn.Embedding(n, 2 * layers * t, device=device)
 
     def forward(self) -> torch.Tensor:
-        """P [n, 2·L·t]."""
+        """P [n, 2·L·t] (+ the frozen ``offset`` of a real-token init, when there is one)."""
         x = self.embedding.weight
-        return self.transform(x) if self.projection else x
+        if not self.projection:
+            return x
+        x = self.transform(x)
+        return x + self.offset if hasattr(self, "offset") else x
+
+    @torch.no_grad()
+    def start_at(self, p: torch.Tensor) -> None:
+        """Make P equal ``p`` [n, 2·L·t] now: copied into the table, or — behind the MLP — kept as a
+        frozen offset with the MLP's last layer zeroed, so P = p + MLP(P₀) starts at p exactly."""
+        if self.projection:
+            self.register_buffer("offset", p.to(self.embedding.weight))
+            nn.init.zeros_(self.transform[-1].weight)
+            nn.init.zeros_(self.transform[-1].bias)
+        else:
+            self.embedding.weight.copy_(p)
 
     def key_values(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (key, value), each [B, H_kv, n, d_h] (a broadcast view; no copy per row)."""
@@ -108,27 +138,48 @@ class PrefixEncoder(nn.Module):
             return
         out = self.forward().detach().clone()
         del self.transform
+        if hasattr(self, "offset"):
+            del self.offset
         self.embedding = nn.Embedding(self.n, out.shape[1], device=out.device)
         self.embedding.weight = nn.Parameter(out)
         self.projection = False
 
 
-def attach_prefix(model: nn.Module, n: int, projection: bool, hidden: int | None) -> PrefixEncoder:
+@torch.no_grad()
+def real_token_prefix(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """The keys and values the (frozen) model computes for ``ids`` at positions 0..n-1, in P's
+    layout [n, 2·L·t]: a prefix that makes the model behave as if those tokens were prepended
+    (Li & Liang's initialisation from the activations of real words)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.get_input_embeddings().weight.device
+        cache = model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+    finally:
+        model.train(was_training)
+    kv = [t for layer in cache.layers for t in (layer.keys[0], layer.values[0])]  # 2L x [H_kv, n, d_h]
+    return torch.stack(kv).permute(2, 0, 1, 3).reshape(len(ids), -1).float()
+
+
+def attach_prefix(model: nn.Module, n: int, projection: bool, hidden: int | None, init_cfg=None) -> PrefixEncoder:
+    """Give ``model`` a prefix encoder; ``init_cfg`` (with init, init_text, tokenizer) picks its start."""
     dims = model_dims(model)
     device = model.get_input_embeddings().weight.device
     enc = PrefixEncoder(n, dims["L"], dims["H_kv"], dims["head_dim"], projection, hidden, device=device)
+    if init_cfg is not None and init_cfg.init != "random" and device.type != "meta":
+        enc.start_at(real_token_prefix(model, init_token_ids(model, n, init_cfg)))
     attach_virtual_tokens(model, enc, n, prefix=enc.key_values)
     return enc
 
 
 def apply_prefix_tuning(model: nn.Module, cfg: PrefixTuningConfig) -> None:
     freeze(model)
-    attach_prefix(model, cfg.num_virtual_tokens, True, cfg.encoder_hidden_size)
+    attach_prefix(model, cfg.num_virtual_tokens, True, cfg.encoder_hidden_size, cfg)
 
 
 def apply_p_tuning_v2(model: nn.Module, cfg: PTuningV2Config) -> None:
     freeze(model)
-    attach_prefix(model, cfg.num_virtual_tokens, False, None)
+    attach_prefix(model, cfg.num_virtual_tokens, False, None, cfg)
 
 
 def prefix_peft_config(model: nn.Module, n: int, projection: bool, hidden: int | None) -> dict:

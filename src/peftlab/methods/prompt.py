@@ -206,10 +206,7 @@ class PromptTuningConfig:
     def validate(self) -> None:
         if self.num_virtual_tokens < 1:
             raise ConfigError(f"peft.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
-        if self.init not in INITS:
-            raise ConfigError(f"peft.init {self.init!r} is not one of {', '.join(INITS)}")
-        if self.init == "text" and not self.init_text:
-            raise ConfigError("peft.init=text needs peft.init_text, e.g. peft.init_text='Answer the question:'")
+        check_init(self)
 
 
 @dataclass
@@ -283,24 +280,20 @@ class PromptEncoder(nn.Module):
         self.kind = "none"
 
 
-def _init_prompt(enc: PromptEncoder, model: nn.Module, cfg: PromptTuningConfig) -> None:
-    weight = model.get_input_embeddings().weight
-    if weight.is_meta:  # shapes only (peftlab params): nothing to initialise
-        return
-    n = enc.embedding.num_embeddings
-    with torch.no_grad():
-        if cfg.init == "random":
-            enc.embedding.weight.normal_(0.0, float(weight.float().std()))
-        elif cfg.init == "vocab":
-            rows = torch.randint(0, weight.shape[0], (n,), device=weight.device)
-            enc.embedding.weight.copy_(weight[rows].float())
-        else:
-            ids = _text_token_ids(model, cfg)
-            ids = (ids * math.ceil(n / len(ids)))[:n]
-            enc.embedding.weight.copy_(weight[torch.tensor(ids, device=weight.device)].float())
+def check_init(cfg) -> None:
+    """Validate ``init`` / ``init_text`` of a prompt- or prefix-family config."""
+    if cfg.init not in INITS:
+        raise ConfigError(f"peft.init {cfg.init!r} is not one of {', '.join(INITS)}")
+    if cfg.init == "text" and not cfg.init_text:
+        raise ConfigError("peft.init=text needs peft.init_text, e.g. peft.init_text='Answer the question:'")
 
 
-def _text_token_ids(model: nn.Module, cfg: PromptTuningConfig) -> list[int]:
+def init_token_ids(model: nn.Module, n: int, cfg) -> list[int]:
+    """n token ids to initialise virtual tokens from: random vocabulary ids (``vocab``) or the
+    tokens of ``cfg.init_text`` repeated or cut to n (``text``; PEFT's TEXT rule)."""
+    if cfg.init == "vocab":
+        vocab = model.get_input_embeddings().weight.shape[0]
+        return torch.randint(0, vocab, (n,)).tolist()
     from ..model.load import load_tokenizer
 
     name = cfg.tokenizer or getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
@@ -309,7 +302,20 @@ def _text_token_ids(model: nn.Module, cfg: PromptTuningConfig) -> list[int]:
     ids = load_tokenizer(str(name))(cfg.init_text, add_special_tokens=False).input_ids
     if not ids:
         raise ConfigError(f"peft.init_text {cfg.init_text!r} encodes to no tokens; give some text")
-    return ids
+    return (ids * math.ceil(n / len(ids)))[:n]
+
+
+def _init_prompt(enc: PromptEncoder, model: nn.Module, cfg: PromptTuningConfig) -> None:
+    weight = model.get_input_embeddings().weight
+    if weight.is_meta:  # shapes only (peftlab params): nothing to initialise
+        return
+    n = enc.embedding.num_embeddings
+    with torch.no_grad():
+        if cfg.init == "random":
+            enc.embedding.weight.normal_(0.0, float(weight.float().std()))
+        else:
+            rows = torch.tensor(init_token_ids(model, n, cfg), device=weight.device)
+            enc.embedding.weight.copy_(weight[rows].float())
 
 
 def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig) -> None:
