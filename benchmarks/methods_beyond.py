@@ -33,6 +33,11 @@ METHODS: dict[str, tuple[list[str], float]] = {
     "prefix_tuning": (["peft.method=prefix_tuning", "peft.num_virtual_tokens=20", "peft.encoder_hidden_size=512"],
                       5e-3),
     "p_tuning_v2": (["peft.method=p_tuning_v2", "peft.num_virtual_tokens=20"], 1e-2),
+    # the same prefix methods started from the K/V of real tokens (Li & Liang) instead of PEFT's N(0, 1)
+    "prefix_tuning_vocab": (["peft.method=prefix_tuning", "peft.num_virtual_tokens=20",
+                             "peft.encoder_hidden_size=512", "peft.init=vocab"], 5e-3),
+    "p_tuning_v2_vocab": (["peft.method=p_tuning_v2", "peft.num_virtual_tokens=20", "peft.init=vocab"], 1e-2),
+    "mam_vocab": (["peft.method=mam", "peft.num_virtual_tokens=30", "peft.bottleneck=512", "peft.init=vocab"], 1e-3),
     "adapter_serial": (["peft.method=adapter", "peft.placement=serial", "peft.bottleneck=64"], 1e-3),
     "adapter_parallel": (["peft.method=adapter", "peft.placement=parallel", "peft.bottleneck=64",
                           "peft.scaling=4"], 1e-3),
