@@ -499,14 +499,35 @@ def test_prefix_init_from_text_equals_the_text_prepended(method, arch):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_prompt_methods_refuse_packed_batches():
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning_v2", "mam"])
+def test_packed_rows_equal_unpacked(name, arch):
+    """Each packed sequence sees the virtual tokens and itself at n + i: loss == the unpacked loss."""
+    from peftlab.data.collate import collate
+    from peftlab.data.tokenize import Example
+
+    model, _, _ = applied(next(c for c in CASES if c.id == name), arch)
+    perturb(model)
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in (5, 7, 4)]
+    examples = [Example(s, list(s)) for s in seqs]
+    unpacked = collate(examples, pad_id=0)
+    row = Example(sum(seqs, []), sum(seqs, []), seq_lens=tuple(map(len, seqs)))
+    packed = collate([row, Example(seqs[0], list(seqs[0]))], pad_id=0, packed=True)
+    model.eval()
+    with torch.no_grad():
+        a, n_a = causal_lm_loss(model, unpacked)
+        b, n_b = causal_lm_loss(model, packed)
+        single, n_s = causal_lm_loss(model, collate(examples[:1], pad_id=0))
+    assert n_b == n_a + n_s
+    torch.testing.assert_close(b, a + single, atol=1e-3, rtol=1e-5)
+
+
+def test_prompt_methods_refuse_mask_free_packing():
     model, _, _ = applied(CASES[0], "llama")
     batch = batch_of(length=8)
     packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)
-    with pytest.raises(ConfigError, match="packing"):
+    with pytest.raises(ConfigError, match="block mask of packed rows"):
         model(input_ids=batch["input_ids"], position_ids=packed)
-    with pytest.raises(ConfigError, match="packing"):
-        model(input_ids=batch["input_ids"], attention_mask=torch.zeros(2, 1, 8, 8))
 
 
 def test_prefix_refuses_gradient_checkpointing():
@@ -617,3 +638,12 @@ def test_lisa_switches_layers_and_optimizer_state():
         assert layer_params <= trainable and not ({id(p) for p in model.model.layers[1 - active[0]].parameters()}
                                                   & trainable)
     assert seen == {0, 1}
+
+
+def test_moe_token_mask_of_packed_rows():
+    from peftlab.data.collate import block_causal_mask
+    from peftlab.methods.moe_lora import _token_mask
+
+    mask = block_causal_mask([(2, 3), (4,)], 6)
+    assert _token_mask({"attention_mask": mask}, torch.Size([2, 6])).tolist() == [[True] * 5 + [False],
+                                                                                  [True] * 4 + [False] * 2]

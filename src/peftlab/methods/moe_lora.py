@@ -151,7 +151,10 @@ def apply(model: nn.Module, cfg: MoELoRAConfig) -> None:
 
 
 def _token_mask(batch: dict, shape: torch.Size) -> torch.Tensor | None:
+    """[B, T] True on real tokens: the 2-D mask, or the rows of a packed 4-D mask that attend somewhere."""
     mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, 0].any(-1) if mask.dtype == torch.bool else (mask[:, 0] == 0).any(-1)
     if mask is not None and mask.dim() == 2 and tuple(mask.shape) == tuple(shape):
         return mask.bool()
     return None

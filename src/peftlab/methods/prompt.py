@@ -10,7 +10,9 @@ Liu et al., "GPT Understands, Too" (P-tuning, 2021), arXiv:2103.10385.
 
 The virtual tokens sit at positions 0..n-1 and the real tokens at n + (their index among the real
 tokens), so a left-padded row sees exactly what the unpadded sequence sees. Attention-mask columns
-for the virtual tokens are 1; labels need no change because the backbone wrapper strips the n
+for the virtual tokens are 1; in a packed row (4-D block mask, positions restarting per sequence)
+every packed sequence attends to the virtual tokens and sees itself at n + i, exactly as unpacked.
+Labels need no change because the backbone wrapper strips the n
 virtual positions from its hidden states (the loss and the LM head see the original positions).
 
 ``VirtualTokenBackbone`` is the shared machinery of the prompt family (also used by prefix
@@ -96,17 +98,16 @@ class VirtualTokenBackbone(nn.Module):
         if ref is None:
             raise ValueError("give input_ids or inputs_embeds")
         batch, q_len, device = ref.shape[0], ref.shape[1], ref.device
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ConfigError(
-                "prompt and prefix methods need a 2-D attention mask; packed batches (4-D block masks) are "
-                "not supported with them: set data.packing=false"
-            )
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         fresh = past_len == 0  # the first call of a sequence: the virtual tokens go in now
+        block_mask = attention_mask is not None and attention_mask.dim() == 4  # packed rows
+        if block_mask and not fresh:
+            raise ConfigError("a 4-D attention mask with a KV cache is not supported by prompt and prefix methods")
         if fresh and position_ids is not None and attention_mask is None and q_len > 1 and _is_packed(position_ids):
             raise ConfigError(
-                "prompt and prefix methods cannot share their virtual tokens across packed sequences "
-                "(position_ids restart inside a row): set data.packing=false"
+                "prompt and prefix methods need the block mask of packed rows to give every packed sequence "
+                "the virtual tokens; the mask-free (flash/varlen) path cannot: use attn_implementation=sdpa "
+                "or eager, or data.packing=false"
             )
         cache = past_key_values
         if self.prefix is not None and self.training and any(
@@ -126,7 +127,9 @@ class VirtualTokenBackbone(nn.Module):
             past_len = n
         new = n if (self.prompts is not None and fresh) else 0  # virtual positions this call adds
         kv_len = past_len + new + q_len
-        if attention_mask is not None:
+        if block_mask:
+            attention_mask = _block_mask_with_virtual(attention_mask, n, bool(new))
+        elif attention_mask is not None:
             if attention_mask.shape[1] == kv_len - n:  # the caller's mask counts real tokens only
                 attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
             elif attention_mask.shape[1] != kv_len:
@@ -159,6 +162,25 @@ class VirtualTokenBackbone(nn.Module):
             if getattr(out, "hidden_states", None) is not None:
                 out.hidden_states = tuple(h[:, n:] for h in out.hidden_states)
         return out
+
+
+def _block_mask_with_virtual(mask: torch.Tensor, n: int, as_inputs: bool) -> torch.Tensor:
+    """A packed row's 4-D mask [B, 1, T, T] (additive float or boolean) with the n virtual tokens in
+    front: every real token attends to them; as inputs (prompt tuning) they attend causally among
+    themselves and to nothing after -> [B, 1, n+T, n+T]; as a KV prefix -> [B, 1, T, n+T]."""
+    b, h, t, _ = mask.shape
+    if mask.dtype == torch.bool:
+        allow, block = True, False
+    else:
+        allow, block = 0.0, torch.finfo(mask.dtype).min
+    real = torch.cat([mask.new_full((b, h, t, n), allow), mask], dim=-1)  # [B, 1, T, n+T]
+    if not as_inputs:
+        return real
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    top = mask.new_full((b, h, n, n + t), block)
+    top[..., :n] = torch.where(causal, torch.as_tensor(allow, dtype=mask.dtype, device=mask.device),
+                               torch.as_tensor(block, dtype=mask.dtype, device=mask.device))
+    return torch.cat([top, real], dim=-2)
 
 
 def attach_virtual_tokens(model: nn.Module, encoder: nn.Module, n: int, *, prompts=None, prefix=None) -> None:
