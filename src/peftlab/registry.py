@@ -51,10 +51,23 @@ class Method:
                   the adapter file's names (default: PEFT's ``base_model.model.`` prefix).
     param_groups: optional ``param_groups(model, cfg, lr, weight_decay) -> list[dict]`` for
                   methods that need their own optimizer groups (LoRA+).
-    on_step:      optional ``on_step(model, cfg, step, optimizer) -> None`` called after every
-                  optimizer step (methods whose training procedure changes over time).
+    on_step:      optional ``on_step(model, cfg, step, optimizer) -> dict | None`` called after
+                  every optimizer step (methods whose training procedure changes over time, e.g.
+                  LISA's layer switch, which also edits the optimizer's param groups). It must bring
+                  the model to its state for ``step`` and be idempotent: on resume the loop calls it
+                  once with the checkpoint's step before loading the checkpoint. A returned dict is
+                  added to that step's metrics record (e.g. MoE router statistics).
     param_extra:  optional ``param_extra(model, cfg) -> dict`` of figures ``peftlab params``
                   adds to its report and JSON.
+    finalize:     optional ``finalize(model, cfg) -> None`` turning a trained model into its
+                  inference form (folds P-tuning's prompt encoder / prefix tuning's MLP into the
+                  tensors it produces). The loop calls it after training, before saving the
+                  artifact; ``load_adapter`` calls it after ``apply`` so the expected tensors are
+                  the saved (folded) ones.
+    aux_loss:     optional ``aux_loss(model, cfg, batch) -> Tensor | None``: an extra term of the
+                  training objective for the micro-batch just run forward, as a mean per label token
+                  (MoE load balancing). The loop adds ``aux * label_tokens`` to the micro-batch's loss
+                  sum, so gradient accumulation stays exact; eval loss never includes it.
     """
 
     name: str
@@ -70,6 +83,8 @@ class Method:
     param_groups: Callable[..., list[dict]] | None = None
     on_step: Callable[..., None] | None = None
     param_extra: Callable[..., dict] | None = None  # extra figures for `peftlab params` (e.g. LISA)
+    finalize: Callable[[nn.Module, Any], None] | None = None
+    aux_loss: Callable[..., Any] | None = None
     aliases: tuple[str, ...] = field(default=())
 
 

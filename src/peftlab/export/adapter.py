@@ -201,6 +201,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, peft_cfg=None):
     if record:
         check_fingerprint(adapter_dir, record, model)
     method.apply(model, cfg)
+    if method.finalize is not None:  # saved adapters hold the inference form (e.g. P-tuning's folded prompt)
+        method.finalize(model, cfg)
     loaded = method.from_peft_keys(load_file(str(adapter_dir / WEIGHTS_NAME)))
     expected = adapter_state(model, method)
     missing = sorted(set(expected) - set(loaded))

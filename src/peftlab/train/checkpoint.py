@@ -50,9 +50,16 @@ class CheckpointError(PeftlabError):
 
 
 def trainable_state(model: nn.Module, prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Trainable parameters plus tensors owned by the method (by name prefix), by module path."""
-    out = {}
+    """Trainable parameters plus tensors owned by the method (by name prefix), by module path.
+
+    A tensor shared under several names (tied embeddings and LM head) is kept once, under its
+    first name: safetensors refuses shared storage, and loading one name restores both.
+    """
+    out, seen = {}, set()
     for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
         owned = prefixes and any(part.startswith(prefixes) for part in name.split("."))
         if owned or (isinstance(t, nn.Parameter) and t.requires_grad):
             out[name] = t

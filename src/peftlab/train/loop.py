@@ -8,11 +8,11 @@
         log (metrics.jsonl, progress bar); eval loss every eval_every; checkpoint every save_every
     save the adapter (PEFT layout) or, for full fine-tuning, the whole model
 
-Methods plug in through ``apply`` (which modules train), ``param_groups`` and ``on_step``;
-distribution through ``train/distributed.py`` (the engine the loss is computed with, gradient
-sync, reductions); resume through ``train/checkpoint.py``. Nothing here branches on the
-method's name or the engine. Before any work, ``validate.py`` checks the inputs (paths, values,
-the data against the model's context and the batch), so an impossible run stops at once.
+Methods plug in through ``apply`` (which modules train), ``param_groups``, ``aux_loss``, ``on_step``
+and ``finalize`` (see registry.Method); distribution through ``train/distributed.py`` (the engine the
+loss is computed with, gradient sync, reductions); resume through ``train/checkpoint.py``. Nothing
+here branches on the method's name or the engine. Before any work, ``validate.py`` checks the inputs
+(paths, values, the data against the model's context and the batch), so an impossible run stops at once.
 """
 
 from __future__ import annotations
@@ -320,6 +320,9 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
         notes += [f"config changed since the run started: {d}" for d in _resume_notes(cfg, run_dir)]
         latest = dist.on_main(ckpt.latest_checkpoint, run_dir)
         if latest is not None:
+            if method.on_step is not None:  # bring a step-dependent method (LISA) to the checkpoint's state
+                method.on_step(model, cfg.peft, int(ckpt.STEP_DIR.match(latest.name).group(1)), optimizer)
+                params = trainable_parameters(model)
             state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, prefixes, dist)
             step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
             bad_in_row, eval_loss = int(state.get("bad_in_row", 0)), state.get("eval_loss")
@@ -358,9 +361,11 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
                 batch = _to_device(batch, device)
                 with dist.accumulating(engine, last=i == len(micro) - 1):
                     with autocast(device, amp):
-                        loss_sum, _ = engine(batch)
+                        loss_sum, n_micro = engine(batch)
+                        aux = method.aux_loss(model, cfg.peft, batch) if method.aux_loss is not None else None
+                    objective = loss_sum if aux is None else loss_sum + aux * n_micro
                     # grad_scale undoes DDP/FSDP's averaging over ranks (see train/distributed.py)
-                    (loss_sum * dist.grad_scale / max(n_tokens, 1)).backward()
+                    (objective * dist.grad_scale / max(n_tokens, 1)).backward()
                 loss_total += loss_sum.detach()
             loss_total = dist.all_reduce_sum(loss_total)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
@@ -392,13 +397,14 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
             step += 1
             if t.threads == 0 and dist.world_size == 1 and step % 25 == 0:  # neighbours come and go
                 threads = set_threads(0)
+            extra = method.on_step(model, cfg.peft, step, optimizer) if method.on_step is not None else None
             if method.on_step is not None:
-                method.on_step(model, cfg.peft, step, optimizer)
+                params = trainable_parameters(model)  # the method may have changed what trains
             dt = time.perf_counter() - t0
             n_input = int(dist.all_reduce_sum(torch.tensor(float(sum(count_input_tokens(b) for b in micro)),
                                                             device=device)).item())
             record = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(n_input / dt, 2),
-                      "label_tokens": n_tokens, "grad_norm": round(float(grad_norm), 6)}
+                      "label_tokens": n_tokens, "grad_norm": round(float(grad_norm), 6), **(extra or {})}
             is_last = step == steps
             if eval_ex and ((t.eval_every and step % t.eval_every == 0) or is_last):
                 eval_loss = evaluate_loss(model, eval_ex, t.batch_size, data.collate, device, amp, t.eval_batches,
@@ -430,6 +436,8 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
         ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler,
                              _trainer_state(sampler, skipped, bad_in_row, eval_loss), prefixes, t.save_total_limit,
                              dist)
+    if method.finalize is not None:
+        method.finalize(model, cfg.peft)
     whole = method.peft_type is None  # the artifact is the whole model (full fine-tuning)
     to_gather = dict(model.state_dict(keep_vars=True)) if whole else ckpt.trainable_state(model, prefixes)
     with dist.full_weights(model, to_gather):
