@@ -52,7 +52,20 @@ class Method:
     param_groups: optional ``param_groups(model, cfg, lr, weight_decay) -> list[dict]`` for
                   methods that need their own optimizer groups (LoRA+).
     on_step:      optional ``on_step(model, cfg, step, optimizer) -> None`` called after every
-                  optimizer step (methods whose training procedure changes over time).
+                  optimizer step (``step`` counts completed steps, from 1), while that step's
+                  gradients are still in ``.grad`` (methods whose training procedure changes over
+                  time: AdaLoRA's importance scores read the gradients, ReLoRA restarts).
+    on_train_start: optional ``on_train_start(model, cfg, total_steps) -> None`` called by the
+                  training loop once, after ``apply`` and before the optimiser is built (and
+                  before a resumed checkpoint is loaded): things that belong to training only,
+                  not to loading a saved adapter (continuing from an adapter, AdaLoRA's schedule).
+    extra_loss:   optional ``extra_loss(model, cfg) -> Tensor | None``: a regulariser added to
+                  the loss of every micro-batch (divided by the micro-batches per step), called
+                  after that micro-batch's forward pass (AdaLoRA's orthogonality penalty, a MoE
+                  load-balancing loss).
+    saved_config: optional ``saved_config(cfg, model) -> cfg``: the method config a saved adapter
+                  is loaded with, when saving rewrites the adapter (PiSSA/OLoRA are saved as a
+                  plain LoRA of rank 2r against the untouched base, as PEFT does).
     param_extra:  optional ``param_extra(model, cfg) -> dict`` of figures ``peftlab params``
                   adds to its report and JSON.
     """
@@ -69,6 +82,9 @@ class Method:
     from_peft_keys: Callable[[dict], dict] = strip_peft_prefix
     param_groups: Callable[..., list[dict]] | None = None
     on_step: Callable[..., None] | None = None
+    on_train_start: Callable[..., None] | None = None
+    extra_loss: Callable[..., Any] | None = None
+    saved_config: Callable[..., Any] | None = None
     param_extra: Callable[..., dict] | None = None  # extra figures for `peftlab params` (e.g. LISA)
     aliases: tuple[str, ...] = field(default=())
 

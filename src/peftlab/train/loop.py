@@ -7,8 +7,9 @@
         log (metrics.jsonl, progress bar); eval loss every eval_every; checkpoint every save_every
     save the adapter (PEFT layout) or, for full fine-tuning, the whole model
 
-Methods plug in through ``apply`` (which modules train), ``param_groups`` and ``on_step``;
-nothing in here branches on the method's name.
+Methods plug in through ``apply`` (which modules train), ``param_groups``, ``on_train_start``,
+``extra_loss`` (a regulariser added to each micro-batch's loss) and ``on_step``; nothing in here
+branches on the method's name.
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
     amp = resolve_precision(t.mixed_precision, device)
     steps = total_steps(cfg, len(train_ex), dist.world_size)
     sampler = BatchSampler(len(train_ex), t.batch_size, t.seed, cfg.data.shuffle, dist.rank, dist.world_size)
+    if method.on_train_start is not None:
+        method.on_train_start(model, cfg.peft, steps)
     optimizer = build_optimizer(model, method, cfg.peft, t)
     scheduler = build_scheduler(optimizer, t, steps)
     params = trainable_parameters(model)
@@ -200,11 +203,17 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
             n_local = sum(count_label_tokens(b["labels"]) for b in micro)
             n_tokens = int(dist.all_reduce_sum(torch.tensor(float(n_local), device=device)).item())
             loss_total = torch.zeros((), device=device)
+            extra_total = None
             for batch in micro:
                 batch = _to_device(batch, device)
                 with autocast(device, amp):
                     loss_sum, _ = causal_lm_loss(model, batch)
-                (loss_sum / max(n_tokens, 1)).backward()
+                extra = method.extra_loss(model, cfg.peft) if method.extra_loss is not None else None
+                objective = loss_sum / max(n_tokens, 1)
+                if extra is not None:
+                    objective = objective + extra.float() / t.grad_accum
+                    extra_total = float(extra.detach()) / t.grad_accum + (extra_total or 0.0)
+                objective.backward()
                 loss_total += loss_sum.detach()
             dist.sync_gradients(params)
             loss_total = dist.all_reduce_sum(loss_total)
@@ -230,15 +239,17 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
-            if method.on_step is not None:
+            if method.on_step is not None:  # before zero_grad: AdaLoRA reads this step's gradients
                 method.on_step(model, cfg.peft, step, optimizer)
+            optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             n_input = int(dist.all_reduce_sum(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in micro)),
                                                             device=device)).item())
             record = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(n_input / dt, 2),
                       "label_tokens": n_tokens, "grad_norm": round(float(grad_norm), 6)}
+            if extra_total is not None:
+                record["extra_loss"] = round(extra_total, 6)
             is_last = step == steps
             if eval_ex and ((t.eval_every and step % t.eval_every == 0) or is_last):
                 eval_loss = evaluate_loss(model, eval_ex, t.batch_size, data.collate, device, amp, t.eval_batches)
