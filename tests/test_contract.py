@@ -31,6 +31,7 @@ For every case and both tiny architectures (GPT-2 with Conv1D, Llama; tests/conf
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -51,6 +52,7 @@ from peftlab.export.adapter import load_adapter, save_adapter
 from peftlab.model.load import load_model
 from peftlab.train.loss import causal_lm_loss
 from peftlab.train.optim import build_optimizer
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -204,13 +206,18 @@ def peft_settings(case: Case, arch: str) -> dict:
     return raw
 
 
+_BASES: dict[tuple, nn.Module] = {}
+
+
 def make(case: Case, arch: str, seed: int = 0):
-    """(fresh base model, method, cfg) for a case."""
+    """(fresh base model, method, cfg) for a case (a copy of a cached base: building one costs 10x more)."""
     method = registry.get(case.peft["method"])
     cfg = build_dataclass(method.config_cls, peft_settings(case, arch), "peft")
-    mcfg = dataclasses.replace(tiny_model_config(arch), **case.model)
-    model, _ = load_model(mcfg, seed=seed, with_tokenizer=False)
-    return model, method, cfg
+    key = (arch, seed, tuple(sorted(case.model.items())))
+    if key not in _BASES:
+        mcfg = dataclasses.replace(tiny_model_config(arch), **case.model)
+        _BASES[key], _ = load_model(mcfg, seed=seed, with_tokenizer=False)
+    return copy.deepcopy(_BASES[key]), method, cfg
 
 
 def expected(case: Case, arch: str) -> dict[str, int]:

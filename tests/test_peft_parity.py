@@ -15,9 +15,9 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize, tiny_model
 from peft import AdaLoraConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
 
+from conftest import randomize, tiny_model
 from peftlab import registry
 from peftlab.config import build_dataclass
 from peftlab.export.adapter import load_adapter, save_adapter
