@@ -36,6 +36,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def base_model(arch: str):
+    """A tiny model whose biases are not zero (GPT-2 initialises them to zero; a trained model's are
+    not, and DoRA's treatment of the bias must be tested)."""
+    model, _ = tiny_model(arch)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
 def peftlab_cfg(raw: dict):
     method = registry.get(raw["method"])
     return method, build_dataclass(method.config_cls, raw, "peft")
@@ -77,7 +89,7 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
 @pytest.mark.parametrize("case,arch", PARAMS)
 def test_peftlab_adapter_loads_in_peft_with_equal_logits(case, arch, ids, tmp_path):
     _, ours, theirs = case
-    base, _ = tiny_model(arch)
+    base = base_model(arch)
     twin = copy.deepcopy(base)
     method, cfg = peftlab_cfg(ours(arch))
     method.apply(base, cfg)
@@ -91,7 +103,7 @@ def test_peftlab_adapter_loads_in_peft_with_equal_logits(case, arch, ids, tmp_pa
 @pytest.mark.parametrize("case,arch", PARAMS)
 def test_peft_adapter_loads_in_peftlab_with_equal_logits(case, arch, ids, tmp_path):
     _, _, theirs = case
-    base, _ = tiny_model(arch)
+    base = base_model(arch)
     twin = copy.deepcopy(base)
     peft_model = get_peft_model(twin, theirs(arch))
     randomize(peft_model, names=ADAPTER_TENSORS, std=0.1, seed=4)
