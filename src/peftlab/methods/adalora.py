@@ -283,7 +283,9 @@ def on_step(model: nn.Module, cfg: AdaLoRAConfig, step: int, optimizer=None) -> 
         state.rank_pattern = state.mask_to_budget(model, budget)
         state.ipt, state.unc = {}, {}
         print(format_allocation(model), file=sys.stderr)
-    elif state.rank_pattern is not None:
+    else:
+        if state.rank_pattern is None:  # resumed after the allocation was fixed: the zeros of E are the mask
+            state.rank_pattern = {p: (m.lora_E != 0).view(-1).tolist() for p, m in layers(model).items()}
         state.apply_pattern(model)
 
 
