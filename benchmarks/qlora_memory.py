@@ -5,7 +5,9 @@ QLoRA adapter costs in precision.
 
 Memory: each mode loads ``smollm2-135m`` in a fresh process and reports its resident set size
 (VmRSS, after returning freed heap pages to the OS) minus the RSS of the same process before the
-load, the bytes held by the model's tensors, and the time of one forward pass over 4 x 128 tokens.
+load — measured after one forward pass, because an fp32 checkpoint is memory-mapped and becomes
+resident only as it is read — the bytes held by the model's tensors, and the time of one forward
+pass over 4 x 128 tokens (1 thread).
 
 Merge precision (with ``--adapter``, a QLoRA adapter trained on the NF4 base): logits of the
 unmerged model (NF4 base + fp32 adapter) against (a) the adapter merged into the dequantised base
@@ -44,14 +46,17 @@ def measure(mode: str) -> dict:
     before = resident_memory()
     model, _ = load_model(ModelConfig(name="smollm2-135m", dtype=dtype, quantize=quant), with_tokenizer=False)
     release_memory()
-    after = resident_memory()
+    after_load = resident_memory()
     ids = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(ids)  # warm-up
+        model(ids)  # warm-up; touches every weight (an fp32 file is memory-mapped, resident only once read)
         t0 = time.perf_counter()
         model(ids)
         forward = time.perf_counter() - t0
+    release_memory()
+    after = resident_memory()
     return {"mode": mode, "rss_mb": round((after - before) / 2**20, 1),
+            "rss_after_load_mb": round((after_load - before) / 2**20, 1),
             "tensor_mb": round(tensor_bytes(model)["total"] / 2**20, 1), "forward_s": round(forward, 3)}
 
 

@@ -182,3 +182,26 @@ def test_unknown_quantize_value_is_a_clear_error():
     model, _ = load_model(tiny_model_config("llama"), with_tokenizer=False)
     with pytest.raises(ConfigError, match="nf4, int8, none"):
         quantize_model(model, "nf3")
+
+
+@pytest.mark.slow
+def test_real_model_nf4_resident_memory_is_under_half_of_bf16():
+    """SmolLM2-135M in fresh processes (benchmarks/qlora_memory.py): NF4 keeps the embeddings in
+    bf16 (56 MB) and stores the 106M linear weights at 4.127 bits, so it needs < 0.5x bf16's memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import peftlab
+
+    root = Path(peftlab.__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1"}
+    rows = {}
+    for mode in ("bf16", "nf4"):
+        out = subprocess.run([sys.executable, str(root / "benchmarks" / "qlora_memory.py"), "--child", mode],
+                             capture_output=True, text=True, env=env, check=True, timeout=600)
+        rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rows["nf4"]["tensor_mb"] < 0.45 * rows["bf16"]["tensor_mb"]
+    assert rows["nf4"]["rss_mb"] < 0.5 * rows["bf16"]["rss_mb"], rows
