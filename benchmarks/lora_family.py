@@ -9,7 +9,9 @@ process, one after another. Reported: trainable parameters, final eval loss, wal
 are printed, and the results are written to ``<out>/results.json`` and ``<out>/results.md``.
 
 Learning rates follow each method's paper/PEFT practice (LoRA-family 1e-3 here; VeRA trains only
-scaling vectors and uses 10x that, as its paper does); everything else is identical.
+scaling vectors and uses 10x that, as its paper does). AdaLoRA runs twice: at LoRA's 1e-3 and at
+1e-2, because its E starts at zero with A, B ~ N(0, 0.02) and barely moves in 40 steps at 1e-3.
+Everything else is identical.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ COMMON = ["model.name=smollm2-135m", "data.path=builtin:tasks", "data.eval_split
           "train.batch_size=8", "train.warmup=4", "train.eval_every=0", "train.save_every=0",
           "train.progress=false", "train.overwrite=true", "train.seed=0"]
 LORA = ["peft.r=8", "peft.alpha=16", "peft.targets=all-linear", "train.lr=1e-3"]
+ADALORA = ["peft.method=adalora", "peft.init_r=12", "peft.target_r=8", "peft.targets=all-linear", "peft.tinit=4",
+           "peft.tfinal=8", "peft.delta_t=2"]
 METHODS = {
     "LoRA": ["peft.method=lora", *LORA],
     "rsLoRA": ["peft.method=lora", *LORA, "peft.use_rslora=true"],
     "DoRA": ["peft.method=dora", *LORA],
     "PiSSA": ["peft.method=lora", *LORA, "peft.init=pissa", "peft.pissa_niter=4"],
     "VeRA": ["peft.method=vera", "peft.r=256", "peft.targets=all-linear", "train.lr=1e-2"],
-    "AdaLoRA": ["peft.method=adalora", "peft.init_r=12", "peft.target_r=8", "peft.targets=all-linear",
-                "peft.tinit=4", "peft.tfinal=8", "peft.delta_t=2", "train.lr=1e-3"],
+    "AdaLoRA": [*ADALORA, "train.lr=1e-3"],
+    "AdaLoRA (lr 1e-2)": [*ADALORA, "train.lr=1e-2"],
     "LoRA-FA": ["peft.method=lora", *LORA, "peft.freeze_a=true"],
     "QLoRA (nf4)": ["peft.method=lora", *LORA, "model.quantize=nf4"],
 }
@@ -45,7 +49,7 @@ WRAPPER = ("import resource, sys; from peftlab.cli import main; code = main(sys.
 
 
 def run(name: str, overrides: list[str], out: Path, steps: int) -> dict:
-    run_dir = out / name.split()[0].lower().replace("-", "_")
+    run_dir = out / "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
     args = ["train", *COMMON, f"train.steps={steps}", *overrides, f"train.output_dir={run_dir}"]
     print("$ peftlab " + " ".join(shlex.quote(a) for a in args), flush=True)
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
