@@ -15,7 +15,7 @@ nothing else. A Case names the method's peft.* settings and a few facts about it
 
 Helpers for formulas: ``linear_targets(model, targets)`` resolves peft.targets on the base model
 (own code, not peftlab's), ``shape(module)`` gives (in, out). ``train_steps`` drives a method the
-way the training loop does (on_train_start, param_groups, extra_loss, on_step before zero_grad).
+way the training loop does (on_train_start, param_groups, aux_loss, on_step before zero_grad).
 
 For every case and both tiny architectures (GPT-2 with Conv1D, Llama; tests/conftest.py):
   1. identity at init, where promised (logits equal the base model's within ``identity_atol``);
@@ -248,7 +248,7 @@ def train_steps(model: nn.Module, method, cfg, steps: int, lr: float) -> list[fl
     for step in range(1, steps + 1):
         loss_sum, n = causal_lm_loss(model, data)
         loss = loss_sum / n
-        extra = method.extra_loss(model, cfg) if method.extra_loss is not None else None
+        extra = method.aux_loss(model, cfg, data) if method.aux_loss is not None else None
         (loss + extra if extra is not None else loss).backward()
         opt.step()
         if method.on_step is not None:

@@ -140,7 +140,19 @@ def test_cli_train_lowers_eval_loss_then_generates(tmp_path):
                           "What is 12 + 30?", "--max-new-tokens", "5"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
-    assert gen.stdout.strip() != ""
+    # the answer is the trained model's: the base built with the run's seed (model.seed defaults to
+    # train.seed) plus the saved adapter, with the run's template (it may be empty: a tiny model that
+    # learned the end-of-answer token first)
+    from peftlab.data.tokenize import Encoder
+    from peftlab.eval.generate import generate
+    from peftlab.export.adapter import load_adapter
+    from peftlab.model.load import load_model
+
+    cfg = load_config(out / "config.yaml")
+    model, tok = load_model(cfg.model, seed=cfg.train.seed)
+    load_adapter(model, out / "adapter")
+    enc = Encoder(tok, cfg.data.template, cfg.data.max_length)
+    assert gen.stdout == generate(model, tok, enc, ["What is 12 + 30?"], max_new_tokens=5)[0] + "\n"
 
 
 def test_generate_answers_are_deterministic_and_batched_like_single():
@@ -153,3 +165,17 @@ def test_generate_answers_are_deterministic_and_batched_like_single():
     batched = generate(model, tok, enc, prompts, max_new_tokens=6, batch_size=3)
     single = [generate(model, tok, enc, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    from peftlab.io import atomic_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -54,7 +54,7 @@ def logits(model, ids):
 
 
 def step(model, method, cfg, ids, opt, n=1, start=1):
-    """n optimiser steps the way the loop takes them (extra loss, on_step before zero_grad)."""
+    """n optimiser steps the way the loop takes them (aux loss, on_step before zero_grad)."""
     from peftlab.train.loss import causal_lm_loss
 
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -62,7 +62,7 @@ def step(model, method, cfg, ids, opt, n=1, start=1):
     for s in range(start, start + n):
         loss_sum, count = causal_lm_loss(model, batch)
         loss = loss_sum / count
-        extra = method.extra_loss(model, cfg) if method.extra_loss else None
+        extra = method.aux_loss(model, cfg, batch) if method.aux_loss else None
         (loss + extra if extra is not None else loss).backward()
         opt.step()
         if method.on_step:
@@ -257,7 +257,7 @@ def test_adalora_orthogonality_penalty_formula():
     for m in adalora.layers(model).values():
         terms.append(torch.linalg.norm(m.lora_A @ m.lora_A.T - torch.eye(3)))
         terms.append(torch.linalg.norm(m.lora_B.T @ m.lora_B - torch.eye(3)))
-    torch.testing.assert_close(method.extra_loss(model, cfg), 0.3 * torch.stack(terms).mean())
+    torch.testing.assert_close(method.aux_loss(model, cfg, None), 0.3 * torch.stack(terms).mean())
 
 
 # ---------------------------------------------------------------------------- ReLoRA, Delta-LoRA
@@ -420,7 +420,7 @@ def test_loop_runs_adalora_on_an_nf4_base(tmp_path):
     ]
     result = peftlab.api.train(None, overrides)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 4 and all("extra_loss" in r and r["extra_loss"] > 0 for r in records)
+    assert len(records) == 4 and all("aux_loss" in r and r["aux_loss"] > 0 for r in records)
     fresh, _ = load_model(dataclasses.replace(tiny_model_config("llama"), quantize="nf4"), seed=42,  # train.seed
                           with_tokenizer=False)
     load_adapter(fresh, result.artifact)

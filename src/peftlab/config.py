@@ -44,16 +44,30 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = None  # file or directory; None means the built-in quickstart task
-    format: str = "auto"  # auto | alpaca | messages | sharegpt | text
-    template: str = "auto"  # auto | alpaca | vicuna | chat (the tokenizer's chat template) | ...
+    format: str = "auto"  # auto | alpaca | sharegpt | messages | text | preference
+    template: str = "auto"  # auto | chat (the tokenizer's) | alpaca | vicuna | default | chatml | qwen | llama3 | gemma
     system: str | None = None  # system prompt for templates that have one
-    max_length: int = 512  # tokens per example (longer ones are truncated)
+    max_length: int = 512  # tokens per example (and per packed row)
     eval_split: float = 0.05  # fraction (< 1) or count (>= 1) of records held out for eval
-    eval_path: str | None = None  # a separate eval file instead of a split
+    eval_path: str | None = None  # a separate eval file (or registry name) instead of a split
     skip_bad_records: bool = False  # skip malformed records (counted) instead of stopping
     train_on_prompt: bool = False  # also learn the prompt tokens (labels not masked)
     packing: bool = False  # pack several examples into one row (block-diagonal attention)
     shuffle: bool = True
+    train: list[str] = field(default_factory=list)  # dataset names from data.registry, or paths
+    registry: str | None = None  # dataset registry file (YAML/JSON; LLaMA-Factory's dataset_info.json works)
+    columns: dict = field(default_factory=dict)  # for data.path: our field name -> the file's field name
+    placeholders: dict = field(default_factory=dict)  # {{key}} -> value, e.g. {name: peftlab, author: me}
+    mix: dict = field(default_factory=dict)  # dataset name -> sampling weight (share of the training set)
+    mix_size: int | None = None  # training records after mixing (default: as many as before)
+    dedup: bool = True  # remove exact-duplicate records (counted)
+    source_length: int | None = None  # max tokens of each prompt message's content
+    target_length: int | None = None  # max tokens of each answer's content
+    overlong: str = "truncate"  # over max_length: truncate | drop_oldest (turns) | drop (the record)
+    objective: str = "auto"  # sft | pretrain (labels = ids, fixed blocks) | auto (pretrain for text data)
+    block_size: int | None = None  # pre-training block length (default: max_length)
+    group_by_length: bool = False  # batches of similar length (the non-packed way to cut padding)
+    streaming: bool = False  # read the training data as a stream (one window in memory; needs eval_path)
 
 
 @dataclass
@@ -81,6 +95,46 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch (0: the cores actually free)
     progress: bool = True
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    distributed: str = "ddp"  # ddp | fsdp (ZeRO-3-like) | fsdp_grad_op (ZeRO-2-like); under torchrun only
+    # speed levers (benchmarks/README.md measures each one)
+    fused_loss: bool = True  # LM head + CE in chunks whose backward keeps no logits
+    loss_chunk: int = 1024  # label rows per LM-head chunk
+    fast_lora: bool = True  # LoRA layers without dropout run one autograd function saving only x
+    skip_pad_mask: bool = True  # right-padded batches: causal attention without the padding mask
+    compile: bool = False  # torch.compile the backbone (slow first steps; recompiles per shape)
+
+    def validate(self) -> None:
+        """Every value the loop relies on, checked where the config is built."""
+        from .validate import check_path, finite
+
+        for key in ("batch_size", "grad_accum", "max_bad_steps", "loss_chunk"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "log_every", "save_every", "save_total_limit", "threads", "seed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1 (or none to train by epochs), got {self.steps}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ConfigError(f"train.eval_batches must be >= 1 (or none for all), got {self.eval_batches}")
+        finite(self.lr, "train.lr", 0.0)
+        finite(self.epochs, "train.epochs", 0.0, low_open=True)
+        finite(self.warmup, "train.warmup", 0.0)
+        finite(self.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0)
+        finite(self.weight_decay, "train.weight_decay", 0.0)
+        if self.max_grad_norm is not None:
+            finite(self.max_grad_norm, "train.max_grad_norm", 0.0)
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas must be two numbers, e.g. [0.9, 0.999]; got {self.adam_betas!r}")
+        self.adam_betas = [finite(coerce(b, float, f"train.adam_betas[{i}]"), f"train.adam_betas[{i}]", 0.0, 1.0,
+                                  high_open=True) for i, b in enumerate(self.adam_betas)]
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"train.schedule {self.schedule!r} is not one of cosine, linear, constant")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no", "fp32", "none", "false", "off"):
+            raise ConfigError(f"train.mixed_precision {self.mixed_precision!r} is not one of auto, bf16, fp16, no")
+        if self.distributed not in ("ddp", "fsdp", "fsdp_grad_op"):
+            raise ConfigError(f"train.distributed {self.distributed!r} is not one of ddp, fsdp, fsdp_grad_op")
+        check_path(self.output_dir, "train.output_dir")
 
 
 @dataclass
@@ -260,7 +314,9 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -276,6 +332,9 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError(
             f"unknown config section {unknown[0]!r}; valid sections: model, peft, data, train"
         )
+    for name in (*SECTIONS, "peft"):
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise ConfigError(f"config section {name!r} must be a mapping of keys, got {raw[name]!r}")
     peft_raw = dict(raw.get("peft") or {})
     method = registry.get(str(peft_raw.get("method", DEFAULT_METHOD)))
     peft_raw["method"] = method.name

@@ -32,6 +32,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(path: str | Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; what we publish gets the usual mode."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +52,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
@@ -64,22 +76,48 @@ def write_manifest(directory: Path) -> None:
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
-def verify_manifest(directory: Path) -> str | None:
-    """None when every file listed in the manifest is present and intact, else what is wrong."""
+def verify_manifest(directory: Path, deep: bool = True) -> str | None:
+    """None when every file listed in the manifest is present and intact, else what is wrong.
+
+    ``deep=False`` checks presence and sizes only (cheap, for rotation); ``deep=True`` also
+    re-hashes every file (before anything is loaded from the directory).
+    """
+    directory = Path(directory)
     mpath = directory / MANIFEST
     if not mpath.is_file():
         return f"{directory}: no {MANIFEST} (the write did not finish)"
     try:
-        files = json.loads(mpath.read_text())["files"]
-    except (ValueError, KeyError):
+        files = json.loads(mpath.read_text(encoding="utf-8"))["files"]
+        entries = [(str(rel), int(info["size"]), str(info["sha256"])) for rel, info in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return f"{directory}/{MANIFEST} is damaged"
-    for rel, info in files.items():
+    for rel, size, digest in entries:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"{directory}/{MANIFEST} names a file outside the directory ({rel!r})"
         p = directory / rel
         if not p.is_file():
             return f"{p} is missing"
-        if p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
+        if p.stat().st_size != size or (deep and sha256_file(p) != digest):
             return f"{p} is damaged (size or checksum differs from {MANIFEST})"
     return None
+
+
+def sweep_stale(path: str | Path) -> None:
+    """Clean up after an ``atomic_dir(path)`` that was killed part-way.
+
+    A kill between moving the old ``path`` aside and renaming the new one in leaves only
+    ``.<name>.old-<pid>``: it is moved back. Unfinished temp directories are deleted.
+    """
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f".{path.name}.old-*"))
+    if olds and not path.exists():
+        os.replace(olds.pop(), path)
+        fsync_dir(parent)
+    for stale in (*olds, *parent.glob(f".{path.name}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -100,6 +138,7 @@ def atomic_dir(path: str | Path, manifest: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    ordinary_permissions(tmp, directory=True)
     try:
         yield tmp
         if manifest:

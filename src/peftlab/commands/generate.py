@@ -41,13 +41,13 @@ def load_for_generation(run: str | None, adapter: str | None, cfg_args: list[str
         if (run_dir / "model" / "config.json").is_file():  # full fine-tuning
             cfg.model.name = str(run_dir / "model")
             cfg.model.config_overrides = {}
-            model, tok = load_model(cfg.model)
+            model, tok = load_model(cfg.model, seed=cfg.train.seed)
         else:
-            model, tok = load_model(cfg.model)
+            model, tok = load_model(cfg.model, seed=cfg.train.seed)
             load_adapter(model, run_dir / "adapter")
     else:
         cfg = config_from_args(cfg_args)
-        model, tok = load_model(cfg.model)
+        model, tok = load_model(cfg.model, seed=cfg.train.seed)
         if adapter:
             load_adapter(model, adapter)
     encoder = Encoder(tok, cfg.data.template, cfg.data.max_length, cfg.data.system)

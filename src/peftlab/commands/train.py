@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ._args import add_config_arguments, config_from_args
 
 NAME = "train"
@@ -19,6 +21,8 @@ def run(args) -> int:
 
     cfg = config_from_args(args.args)
     result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     print(f"run directory: {result.run_dir}")
     if result.eval_loss is not None:
         print(f"final eval loss: {result.eval_loss:.4f}")

@@ -1,14 +1,18 @@
 """Batched generation with the training template.
 
 Prompts are encoded exactly as the training prefix (``Encoder.prompt_ids``), left-padded into
-batches, and continued with Hugging Face ``generate`` (KV cache on). Greedy by default;
-``temperature`` > 0 samples (with ``top_p``). Only the new tokens are decoded.
+batches, and continued with KV caching. Greedy decoding of an fp32 Llama-family model goes through
+``decode.lean_greedy`` (the same tokens as HF ``generate``, without its per-token overhead);
+sampling (``temperature`` > 0, with ``top_p``) and other models use Hugging Face ``generate``.
+Only the new tokens are decoded.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import decode
 
 
 def _as_messages(prompt) -> list[dict]:
@@ -45,7 +49,14 @@ def generate(model: nn.Module, tokenizer, encoder, prompts: list, max_new_tokens
                 input_ids[i, width - len(ids):] = torch.tensor(ids)
                 mask[i, width - len(ids):] = 1
             sampling = temperature > 0
-            out = model.generate(
+            # fp32: token for token HF's output (tested on the real model, batch 1 and padded
+            # batches); half precision can round differently in padded batches, so HF decides there
+            if not sampling and decode.supports(model) and model.dtype == torch.float32:
+                out = decode.lean_greedy(model, input_ids.to(device), mask.to(device), max_new_tokens,
+                                         sorted(eos_ids), pad_id)
+            else:
+                out = None
+            out = out if out is not None else model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,

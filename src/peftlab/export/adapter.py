@@ -46,12 +46,82 @@ def adapter_state(model: nn.Module, method: registry.Method) -> dict[str, torch.
     return state
 
 
+FINGERPRINT_ROWS = 4  # embedding rows hashed into the base fingerprint
+
+
+def _embedding_rows(model: nn.Module) -> torch.Tensor | None:
+    """The first rows of the input embedding [FINGERPRINT_ROWS, d] as fp32 CPU, or None.
+
+    Under FSDP the embedding is row-sharded; rank 0 (which saves) holds the first rows.
+    """
+    try:
+        weight = model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):
+        return None
+    if weight.requires_grad and not all(p.requires_grad for p in model.parameters()):
+        return None  # a method froze the base but trains the embedding: not the base's values any more
+    if hasattr(weight, "to_local"):  # a DTensor
+        weight = weight.to_local()
+    if weight.dim() != 2 or weight.shape[0] < FINGERPRINT_ROWS or weight.is_meta:
+        return None
+    return weight.detach()[:FINGERPRINT_ROWS].to("cpu", torch.float32)
+
+
 def base_fingerprint(model: nn.Module) -> dict:
-    """What an adapter needs of its base: architecture and the shapes it was built on."""
+    """What an adapter needs of its base: architecture, the shapes it was built on, and its weights.
+
+    ``weights_sha256`` hashes the first embedding rows rounded to bf16 (so the same base loaded
+    in fp32 or bf16 gives the same hash); ``weights_sample`` keeps 8 of those values so a base
+    that differs only by precision (fp16, a quantised copy) can be told from another model.
+    """
     cfg = getattr(model, "config", None)
     keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
             "num_attention_heads", "num_key_value_heads")
-    return {k: getattr(cfg, k, None) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
+    out = {k: getattr(cfg, k, None) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}
+    rows = _embedding_rows(model)
+    if rows is not None:
+        import hashlib
+
+        raw = rows.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+        out["weights_sha256"] = hashlib.sha256(raw).hexdigest()
+        out["weights_sample"] = [round(float(v), 6) for v in rows.reshape(-1)[:8]]
+    return out
+
+
+def check_fingerprint(adapter_dir: Path, record: dict, model: nn.Module) -> None:
+    """Raise when the adapter recorded a base that is not ``model`` (shapes or weights)."""
+    saved = record.get("base_fingerprint") or {}
+    if not saved:
+        return
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{adapter_dir / PEFTLAB_NAME}: base_fingerprint must be an object; the file is damaged")
+    mine = base_fingerprint(model)
+    shape_keys = [k for k in saved if k not in ("weights_sha256", "weights_sample")]
+    diff = {k: (saved[k], mine.get(k)) for k in shape_keys if mine.get(k) not in (None, saved[k])}
+    if diff:
+        detail = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
+        raise ConfigError(
+            f"{adapter_dir} was trained for another base model ({record.get('base_model')}); {detail}. "
+            "Load the base it was trained on"
+        )
+    if "weights_sha256" not in saved or "weights_sha256" not in mine or saved["weights_sha256"] == mine["weights_sha256"]:
+        return
+    try:
+        a = torch.tensor([float(v) for v in saved.get("weights_sample", [])][:8])
+    except (TypeError, ValueError):
+        a = torch.zeros(0)
+    b = torch.tensor(mine["weights_sample"][: len(a)])
+    if len(a) and len(a) == len(b) and torch.allclose(a, b, rtol=2e-2, atol=1e-3):
+        import warnings
+
+        warnings.warn(f"{adapter_dir}: the base model's weights differ slightly from the ones the adapter was "
+                      "trained on (another precision or a quantised copy?)", stacklevel=3)
+        return
+    raise ConfigError(
+        f"{adapter_dir} was trained on other base weights ({record.get('base_model')}): same architecture and "
+        "shapes, but the embedding fingerprint differs. Load the base model it was trained on "
+        "(a fine-tuned or different checkpoint of the same architecture gives wrong outputs)"
+    )
 
 
 def save_adapter(model: nn.Module, peft_cfg, out_dir: str | Path, base_model_name: str | None = None) -> Path:
@@ -134,15 +204,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, peft_cfg=None):
 
     # tokens added before training: grow the base's embeddings to the adapter's vocabulary first
     tensors = prepare_base_for_adapter(model, load_file(str(adapter_dir / WEIGHTS_NAME)))
-    if record and record.get("base_fingerprint"):
-        mine = base_fingerprint(model)
-        diff = {k: (v, mine.get(k)) for k, v in record["base_fingerprint"].items() if mine.get(k) not in (None, v)}
-        if diff:
-            detail = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
-            raise ConfigError(
-                f"{adapter_dir} was trained for another base model ({record.get('base_model')}); {detail}"
-            )
+    if record:
+        check_fingerprint(adapter_dir, record, model)
     method.apply(model, cfg)
+    if method.finalize is not None:  # saved adapters hold the inference form (e.g. P-tuning's folded prompt)
+        method.finalize(model, cfg)
     loaded = method.from_peft_keys(tensors)
     expected = adapter_state(model, method)
     missing = sorted(set(expected) - set(loaded))

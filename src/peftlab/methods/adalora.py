@@ -308,8 +308,8 @@ def format_allocation(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
-def extra_loss(model: nn.Module, cfg: AdaLoRAConfig) -> torch.Tensor | None:
-    """orth_reg_weight * mean over A and B of ||A A^T - I||_F, ||B^T B - I||_F (fp32)."""
+def aux_loss(model: nn.Module, cfg: AdaLoRAConfig, batch: dict | None = None) -> torch.Tensor | None:
+    """The orthogonality regulariser (the same for every micro-batch of a step): orth_reg_weight * mean over A and B of ||A A^T - I||_F, ||B^T B - I||_F (fp32)."""
     if cfg.orth_reg_weight == 0:
         return None
     total, n = None, 0
@@ -403,7 +403,7 @@ METHOD = register(
         from_peft_keys=extras.make_from_peft_keys(OWN),
         on_step=on_step,
         on_train_start=on_train_start,
-        extra_loss=extra_loss,
+        aux_loss=aux_loss,
         param_extra=param_extra,
     )
 )

@@ -60,7 +60,7 @@ from ..model.targets import (
     weight_matrix,
 )
 from ..registry import Method, register
-from . import extras
+from . import extras, lora_kernels
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 LORA_TENSORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -281,6 +281,8 @@ class LoRALinear(nn.Module):
         return out * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and lora_kernels.fast_path_ok(self, x):  # same math, fewer saved tensors
+            return lora_kernels.lora_linear(self, x)
         result = self.base_layer(x)
         if self.merged:
             return result

@@ -277,9 +277,12 @@ def load_model(cfg, *, seed: int = 0, with_tokenizer: bool = True, device: str |
                 f"model.name {name!r} is not a local model directory, a built-in asset "
                 f"({', '.join(ASSETS)}) or config:<arch>; nothing is downloaded at run time"
             )
+        from ..validate import refuse_pickled_model
+
+        refuse_pickled_model(path)  # weights are read from safetensors only, never unpickled
         if with_tokenizer:
             tokenizer = load_tokenizer(cfg.tokenizer or str(path))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **attn)
     if not meta:
         model.to(dev)
     quantize_base(model, cfg.quantize)

@@ -5,13 +5,20 @@
     optimizer.safetensors    optimiser state tensors, keyed ``state.<i>.<name>``
     optimizer.json           the rest of the optimiser state (param groups, scalars)
     scheduler.json           the LR scheduler's state
-    rng.safetensors          torch CPU/CUDA generator states
-    trainer_state.json       global step, data position, python/numpy RNG, counters
+    rng.safetensors          torch CPU/CUDA generator states of every rank (``rank<r>.<name>``)
+    trainer_state.json       global step, data position, python/numpy RNG per rank, counters
     MANIFEST.json            sizes and sha256 of all of the above, written last
 
-A checkpoint without an intact manifest is torn: ``latest_checkpoint`` skips it (with a
-warning) and falls back to the previous one. Rotation keeps ``save_total_limit`` complete
-checkpoints and never deletes the newest good one.
+The directory is built in a temp directory, fsynced and renamed into place (``io.atomic_dir``),
+so a kill at any instant leaves either no ``step-N`` or a complete one. A checkpoint whose
+manifest does not verify (a file lost or damaged afterwards) is torn: ``latest_checkpoint``
+skips it with a warning and falls back to the previous one. Rotation keeps
+``save_total_limit`` complete checkpoints and never deletes the newest good one.
+
+Nothing here unpickles: tensors come from safetensors, everything else from JSON, and a
+checkpoint directory holding pickle files (``*.pt``, ``*.bin``, ...) is refused. Under FSDP the
+trainable tensors and optimiser state are sharded; every rank takes part in gathering them
+(``DistContext.gather_full``) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -25,41 +32,64 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io import atomic_dir, verify_manifest
+from ..errors import ConfigError, PeftlabError
+from ..io import atomic_dir, sweep_stale, verify_manifest
+from .distributed import DistContext
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+STALE_DIR = re.compile(r"^\.(step-\d+)\.(?:tmp|old)-")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class CheckpointError(PeftlabError):
+    """A checkpoint that cannot be used (damaged, foreign, or not made by peftlab)."""
 
 
 def trainable_state(model: nn.Module, prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Trainable parameters plus tensors owned by the method (by name prefix), by module path."""
-    out = {}
+    """Trainable parameters plus tensors owned by the method (by name prefix), by module path.
+
+    A tensor shared under several names (tied embeddings and LM head) is kept once, under its
+    first name: safetensors refuses shared storage, and loading one name restores both.
+    """
+    out, seen = {}, set()
     for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
         owned = prefixes and any(part.startswith(prefixes) for part in name.split("."))
         if owned or (isinstance(t, nn.Parameter) and t.requires_grad):
             out[name] = t
     return out
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+def _flatten_optimizer(opt: torch.optim.Optimizer, dist: DistContext) -> tuple[dict, dict]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"state.{idx}.{k}"] = v
             else:
                 scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    return dist.gather_full(tensors), {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> dict:
+    """The optimiser state dict, each state tensor laid out like its parameter (sharded or not)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = v
+        i = int(idx)
+        if not 0 <= i < len(params):
+            raise CheckpointError(f"optimizer.safetensors has state for parameter {i}; this run has {len(params)}")
+        if v.shape == params[i].shape and v.dim() > 0:
+            v = DistContext.like(v, params[i])
+        state.setdefault(i, {})[name] = v
     for key, v in meta.get("scalars", {}).items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
@@ -93,20 +123,28 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict,
-                    prefixes: tuple[str, ...] = (), keep: int = 2) -> Path:
+                    prefixes: tuple[str, ...] = (), keep: int = 2, dist: DistContext | None = None) -> Path:
+    """Write ``checkpoints/step-<step>``. Every rank calls this (gathers); rank 0 writes."""
+    dist = dist or DistContext()
     ckpt_root = Path(run_dir) / "checkpoints"
     target = ckpt_root / f"step-{step:06d}"
-    with atomic_dir(target) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model, prefixes).items()}
-        save_file(state, str(tmp / "trainable.safetensors"))
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=lambda o: None))
-        rng_t, rng_m = rng_state()
-        save_file(rng_t, str(tmp / "rng.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, "rng": rng_m}))
-    rotate(ckpt_root, keep)
+    state = dist.gather_full(trainable_state(model, prefixes))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer, dist)
+    rng_t, rng_m = rng_state()
+    all_rng = dist.all_gather_object((rng_t, rng_m))
+    if dist.is_main:
+        with atomic_dir(target) as tmp:
+            save_file(state, str(tmp / "trainable.safetensors"))
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=lambda o: None))
+            save_file({f"rank{r}.{k}": v.contiguous() for r, (ts, _) in enumerate(all_rng) for k, v in ts.items()},
+                      str(tmp / "rng.safetensors"))
+            record = {**trainer_state, "step": step, "world_size": dist.world_size,
+                      "rng": [m for _, m in all_rng]}
+            (tmp / "trainer_state.json").write_text(json.dumps(record))
+        rotate(ckpt_root, keep)
+    dist.barrier()
     return target
 
 
@@ -118,47 +156,128 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def recover(run_dir: Path) -> None:
+    """Undo what a kill in the middle of a checkpoint write left behind (rank 0 only)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for name in sorted({m.group(1) for p in root.iterdir() if (m := STALE_DIR.match(p.name))}):
+        sweep_stale(root / name)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose manifest verifies; torn ones are reported and skipped."""
+    """The newest checkpoint whose manifest verifies; torn ones are reported and skipped.
+
+    Raises ``CheckpointError`` when there are checkpoints but none of them is intact (starting
+    over silently would throw the run away).
+    """
+    problems = []
     for _, path in reversed(list_checkpoints(run_dir)):
         problem = verify_manifest(path)
         if problem is None:
             return path
+        problems.append(problem)
         warnings.warn(f"skipping torn checkpoint: {problem}", stacklevel=2)
+    if problems:
+        raise CheckpointError(
+            f"every checkpoint in {Path(run_dir) / 'checkpoints'} is damaged ({'; '.join(problems)}); "
+            "delete the checkpoints directory to start this run over, or restore it from a copy"
+        )
     return None
 
 
 def rotate(ckpt_root: Path, keep: int) -> None:
+    """Keep the ``keep`` newest complete checkpoints; delete older ones and torn ones.
+
+    Completeness here is the cheap check (manifest present, sizes match); the newest complete
+    checkpoint is never deleted, whatever ``keep`` is and whatever lies beside it.
+    """
     if keep <= 0:
         return
-    good = [p for _, p in list_checkpoints(ckpt_root.parent) if verify_manifest(p) is None]
+    all_ckpts = [p for _, p in list_checkpoints(ckpt_root.parent)]
+    good = [p for p in all_ckpts if verify_manifest(p, deep=False) is None]
+    if not good:
+        return  # nothing complete: delete nothing
     for path in good[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
-    newest_good = good[-1] if good else None
-    for _, path in list_checkpoints(ckpt_root.parent):
-        if newest_good is not None and path.name < newest_good.name and path not in good:
-            shutil.rmtree(path, ignore_errors=True)  # torn and superseded
+    for path in all_ckpts:
+        if path not in good:
+            warnings.warn(f"deleting torn checkpoint {path}", stacklevel=2)
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, prefixes: tuple[str, ...] = ()) -> dict:
-    """Restore model tensors, optimiser, scheduler and RNG; returns the trainer state."""
+def refuse_pickles(directory: Path, what: str) -> None:
+    """A ``CheckpointError`` when ``directory`` holds pickle files (they are never loaded)."""
+    found = sorted(p.name for p in Path(directory).iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if found:
+        raise CheckpointError(
+            f"{directory} holds pickle files ({', '.join(found)}); peftlab never unpickles because "
+            f"unpickling runs arbitrary code. It reads {what} only from safetensors and JSON: resume "
+            "from a checkpoint written by peftlab, or convert the weights to safetensors where you trust them"
+        )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, prefixes: tuple[str, ...] = (),
+                    dist: DistContext | None = None) -> dict:
+    """Restore model tensors, optimiser, scheduler and this rank's RNG; returns the trainer state."""
+    dist = dist or DistContext()
     path = Path(path)
-    saved = load_file(str(path / "trainable.safetensors"))
+    refuse_pickles(path, "checkpoints")
+    saved = _read_tensors(path / "trainable.safetensors")
     targets = trainable_state(model, prefixes)
     missing = sorted(set(targets) - set(saved))
     if missing:
-        from ..errors import ConfigError
-
         raise ConfigError(
             f"checkpoint {path} does not match this run (missing {missing[0]} and {len(missing) - 1} more); "
             "was the config changed since it was written?"
         )
+    for name, t in targets.items():
+        if tuple(saved[name].shape) != tuple(t.shape):
+            raise ConfigError(f"checkpoint {path}: tensor {name} has shape {tuple(saved[name].shape)}, "
+                              f"this run's is {tuple(t.shape)}; was the config changed since it was written?")
     with torch.no_grad():
         for name, t in targets.items():
-            t.copy_(saved[name].to(t.device, t.dtype))
-    meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta))
-    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    state = json.loads((path / "trainer_state.json").read_text())
-    set_rng_state(load_file(str(path / "rng.safetensors")), state.pop("rng"))
+            DistContext.copy_into(t, saved[name])
+    state = _read_json(path / "trainer_state.json")
+    try:
+        opt_sd = _unflatten_optimizer(optimizer, _read_tensors(path / "optimizer.safetensors"),
+                                      _read_json(path / "optimizer.json"))
+        optimizer.load_state_dict(opt_sd)
+        scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+        rng_tensors = _read_tensors(path / "rng.safetensors")
+        metas = state.pop("rng")
+        rank = dist.rank
+        if state.get("world_size", 1) != dist.world_size:
+            warnings.warn(f"{path} was written by {state.get('world_size', 1)} process(es), this run has "
+                          f"{dist.world_size}: resuming, but random streams (dropout) will differ", stacklevel=2)
+            rank = min(rank, len(metas) - 1)
+        mine = {k.split(".", 1)[1]: v for k, v in rng_tensors.items() if k.startswith(f"rank{rank}.")}
+        set_rng_state(mine, metas[rank])
+        int(state["step"]), int(state["sampler"]["epoch"]), int(state["sampler"]["position"])
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is not a usable peftlab checkpoint ({type(e).__name__}: {e}); "
+                              "resume from an earlier one or delete it") from None
     return state

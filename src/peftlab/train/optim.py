@@ -36,7 +36,11 @@ def build_optimizer(model: nn.Module, method, peft_cfg, train_cfg) -> torch.opti
 
         raise ConfigError(f"method {peft_cfg.method!r} left no trainable parameters")
     device = next(p for g in groups for p in g["params"]).device
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # Fused AdamW (one kernel over all tensors) is 3-7x faster than foreach on CPU as well
+    # (benchmarks/README.md); foreach where fused is not available.
+    fused_ok = device.type in ("cuda", "cpu") and all(
+        p.is_floating_point() for g in groups for p in g["params"])
+    kwargs = {"fused": True} if fused_ok else {"foreach": True}
     betas = tuple(train_cfg.adam_betas)
     return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=betas, weight_decay=train_cfg.weight_decay, **kwargs)
 

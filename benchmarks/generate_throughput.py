@@ -1,0 +1,191 @@
+"""Generation throughput with a KV cache: HF ``generate`` vs peftlab's lean decoder, adapters
+merged and unmerged, batch 1 and 8, greedy.
+
+    flock /work/heavy.lock python benchmarks/generate_throughput.py
+
+Model: smollm2-135m with a LoRA r=8 adapter on all linear layers (B randomised, so the adapter
+changes the output). Prompts: alpaca_en_demo instructions through the chat template (left
+padded in batches of 8). Every configuration runs in its own subprocess, configurations
+alternate within each repeat, figures are medians. New tokens are forced to ``--new-tokens``
+(no early stop) so every side does the same work. The lean decoder's output is compared with
+HF ``generate``'s token for token on the same prompts.
+
+Sides: hf (HF generate, peftlab LoRA layers on their plain autograd path, i.e. the module
+overhead of an unmerged PEFT adapter), lean (peftlab.eval.decode.lean_greedy); each with the
+adapter unmerged or merged into the base weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import alternate, fmt_table, median, peak_rss_gb, run_worker  # noqa: E402
+
+DATA = Path("/work/shared/data/alpaca_en_demo.json")
+
+
+def _setup(spec):
+    import torch
+
+    from peftlab.config import ModelConfig
+    from peftlab.data.tokenize import Encoder
+    from peftlab.methods import lora
+    from peftlab.model.load import load_model
+
+    torch.set_num_threads(spec["threads"])
+    model, tok = load_model(ModelConfig(name="smollm2-135m", dtype=spec["dtype"]))
+    torch.manual_seed(0)
+    lora.apply(model, lora.LoRAConfig(r=8, alpha=16, targets="all-linear"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora.lora_layers(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.02)
+            m.fast_path = False  # HF generate runs the adapter as a plain (PEFT-like) module
+    if spec["merged"]:
+        lora.merge(model)
+    model.eval()
+    enc = Encoder(tok, "chat", 512)
+    records = json.loads(DATA.read_text())[:8]
+    prompts = [enc.prompt_ids([{"role": "user", "content": r["instruction"] + ("\n" + r["input"] if r["input"] else "")}])
+               for r in records]
+    return model, tok, prompts
+
+
+def _batch(prompts, pad):
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def gemv_bandwidth(threads: int) -> dict:
+    """GB/s that a batch-1 product with a [49152, 576] matrix (the LM head) streams, per dtype:
+    batch-1 decoding reads every weight once per token, so weight bytes / this is its floor."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w, x = torch.randn(49152, 576).to(dtype), torch.randn(1, 576).to(dtype)
+        for _ in range(3):
+            x @ w.T
+        times = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            x @ w.T
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        out[str(dtype).replace("torch.", "")] = w.numel() * w.element_size() / times[len(times) // 4] / 1e9
+    return out
+
+
+def worker(spec: dict) -> None:
+    import torch
+
+    from peftlab.eval import decode
+
+    if spec["side"] == "gemv":
+        print(json.dumps({"gbps": gemv_bandwidth(spec["threads"])}))
+        return
+
+    model, tok, prompts = _setup(spec)
+    pad = tok.pad_token_id
+    n = spec["new_tokens"]
+    model.config.use_cache = True
+    model.generation_config.eos_token_id = None
+
+    def run(ids, mask):
+        if spec["side"] == "lean":
+            return decode.lean_greedy(model, ids, mask, n, [], pad)
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+
+    out = {"side": spec["side"], "merged": spec["merged"]}
+    tokens = {}
+    for bs in (1, 8):
+        ids, mask = _batch(prompts[:bs], pad)
+        run(ids, mask)  # warm-up (and the lean decoder's fused weights)
+        times = []
+        for _ in range(spec["reps"]):
+            t0 = time.perf_counter()
+            res = run(ids, mask)
+            times.append(time.perf_counter() - t0)
+        new = res[:, ids.shape[1]:]
+        assert new.shape[1] == n, new.shape
+        out[f"b{bs}_tok_s"] = bs * n / median(times)
+        tokens[bs] = new.tolist()
+    out["tokens"] = tokens
+    out["rss"] = peak_rss_gb()
+    print(json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="alternating repeats of every configuration")
+    ap.add_argument("--reps", type=int, default=3, help="timed generations per batch size inside a run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32,bfloat16")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    configs = {}
+    for dtype in args.dtype.split(","):
+        for side in ("hf", "lean"):
+            for merged in (False, True):
+                configs[f"{side} {'merged' if merged else 'unmerged'} {dtype}"] = {
+                    "side": side, "merged": merged, "dtype": dtype, "new_tokens": args.new_tokens,
+                    "reps": args.reps, "threads": args.threads}
+    runs = {k: [] for k in configs}
+    for key in alternate(list(configs), args.repeats):
+        r = run_worker(Path(__file__), {**configs[key], "name": key})
+        runs[key].append(r)
+        print(f"{key}: b1 {r['b1_tok_s']:.1f} tok/s, b8 {r['b8_tok_s']:.1f} tok/s", file=sys.stderr)
+    rows, summary = [], {}
+    for key, rs in runs.items():
+        dtype = configs[key]["dtype"]
+        hf_key = f"hf unmerged {dtype}"
+        s = {"b1": median([r["b1_tok_s"] for r in rs]), "b8": median([r["b8_tok_s"] for r in rs]),
+             "rss": median([r["rss"] for r in rs])}
+        summary[key] = s
+        base = summary.get(hf_key) or s
+        same = "" if configs[key]["side"] == "hf" else (
+            "yes" if rs[0]["tokens"] == runs[key.replace("lean", "hf")][0]["tokens"] else
+            f"{_agree(rs[0]['tokens'], runs[key.replace('lean', 'hf')][0]['tokens']):.3f}")
+        rows.append([key, f"{s['b1']:.1f}", f"{s['b1'] / base['b1']:.2f}x", f"{s['b8']:.1f}",
+                     f"{s['b8'] / base['b8']:.2f}x", f"{s['rss']:.2f}", same])
+    text = fmt_table(rows, ["config", "batch 1 tok/s", "vs hf unmerged", "batch 8 tok/s", "vs hf unmerged",
+                            "peak RSS GB", "tokens == HF generate"])
+    bw = run_worker(Path(__file__), {"side": "gemv", "threads": args.threads, "name": "gemv"})["gbps"]
+    weights = 134_515_008  # SmolLM2-135M parameters, each read once per decoded token at batch 1
+    floor = "; ".join(f"{d}: {g:.1f} GB/s -> at best {g * 1e9 / (weights * (4 if d == 'float32' else 2)):.1f} "
+                      f"tokens/s at batch 1" for d, g in bw.items())
+    print(f"\n## Generation, {args.new_tokens} new tokens, greedy, {args.threads} threads\n\n{text}\n\n"
+          f"Memory-bandwidth ceiling (batch-1 GEMV over the LM head): {floor}")
+    summary["gemv_gbps"] = bw
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary}, indent=1))
+
+
+def _agree(a: dict, b: dict) -> float:
+    """Fraction of (batch size, row) continuations that are identical."""
+    pairs = [(x, y) for k in a for x, y in zip(a[k], b[k])]
+    return sum(x == y for x, y in pairs) / max(len(pairs), 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""peftlab serve [CONFIG] [key=value ...] [--adapters DIR] [--adapter NAME=DIR ...] [--port N]"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ._args import add_config_arguments
+
+NAME = "serve"
+HELP = "serve the base model and many LoRA adapters over an OpenAI-compatible HTTP API"
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--adapters", help="a directory of adapter directories, loaded on demand (model=<subdir name>)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter kept loaded at all times (repeatable)")
+    p.add_argument("--run", help="a run directory: its base, template, and its adapter (named after the run)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one and print it)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $PEFTLAB_API_KEY; none if unset)")
+    p.add_argument("--served-name", default=None, help="the base model's name in the API (default: model.name)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429")
+    p.add_argument("--max-loaded", type=int, default=8, help="adapters resident at once (LRU)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
+    p.add_argument("--max-request-bytes", type=int, default=1_000_000)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: the free cores)")
+
+
+def run(args) -> int:
+    import socket
+
+    from ..errors import ConfigError
+    from ..serve.loading import build_serving
+    from ..serve.server import Limits, _need_serve_extra, create_app
+    from ..train.runtime import set_threads
+
+    _need_serve_extra()
+    import uvicorn
+
+    if args.port < 0 or args.port > 65535:
+        raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    set_threads(args.threads)
+    s = build_serving(args.args, run=args.run, adapters=args.adapter, adapters_dir=args.adapters,
+                      max_loaded=args.max_loaded, max_batch=args.max_batch, max_queue=args.max_queue,
+                      max_context=args.max_context, served_name=args.served_name)
+    api_key = args.api_key or os.environ.get("PEFTLAB_API_KEY") or None
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens)
+    app = create_app(s.engine, s.store, s.encoder, base_name=s.base_name, api_key=api_key, limits=limits)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
+    print(f"peftlab serve: {s.base_name} with adapters {', '.join(s.store.names()) or '(none)'}; "
+          f"listening on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""), flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    print("peftlab serve: stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,94 @@
+"""``data.streaming``: train on a corpus bigger than RAM, one window of examples in memory.
+
+``TrainStream`` is the training set as the loop sees it — ``len()`` and ``stream[i]`` — backed
+by ``stream_examples`` (records read, parsed and encoded one at a time). ``stream[i]`` is served
+from the window of ``window`` consecutive examples that holds ``i``; the sampler visits the
+indices window by window (shuffled inside each window, ``packing.window_batches``), so one
+epoch reads the corpus once and memory stays at one window. An index behind the current window
+(a new epoch, or a resumed run's first batch) re-reads the stream up to its window: resuming is
+exact because the sampler's position is saved in checkpoints as for in-memory data.
+
+``len()`` costs one counting pass over the corpus (constant memory), which also fills the
+run's data summary. Eval data comes from ``data.eval_path`` (in memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from itertools import islice
+
+from ..errors import ConfigError, DataError
+from .catalog import resolve
+from .tokenize import Example
+
+WINDOW = 2048  # examples held in memory while streaming
+
+
+class TrainStream:
+    """Streamed training examples, indexable window by window."""
+
+    def __init__(self, open_stream: Callable[[], Iterator[Example]], length: int, window: int | None = None):
+        self.open_stream, self.length, self.window = open_stream, length, window or WINDOW
+        self._it: Iterator[Example] | None = None
+        self._read = 0  # examples taken from self._it so far
+        self._start, self._rows = -1, []  # the window in memory
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Example:
+        if not 0 <= i < self.length:
+            raise IndexError(f"example {i} of a stream of {self.length}")
+        start = i - i % self.window
+        if start != self._start:
+            if self._it is None or start < self._read:  # behind us: read again from the start
+                self._it, self._read = self.open_stream(), 0
+            for _ in islice(self._it, start - self._read):
+                pass
+            self._rows = list(islice(self._it, self.window))
+            self._read, self._start = start + len(self._rows), start
+            if len(self._rows) < min(self.window, self.length - start):
+                raise DataError("the streamed data changed while training (fewer examples than counted); "
+                                "do not edit the data files during a run")
+        return self._rows[i - start]
+
+
+def build_stream_datasets(data_cfg, tokenizer, seed: int):
+    """Datasets whose ``train`` is a ``TrainStream`` (eval from ``data.eval_path``, in memory)."""
+    from .dataset import (
+        Datasets,
+        DataStats,
+        _read_all,
+        encode_one,
+        make_encoder,
+        pretrain_blocks,
+        stream_examples,
+    )
+
+    for key in ("packing", "group_by_length", "mix"):
+        if getattr(data_cfg, key):
+            raise ConfigError(f"data.streaming does not combine with data.{key} yet; turn one of them off")
+    if data_cfg.eval_split and not data_cfg.eval_path:
+        raise ConfigError("data.streaming reads the corpus in order and cannot hold out a random split; give an "
+                          "eval file with data.eval_path, or set data.eval_split=0")
+    stats = DataStats(objective=data_cfg.objective)
+    length = sum(1 for _ in stream_examples(data_cfg, tokenizer, stats))  # also fills the counts
+    if length == 0:
+        raise DataError("the streamed training data holds no example with a token to learn")
+    train = TrainStream(lambda: stream_examples(data_cfg, tokenizer), length)
+    encoder = make_encoder(data_cfg, tokenizer)
+    evals, eval_records = [], []
+    if data_cfg.eval_path:
+        records = [r for _, r in _read_all(resolve([data_cfg.eval_path], data_cfg, "data.eval_path"), data_cfg,
+                                           stats, stats.bad if data_cfg.skip_bad_records else None, None)]
+        if stats.objective == "pretrain":
+            evals = pretrain_blocks(records, encoder, data_cfg.block_size or data_cfg.max_length, "eval")
+        else:
+            for rec in records:
+                ex = encode_one(rec, encoder, stats)
+                if ex is not None:
+                    evals.append(ex)
+                    eval_records.append(rec)
+    stats.train, stats.eval = length, len(evals)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Datasets(train, evals, stats, encoder, eval_records, pad_id)

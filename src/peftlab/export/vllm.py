@@ -1,0 +1,223 @@
+"""Will vLLM load this LoRA adapter? The rules of vLLM's LoRA loader, applied offline.
+
+vLLM is not a dependency (it needs a GPU build); this module restates what its loader checks
+(``vllm/lora/peft_helper.py`` ``PEFTHelper``, ``vllm/lora/models.py``
+``LoRAModel.from_local_checkpoint``, ``vllm/lora/utils.py`` ``parse_fine_tuned_lora_name``) so an
+adapter can be checked where it is made:
+
+1. ``adapter_config.json`` exists and has ``r``, ``lora_alpha`` and ``target_modules``
+   (``PEFTHelper`` requires them); unknown keys are dropped by vLLM (older vLLM and PEFT releases
+   fail on them, so they are reported as warnings).
+2. ``modules_to_save`` must be empty ("vLLM only supports modules_to_save being None") unless the
+   caller allows it; ``use_dora`` must be false ("vLLM does not yet support DoRA").
+3. ``bias`` must be ``"none"`` (recent vLLM: "Adapter bias is not supported"; older releases
+   accepted it only with ``--enable-lora-bias``).
+4. ``r`` must not exceed the server's ``--max-lora-rank`` (vLLM's default is 16).
+5. Weights come from ``adapter_model.safetensors`` (``.bin``/``.pt`` only as a fallback; peftlab
+   never writes or reads those). Every tensor name must parse: ``<module>.lora_A.weight``,
+   ``<module>.lora_B.weight``, ``<module>.lora_embedding_A|B`` or ``<module>.bias``, after the
+   optional ``base_model.model.`` prefix. Anything else ("lora_magnitude_vector", an adapter name
+   such as ``lora_A.default.weight``, VeRA/IA3 vectors) is "unsupported LoRA weight".
+6. The last component of every module name must be one of the model's LoRA-capable modules
+   (vLLM's ``supported_lora_modules`` expanded through ``packed_modules_mapping``: q/k/v_proj
+   are packed into ``qkv_proj``, gate/up_proj into ``gate_up_proj``); otherwise "expected target
+   modules in [...] but received [...]". The table below lists the architectures checked.
+7. Silent differences (warnings, not errors): vLLM ignores ``rank_pattern``/``alpha_pattern``
+   (per-layer ranks load but take the global scaling alpha/r: wrong outputs),
+   ``layers_to_transform`` (it loads whatever tensors the file has) and ``fan_in_fan_out``
+   (it assumes [r, in] / [out, r] tensors, which is what PEFT files hold).
+
+``check_vllm_compatible(dir)`` returns a ``VLLMReport``; ``python -m peftlab.export.vllm DIR``
+prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .adapter import CONFIG_NAME, PEFTLAB_NAME, PICKLE_NAMES, WEIGHTS_NAME
+
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+_LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# model_type -> leaf module names vLLM accepts LoRA weights for (packed modules expanded).
+SUPPORTED_MODULES: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+}
+# Architectures whose vLLM implementation has no LoRA support at all.
+NO_LORA = {"gpt2": "GPT2LMHeadModel"}
+
+# PEFTHelper's fields: the keys vLLM reads from adapter_config.json.
+VLLM_KEYS = {"r", "lora_alpha", "target_modules", "bias", "modules_to_save", "use_rslora", "use_dora"}
+# Keys PEFT itself writes for LoRA that vLLM drops without harm.
+HARMLESS_KEYS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "lora_dropout",
+    "fan_in_fan_out", "init_lora_weights", "layers_pattern", "auto_mapping", "megatron_config",
+    "megatron_core", "loftq_config", "layer_replication", "runtime_config", "lora_bias", "exclude_modules",
+    "eva_config", "corda_config", "target_parameters", "trainable_token_indices", "use_qalora",
+    "qalora_group_size", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "peft_version",
+    "rank_pattern", "alpha_pattern", "layers_to_transform",
+}
+
+@dataclass
+class VLLMReport:
+    adapter_dir: Path
+    model_type: str | None
+    problems: list[str] = field(default_factory=list)  # vLLM refuses the adapter
+    warnings: list[str] = field(default_factory=list)  # vLLM loads it, but something differs
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        head = f"{self.adapter_dir}: " + ("vLLM can load this adapter" if self.ok else "vLLM would reject this adapter")
+        lines = [head] + [f"  error: {p}" for p in self.problems] + [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _model_type(d: Path, config: dict) -> str | None:
+    try:
+        record = json.loads((d / PEFTLAB_NAME).read_text())
+        mt = record.get("base_fingerprint", {}).get("model_type")
+        if mt:
+            return mt
+    except (OSError, ValueError):
+        pass
+    base = config.get("base_model_name_or_path")
+    if base and (Path(base) / "config.json").is_file():
+        try:
+            return json.loads((Path(base) / "config.json").read_text()).get("model_type")
+        except ValueError:
+            return None
+    return None
+
+
+def parse_lora_name(name: str) -> str | None:
+    """The module path vLLM derives from a tensor name, or None when vLLM cannot parse it."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B"):
+        return ".".join(parts[:-2])
+    if len(parts) >= 2 and parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
+        return ".".join(parts[:-1])
+    if len(parts) >= 3 and parts[-1] == "bias":
+        return ".".join(parts[:-2])
+    return None
+
+
+def check_vllm_compatible(adapter_dir: str | Path, *, model_type: str | None = None,
+                          max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,
+                          allow_modules_to_save: bool = False) -> VLLMReport:
+    """Apply vLLM's LoRA loading rules to ``adapter_dir`` (see the module docstring).
+
+    ``model_type`` (e.g. ``llama``) defaults to what the adapter records about its base;
+    ``max_lora_rank`` is the serving engine's ``--max-lora-rank``.
+    """
+    d = Path(adapter_dir)
+    report = VLLMReport(d, model_type)
+    try:
+        config = json.loads((d / CONFIG_NAME).read_text())
+    except FileNotFoundError:
+        report.problems.append(f"no {CONFIG_NAME} (vLLM reads the LoRA config from it)")
+        return report
+    except ValueError as e:
+        report.problems.append(f"{CONFIG_NAME} is not valid JSON ({e})")
+        return report
+    report.model_type = model_type = model_type or _model_type(d, config)
+
+    if config.get("peft_type", "LORA") != "LORA":
+        report.problems.append(f"peft_type is {config.get('peft_type')!r}; vLLM serves LoRA adapters only")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            report.problems.append(f"{CONFIG_NAME} has no {key!r} (a required field of vLLM's PEFTHelper)")
+    if config.get("modules_to_save") and not allow_modules_to_save:
+        report.problems.append(
+            f"modules_to_save={config['modules_to_save']!r}: vLLM only supports modules_to_save being None "
+            "(save the adapter without modules_to_save, or merge it: peftlab merge)")
+    if config.get("use_dora"):
+        report.problems.append("use_dora=true: vLLM does not support DoRA (merge it instead: peftlab merge)")
+    if config.get("bias", "none") not in ("none", None):
+        report.problems.append(f"bias={config['bias']!r}: vLLM does not load adapter biases (train with bias=none)")
+    r = config.get("r")
+    if isinstance(r, int) and r > max_lora_rank:
+        report.problems.append(f"r={r} is greater than the server's max_lora_rank {max_lora_rank} "
+                               f"(start vLLM with --max-lora-rank {_next_rank(r)})")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        report.warnings.append("rank_pattern/alpha_pattern are ignored by vLLM: layers with another rank or "
+                               "alpha get the global scaling lora_alpha/r (outputs differ from PEFT's)")
+    if config.get("layers_to_transform") is not None:
+        report.warnings.append("layers_to_transform is ignored by vLLM (it loads whichever tensors the file has)")
+    if config.get("fan_in_fan_out"):
+        report.warnings.append("fan_in_fan_out=true (a Conv1D model such as GPT-2); vLLM assumes nn.Linear layout")
+    unknown = sorted(set(config) - VLLM_KEYS - HARMLESS_KEYS)
+    if unknown:
+        report.warnings.append(f"keys vLLM ignores and older PEFT/vLLM releases reject: {', '.join(unknown)}")
+
+    weights = d / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = [n for n in PICKLE_NAMES if (d / n).exists()]
+        report.problems.append(
+            f"no {WEIGHTS_NAME}" + (f" (only the pickle {pickles[0]}; convert it to safetensors)" if pickles else ""))
+        return report
+    with safe_open(str(weights), framework="pt") as f:
+        names = list(f.keys())
+    if not names:
+        report.problems.append(f"{WEIGHTS_NAME} holds no tensors")
+    modules, unparsable = [], []
+    for n in names:
+        module = parse_lora_name(n)
+        (unparsable.append(n) if module is None else modules.append(module))
+    if unparsable:
+        report.problems.append(f"{len(unparsable)} tensors vLLM cannot parse as LoRA weights (\"unsupported LoRA "
+                               f"weight\"), e.g. {unparsable[0]}")
+    if model_type in NO_LORA:
+        report.problems.append(f"vLLM's {NO_LORA[model_type]} ({model_type}) does not support LoRA adapters")
+    elif model_type in SUPPORTED_MODULES:
+        allowed = SUPPORTED_MODULES[model_type]
+        bad = sorted({m for m in modules if m.split(".")[-1] not in allowed})
+        if bad:
+            report.problems.append(
+                f"target modules vLLM does not adapt for {model_type}: {', '.join(sorted({b.split('.')[-1] for b in bad}))} "
+                f"(e.g. {bad[0]}); vLLM expects target modules in {list(allowed)}")
+    else:
+        report.warnings.append(
+            f"base architecture {model_type or 'unknown'!s}: target module names not checked "
+            f"(known: {', '.join(sorted(SUPPORTED_MODULES))}); pass model_type=")
+    return report
+
+
+def _next_rank(r: int) -> int:
+    for choice in (8, 16, 32, 64, 128, 256, 320, 512):
+        if choice >= r:
+            return choice
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m peftlab.export.vllm ADAPTER_DIR [MODEL_TYPE]", file=sys.stderr)
+        return 2
+    report = check_vllm_compatible(args[0], model_type=args[1] if len(args) > 1 else None)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

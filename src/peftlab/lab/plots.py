@@ -1,0 +1,80 @@
+"""Learning curves: train and eval loss against optimiser step, one line per run.
+
+``curves_figure(runs)`` builds a matplotlib ``Figure`` (two axes: train loss, eval loss; each
+with one line and one legend entry per run that has such values); ``plot_curves(runs, path)``
+saves it as a PNG and returns the path. ``runs`` maps a run's name to its ``metrics.jsonl``
+records (``{"step", "loss", "eval_loss"?, ...}``). Full fine-tuning (a name starting with
+``full``) is drawn black and dashed so it stands out against the LoRA family. matplotlib is
+an optional dependency (the ``lab`` extra) and is imported here only; no pyplot global state.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..io import ordinary_permissions
+
+
+def _style(names: list[str]) -> dict[str, dict]:
+    from matplotlib import colormaps
+
+    others = [n for n in names if not n.startswith("full")]
+    cmap = colormaps["tab10"] if len(others) <= 10 else colormaps["viridis"]
+    styles = {}
+    for i, n in enumerate(others):
+        color = cmap(i) if len(others) <= 10 else cmap(i / max(1, len(others) - 1))
+        styles[n] = {"color": color, "linestyle": "-", "linewidth": 1.4}
+    for n in names:
+        if n.startswith("full"):
+            styles[n] = {"color": "black", "linestyle": "--", "linewidth": 2.0}
+    return styles
+
+
+def curves_figure(runs: dict[str, list[dict]], title: str | None = None):
+    """A Figure with axes[0] = train loss and axes[1] = eval loss vs step (one line per run)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), dpi=110, layout="constrained")
+    ax_train, ax_eval = fig.subplots(1, 2)
+    styles = _style(list(runs))
+    for name, records in runs.items():
+        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+        evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+        if train:
+            ax_train.plot(*zip(*train), label=name, **styles[name])
+        if evals:
+            ax_eval.plot(*zip(*evals), label=name, marker="o", markersize=3.5, **styles[name])
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, what in ((ax_train, "train loss"), (ax_eval, "eval loss (held out)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(what)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy per answer token")
+        ax.grid(True, alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8, ncol=1 + len(ax.get_lines()) // 9)
+        else:
+            ax.text(0.5, 0.5, f"no {what} recorded", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str | None = None) -> Path:
+    """Save ``curves_figure(runs)`` as a PNG at ``path`` (atomically); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = curves_figure(runs, title)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        ordinary_permissions(tmp)  # mkstemp makes it private; a plot is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

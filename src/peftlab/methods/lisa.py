@@ -1,0 +1,123 @@
+"""LISA: layerwise importance sampling — full fine-tuning of a few random layers at a time.
+
+Pan et al., "LISA: Layerwise Importance Sampling for Memory-Efficient Large Language Model
+Fine-Tuning" (2024), arXiv:2403.17919.
+
+    every K steps:  S ~ Uniform{γ-subsets of the L decoder layers}
+                    train θ_emb, θ_head (and everything outside the layers: final norm, ...) + θ_S
+                    AdamW state exists only for those; a layer's state is dropped when it freezes
+
+Trainable at any one time: |θ_outside| + Σ_{l∈S} |θ_l| (= |θ_outside| + γ·|θ_layer| for identical
+layers); over a run it cycles through all parameters, so the artifact is a whole model (as full
+fine-tuning) and merging is the identity. The switch happens in ``on_step``: frozen layers lose
+their gradients and optimizer state and newly active layers join the optimizer's param groups, so
+the memory of gradients and AdamW moments scales with γ, not L (benchmarks/methods_beyond.py
+measures it against full fine-tuning). The layer sets are a pure function of (seed, step // K),
+so a resumed run continues with the same schedule.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..model.params import unique_parameters
+from ..registry import Method, register
+from .adapter import decoder_layers
+
+
+@dataclass
+class LISAConfig:
+    method: str = "lisa"
+    layers: int = 2  # γ: decoder layers trained at a time
+    interval: int = 20  # K: optimizer steps between switches
+    seed: int = 0  # the layer schedule's seed
+
+    def validate(self) -> None:
+        if self.layers < 1:
+            raise ConfigError(f"peft.layers (γ) must be >= 1, got {self.layers}")
+        if self.interval < 1:
+            raise ConfigError(f"peft.interval (K) must be >= 1, got {self.interval}")
+
+
+def schedule(num_layers: int, cfg: LISAConfig, step: int) -> list[int]:
+    """The active layer indices for optimizer step ``step`` (0-based count of steps done)."""
+    if cfg.layers > num_layers:
+        raise ConfigError(f"peft.layers={cfg.layers} but the model has only {num_layers} decoder layers")
+    rng = random.Random(f"{cfg.seed}:{step // cfg.interval}")
+    return sorted(rng.sample(range(num_layers), cfg.layers))
+
+
+def _layer_params(model: nn.Module) -> list[list[nn.Parameter]]:
+    return [list(layer.parameters()) for _, layer in decoder_layers(model)]
+
+
+def _activate(model: nn.Module, active: list[int]) -> None:
+    """Freeze every decoder layer except ``active``; everything outside the layers trains."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for i, params in enumerate(_layer_params(model)):
+        if i not in active:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+    model._lisa_active = list(active)
+
+
+def apply(model: nn.Module, cfg: LISAConfig) -> None:
+    _activate(model, schedule(len(decoder_layers(model)), cfg, 0))
+
+
+def on_step(model: nn.Module, cfg: LISAConfig, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Switch to the layer set of ``step``; re-point the optimizer at the trainable parameters."""
+    active = schedule(len(decoder_layers(model)), cfg, step)
+    record = {"lisa_layers": ",".join(map(str, active))}
+    if active == getattr(model, "_lisa_active", None):
+        return record
+    _activate(model, active)
+    trainable = [p for _, p in unique_parameters(model) if p.requires_grad]
+    keep = {id(p) for p in trainable}
+    placed = set()
+    for group in optimizer.param_groups:  # drop frozen parameters (and their AdamW moments)
+        kept = []
+        for p in group["params"]:
+            if id(p) in keep:
+                kept.append(p)
+                placed.add(id(p))
+            else:
+                optimizer.state.pop(p, None)
+        group["params"] = kept
+    for p in trainable:  # newly active layers: matrices to the first group (decay), vectors to the last
+        if id(p) not in placed:
+            group = optimizer.param_groups[0] if p.ndim >= 2 else optimizer.param_groups[-1]
+            group["params"].append(p)
+    # Model order inside each group: the order then depends on the active set only, so a resumed
+    # run's optimizer state lines up with the checkpoint's.
+    order = {id(p): i for i, p in enumerate(trainable)}
+    for group in optimizer.param_groups:
+        group["params"].sort(key=lambda p: order[id(p)])
+    return record
+
+
+def param_extra(model: nn.Module, cfg: LISAConfig) -> dict:
+    """Trainable at any one time (the largest γ layers) and the total LISA cycles through."""
+    sizes = sorted((sum(p.numel() for p in params) for params in _layer_params(model)), reverse=True)
+    in_layers = {id(p) for params in _layer_params(model) for p in params}
+    outside = sum(p.numel() for _, p in unique_parameters(model) if id(p) not in in_layers)
+    return {"lisa_trainable_at_once": outside + sum(sizes[:cfg.layers]), "lisa_cycled_total": outside + sum(sizes),
+            "lisa_active_layers": cfg.layers, "lisa_layers_total": len(sizes)}
+
+
+def merge(model: nn.Module) -> None:
+    """Nothing to fold: LISA trains the model's own weights."""
+
+
+register(Method(
+    name="lisa", config_cls=LISAConfig, apply=apply, merge=merge, peft_type=None,
+    # The checkpoint must hold every weight, frozen or not: each was trained while its layer was active.
+    state_prefixes=("",), on_step=on_step, param_extra=param_extra,
+))

@@ -1,0 +1,417 @@
+"""Continuous batching over many adapters: one scheduler steps every active sequence together.
+
+Orca-style iteration-level scheduling (Yu et al., OSDI 2022) with S-LoRA's mixed-adapter batches:
+
+    each step:  drop finished/cancelled rows  ->  admit waiting requests (up to max_batch) whose
+                adapter is (or can be made) resident  ->  prefill the admitted prompts as one
+                left-padded mixed-adapter batch, merge their KV cache into the running one  ->
+                one decode forward for every running row (each row with its own adapter)  ->
+                sample, stream text, finish rows on eos / stop string / max_tokens
+
+The KV cache is one ``DynamicCache`` for the running batch, left-padded: row b's real tokens are
+where ``mask[b] == 1``; positions come from the per-row count of real tokens, so a row computes
+exactly what it would alone (the tests check token-for-token equality with single-row runs). Rows
+joining or leaving re-pack the cache (pad/select along the batch and sequence dimensions).
+
+Waiting requests sit in a bounded queue (``submit`` raises ``EngineBusy`` when it is full).
+Adapters come from an ``AdapterStore`` (an LRU of resident adapters; an adapter in use by a running
+row is never evicted). Sampling: greedy, or temperature + top-p with a per-request seed.
+
+Limitation: sliding-window attention layers are served with a full cache (correct while a
+sequence is shorter than the window).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError, PeftlabError
+from .multi_lora import MultiLoRAModel
+
+
+class EngineBusy(PeftlabError):
+    """The waiting queue is full; try again later (HTTP 429)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ConfigError(f"temperature must be in [0, 10], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request: prompt tokens, adapter (None = base), sampling; the engine fills in the rest.
+
+    ``on_event(seq, kind, data)`` is called from the engine thread with kind "text" (a new piece of
+    text), "done" (data = finish reason: stop | length | cancelled) or "error" (data = message).
+    """
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    on_event: Callable[[Sequence, str, object], None] | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    generated: list[int] = field(default_factory=list)
+    text: str = ""  # text emitted so far (stop strings cut off)
+    finish_reason: str | None = None
+    error: str | None = None
+    cancelled: bool = False
+    created: float = field(default_factory=time.time)
+    _generator: torch.Generator | None = None
+    _held: bool = False  # the engine holds this sequence's adapter in the store
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def _emit(self, kind: str, data: object) -> None:
+        if self.on_event is not None:
+            self.on_event(self, kind, data)
+
+
+class Engine:
+    """Runs ``Sequence``s on a ``MultiLoRAModel``: ``step()`` by hand, or ``start()`` a thread."""
+
+    def __init__(self, mm: MultiLoRAModel, tokenizer, *, store=None, max_batch: int = 8, max_queue: int = 64,
+                 eos_ids: set[int] | None = None, max_context: int | None = None):
+        if max_batch < 1 or max_queue < 1:
+            raise ConfigError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        self.mm = mm
+        self.tokenizer = tokenizer
+        self.store = store
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.eos_ids = set(eos_ids if eos_ids is not None else [tokenizer.eos_token_id])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        positions = getattr(mm.config, "max_position_embeddings", None) or getattr(mm.config, "n_positions", None)
+        self.max_context = min(x for x in (max_context, positions) if x) if (max_context or positions) else 4096
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.cache = None  # DynamicCache of the running rows
+        self.mask: torch.Tensor | None = None  # [rows, L] 1 = real token
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "max_rows": 0}
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> Sequence:
+        seq.params.validate()
+        if not seq.prompt_ids:
+            raise ConfigError("the prompt is empty")
+        if len(seq.prompt_ids) + seq.params.max_tokens > self.max_context:
+            raise ConfigError(
+                f"the prompt has {len(seq.prompt_ids)} tokens and max_tokens is {seq.params.max_tokens}: "
+                f"{len(seq.prompt_ids) + seq.params.max_tokens} > the context limit {self.max_context}; "
+                "shorten the prompt or lower max_tokens"
+            )
+        if seq.adapter is not None and self.store is None and seq.adapter not in self.mm.adapters:
+            raise ConfigError(f"no adapter named {seq.adapter!r} is loaded")
+        if seq.params.seed is not None:
+            seq._generator = torch.Generator(device=self.mm.device).manual_seed(seq.params.seed)
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise EngineBusy(f"the server is busy: {len(self.waiting)} requests are waiting (limit "
+                                 f"{self.max_queue}); retry later")
+            self.waiting.append(seq)
+        self._wake.set()
+        return seq
+
+    def generate(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Submit ``seqs`` and step until all are done (in this thread; no engine thread running)."""
+        for s in seqs:
+            self.submit(s)
+        while not all(s.done for s in seqs):
+            self.step()
+        return seqs
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="peftlab-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except Exception as e:  # never let the server hang: fail what is running, keep serving
+                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+                busy = False
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def abort(self, seq: Sequence) -> None:
+        """Finish ``seq`` as cancelled now, wherever it is. After a ``step`` interrupted half-way (Ctrl-C
+        in ``peftlab chat``) the cache may be torn, so a lone running row takes the cache with it."""
+        seq.cancel()
+        self._remove_waiting(seq)
+        if seq in self.running and len(self.running) == 1:
+            self._finish(seq, "cancelled")
+            self.running, self.cache, self.mask = [], None, None
+        elif seq in self.running:
+            self._drop([seq], "cancelled")
+        self._finish(seq, "cancelled")
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self.running):
+            self._finish(seq, None, error=message)
+        self.running, self.cache, self.mask = [], None, None
+
+    # -- one step --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Admit, prefill, decode once; returns whether there was anything to do."""
+        self._drop([s for s in self.running if s.cancelled], "cancelled")
+        admitted = self._admit()
+        if not self.running and not admitted:
+            return False
+        self.stats["steps"] += 1
+        if admitted:
+            try:
+                self._prefill(admitted)
+            except BaseException as e:  # the admitted rows are in no list yet: finish them here
+                for seq in admitted:
+                    if seq not in self.running:
+                        self._finish(seq, None, error=f"{type(e).__name__}: {e}")
+                raise
+        if self.running:
+            self._decode()
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(self.running))
+        return True
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        with self._lock:
+            candidates = list(self.waiting)
+        for seq in candidates:
+            if len(self.running) + len(admitted) >= self.max_batch:
+                break
+            if seq.cancelled:
+                self._remove_waiting(seq)
+                self._finish(seq, "cancelled")
+                continue
+            if seq.adapter is not None and self.store is not None:
+                try:
+                    if not self.store.acquire(seq.adapter):
+                        continue  # every resident adapter is busy; try a later request
+                    seq._held = True
+                except Exception as e:  # a damaged adapter fails its request, not the engine
+                    self._remove_waiting(seq)
+                    self._finish(seq, None, error=str(e))
+                    continue
+            self._remove_waiting(seq)
+            admitted.append(seq)
+        return admitted
+
+    def _remove_waiting(self, seq: Sequence) -> None:
+        with self._lock:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters):
+        with self.mm.route(adapters):
+            out = self.mm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        from transformers import DynamicCache
+
+        device = self.mm.device
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            mask[i, width - len(s.prompt_ids):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, DynamicCache(), [s.adapter for s in seqs])
+        self.stats["prefills"] += 1
+        kv = [(k.masked_fill(~mask.bool()[:, None, :, None], 0), v.masked_fill(~mask.bool()[:, None, :, None], 0))
+              for k, v, *_ in cache]  # pad positions hold zeros, never NaN from fully masked rows
+        self._join(seqs, kv, mask)
+        tokens = self._sample(logits, seqs)
+        self._accept(seqs, tokens)
+
+    def _join(self, seqs: list[Sequence], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Append rows (their cache ``kv`` and ``mask``) to the running batch, left-padding to one length."""
+        from transformers import DynamicCache
+
+        if self.cache is None or not self.running:
+            self.cache, self.mask, self.running = DynamicCache(ddp_cache_data=kv), mask, list(seqs)
+            return
+        old = [(k, v) for k, v, *_ in self.cache]
+        length = max(self.mask.shape[1], mask.shape[1])
+
+        def pad(t: torch.Tensor, n: int) -> torch.Tensor:  # left-pad the sequence dimension (-2 for kv)
+            return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
+
+        merged = []
+        for (ko, vo), (kn, vn) in zip(old, kv):
+            po, pn = length - ko.shape[-2], length - kn.shape[-2]
+            merged.append((torch.cat([pad(ko, po), pad(kn, pn)]), torch.cat([pad(vo, po), pad(vn, pn)])))
+        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (length - self.mask.shape[1], 0)),
+                               torch.nn.functional.pad(mask, (length - mask.shape[1], 0))])
+        self.cache = DynamicCache(ddp_cache_data=merged)
+        self.running = self.running + list(seqs)
+
+    def _decode(self) -> None:
+        device = self.mm.device
+        seqs = [s for s in self.running if s.generated]
+        assert len(seqs) == len(self.running)
+        last = torch.tensor([[s.generated[-1]] for s in seqs], dtype=torch.long, device=device)
+        positions = self.mask.sum(1, keepdim=True)
+        self.mask = torch.cat([self.mask, torch.ones((len(seqs), 1), dtype=self.mask.dtype, device=device)], 1)
+        logits, self.cache = self._forward(last, self.mask, positions, self.cache, [s.adapter for s in seqs])
+        tokens = self._sample(logits, seqs)
+        self._accept(seqs, tokens)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        out = logits.argmax(-1).tolist()  # greedy rows: one device sync for the whole batch
+        for i, (row, s) in enumerate(zip(logits, seqs)):
+            p = s.params
+            if p.temperature <= 0:
+                continue
+            probs = torch.softmax(row / p.temperature, -1)
+            if p.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # the smallest set whose mass reaches top_p
+                sorted_p = sorted_p * keep
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            out[i] = int(torch.multinomial(probs, 1, generator=s._generator))
+        return out
+
+    def _accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        finished = []
+        for s, tok in zip(seqs, tokens):
+            if s.cancelled:
+                finished.append((s, "cancelled"))
+                continue
+            self.stats["tokens"] += 1
+            if tok in self.eos_ids:
+                s.generated.append(tok)
+                finished.append((s, "stop"))
+                continue
+            s.generated.append(tok)
+            reason = self._emit_text(s)
+            if reason is None and len(s.generated) >= s.params.max_tokens:
+                reason = "length"
+            if reason is None and len(s.prompt_ids) + len(s.generated) >= self.max_context:
+                reason = "length"
+            if reason is not None:
+                finished.append((s, reason))
+        if finished:
+            self._drop([s for s, _ in finished], None, reasons={id(s): r for s, r in finished})
+
+    def _emit_text(self, s: Sequence) -> str | None:
+        """Send the new text of ``s``; returns "stop" when a stop string appeared (cut off)."""
+        ids = [t for t in s.generated if t not in self.eos_ids]
+        full = self.tokenizer.decode(ids, skip_special_tokens=True)
+        reason = None
+        for stop in s.params.stop:
+            at = full.find(stop)
+            if at != -1:
+                full, reason = full[:at], "stop"
+        if reason is None:
+            if full.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+                return None
+            hold = max((k for stop in s.params.stop for k in range(1, len(stop)) if full.endswith(stop[:k])),
+                       default=0)  # a stop string may be starting: hold its prefix back
+            full = full[:len(full) - hold]
+        if len(full) > len(s.text) and full.startswith(s.text):
+            delta, s.text = full[len(s.text):], full
+            s._emit("text", delta)
+        return reason
+
+    def _drop(self, seqs: list[Sequence], reason: str | None, reasons: dict | None = None) -> None:
+        if not seqs:
+            return
+        gone = {id(s) for s in seqs}
+        keep = [i for i, s in enumerate(self.running) if id(s) not in gone]
+        for s in seqs:
+            self._finish(s, (reasons or {}).get(id(s), reason))
+        if not keep:
+            self.running, self.cache, self.mask = [], None, None
+            return
+        from transformers import DynamicCache
+
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, idx)
+        start = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every remaining row
+        self.mask = mask[:, start:]
+        self.cache = DynamicCache(ddp_cache_data=[(k.index_select(0, idx)[..., start:, :],
+                                                   v.index_select(0, idx)[..., start:, :]) for k, v, *_ in self.cache])
+        self.running = [self.running[i] for i in keep]
+
+    def _finish(self, seq: Sequence, reason: str | None, error: str | None = None) -> None:
+        if seq.done:
+            return
+        if seq._held:
+            self.store.release(seq.adapter)
+            seq._held = False
+        if error is not None:
+            seq.error, seq.finish_reason = error, "error"
+            seq._emit("error", error)
+        else:
+            if reason == "stop" or reason == "length":
+                self._flush_text(seq)
+            seq.finish_reason = reason
+            seq._emit("done", reason)
+        seq._done.set()
+
+    def _flush_text(self, seq: Sequence) -> None:
+        """At the end, text held back for a possible stop string or a partial character goes out."""
+        ids = [t for t in seq.generated if t not in self.eos_ids]
+        full = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in seq.params.stop:
+            at = full.find(stop)
+            if at != -1:
+                full = full[:at]
+        if len(full) > len(seq.text) and full.startswith(seq.text):
+            delta, seq.text = full[len(seq.text):], full
+            seq._emit("text", delta)

@@ -1,0 +1,80 @@
+"""Build what ``peftlab chat`` and ``peftlab serve`` run on: base + adapters + template + engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, load_config
+from ..errors import ConfigError
+from .engine import Engine
+from .multi_lora import MultiLoRAModel
+from .store import AdapterStore
+
+
+@dataclass
+class Serving:
+    cfg: Config
+    mm: MultiLoRAModel
+    tokenizer: object
+    encoder: object
+    store: AdapterStore
+    engine: Engine
+    base_name: str
+
+
+def parse_named(items: list[str]) -> dict[str, str]:
+    """``["name=DIR", "DIR"]`` -> {name: DIR}; a bare DIR is named after its last component."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item.rstrip("/")).name, item
+        if name in out:
+            raise ConfigError(f"adapter name {name!r} is given twice; name them NAME=DIR")
+        if not Path(path).is_dir():
+            raise ConfigError(f"--adapter {item!r}: {path!r} is not a directory")
+        out[name] = path
+    return out
+
+
+def eos_ids(tokenizer, encoder) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for s in encoder.renderer.stop_strings:
+        tok = tokenizer(s, add_special_tokens=False).input_ids
+        if len(tok) == 1:
+            ids.add(tok[0])
+    return ids
+
+
+def build_serving(cfg_args: list[str], *, run: str | None = None, adapters: list[str] | None = None,
+                  adapters_dir: str | None = None, max_loaded: int = 8, max_batch: int = 8, max_queue: int = 64,
+                  max_context: int | None = None, served_name: str | None = None, mode: str = "auto") -> Serving:
+    from ..commands._args import split_config_args
+    from ..data.tokenize import Encoder
+    from ..model.load import load_model
+
+    path, overrides = split_config_args(cfg_args)
+    pinned = parse_named(adapters or [])
+    if run:
+        run_dir = Path(run)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--run {run!r} is not a run directory (no config.yaml)")
+        if not (run_dir / "adapter").is_dir():
+            raise ConfigError(f"--run {run!r} has no adapter/ (a full fine-tuning run: serve its model/ as the base, "
+                              f"model.name={run_dir / 'model'})")
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        pinned.setdefault(run_dir.resolve().name, str(run_dir / "adapter"))
+    else:
+        cfg = load_config(path, overrides)
+    seed = cfg.model.seed if cfg.model.seed is not None else cfg.train.seed
+    model, tok = load_model(cfg.model, seed=seed)
+    encoder = Encoder(tok, cfg.data.template, cfg.data.max_length, cfg.data.system)
+    mm = MultiLoRAModel(model, mode=mode)
+    base_name = served_name or (Path(cfg.model.name).name if Path(cfg.model.name).is_dir() else cfg.model.name)
+    if base_name in pinned:
+        raise ConfigError(f"adapter name {base_name!r} is the base model's name; rename the adapter")
+    store = AdapterStore(mm, adapters_dir, max_loaded=max(max_loaded, len(pinned)), pinned=pinned)
+    engine = Engine(mm, tok, store=store, max_batch=max_batch, max_queue=max_queue, eos_ids=eos_ids(tok, encoder),
+                    max_context=max_context)
+    return Serving(cfg, mm, tok, encoder, store, engine, base_name)

@@ -1,0 +1,366 @@
+"""An OpenAI-compatible HTTP server over one base model and many LoRA adapters.
+
+    GET  /v1/models             the base model and every adapter in the adapters directory
+    POST /v1/completions        raw-text prompts
+    POST /v1/chat/completions   messages, rendered with the training template (peftlab's Encoder)
+    GET  /health
+
+``model`` picks the adapter (the base model's name picks no adapter). ``stream: true`` sends
+Server-Sent Events (``data: {chunk}`` ... ``data: [DONE]``). All requests feed one ``Engine``
+(continuous batching across adapters, bounded queue). Errors use OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``: 400 bad JSON / bad field / prompt too long
+(``context_length_exceeded``), 401 bad API key, 404 unknown model, 413 body too large, 429 queue
+full. FastAPI and uvicorn come from the ``serve`` extra: ``pip install 'peftlab[serve]'``.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..data.tokenize import adds_bos
+from ..errors import ConfigError, DataError, PeftlabError
+from .engine import Engine, EngineBusy, SamplingParams, Sequence
+from .store import AdapterStore, UnknownAdapter
+
+UNSUPPORTED = {  # field: (value that is fine, why)
+    "n": (1, "n > 1 is not supported; send separate requests"),
+    "best_of": (1, "best_of is not supported"),
+    "echo": (False, "echo is not supported"),
+    "logprobs": (None, "logprobs are not supported"),
+    "top_logprobs": (None, "logprobs are not supported"),
+    "tools": (None, "tool calls are not supported"),
+    "functions": (None, "function calls are not supported"),
+    "suffix": (None, "suffix is not supported"),
+}
+
+
+@dataclass
+class Limits:
+    max_request_bytes: int = 1_000_000
+    max_tokens: int = 1024  # the largest max_tokens a request may ask for
+    default_max_tokens_completion: int = 16  # OpenAI's default for /v1/completions
+    max_stop: int = 4
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _need_serve_extra():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ConfigError("peftlab serve needs FastAPI and uvicorn: pip install 'peftlab[serve]'") from None
+
+
+# ---------------------------------------------------------------------------- request parsing
+
+
+def _field(body: dict, name: str, kind, default=None, *, lo=None, hi=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = isinstance(value, kind) and not (kind in (int, float, (int, float)) and isinstance(value, bool))
+    if not ok:
+        tname = {str: "a string", bool: "true or false", int: "an integer"}.get(kind, "a number")
+        raise ApiError(400, f"'{name}' must be {tname}, got {json.dumps(value)[:80]}", "invalid_value", name)
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {value}", "invalid_value", name)
+    return value
+
+
+def _sampling(body: dict, limits: Limits, default_max: int) -> SamplingParams:
+    for name, (fine, why) in UNSUPPORTED.items():
+        if name in body and body[name] not in (fine, None):
+            raise ApiError(400, why, "unsupported_parameter", name)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = default_max if max_tokens is None else _field({"max_tokens": max_tokens}, "max_tokens", int)
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise ApiError(400, f"'max_tokens' must be between 1 and this server's limit {limits.max_tokens}, "
+                            f"got {max_tokens}", "invalid_value", "max_tokens")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > limits.max_stop:
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {limits.max_stop} of them",
+                       "invalid_value", "stop")
+    seed = body.get("seed")
+    if seed is not None:
+        seed = _field(body, "seed", int, lo=0, hi=2**63 - 1)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(_field(body, "temperature", (int, float), 1.0, lo=0, hi=2)),  # OpenAI's default
+        top_p=float(_field(body, "top_p", (int, float), 1.0, lo=0, hi=1)),
+        stop=tuple(stop),
+        seed=seed,
+    )
+
+
+def _messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content}", "invalid_value", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}] must be an object with role system, user or assistant",
+                           "invalid_value", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", "invalid_value",
+                               "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", "invalid_value", "messages")
+        out.append({"role": m["role"], "content": content})
+    if out[-1]["role"] != "user":
+        raise ApiError(400, "the last message must have role 'user'", "invalid_value", "messages")
+    return out
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, api_key: str | None = None,
+               limits: Limits | None = None):
+    """A FastAPI app serving ``engine``; ``encoder`` renders chat messages (training template)."""
+    _need_serve_extra()
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    limits = limits or Limits()
+    tokenizer = engine.tokenizer
+    bos = adds_bos(tokenizer)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="peftlab", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        token = got[7:] if got.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "invalid_api_key",
+                           kind="authentication_error")
+
+    async def read_json(request: Request) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
+            raise ApiError(413, f"the request body is {length} bytes; the limit is {limits.max_request_bytes}",
+                           "request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_request_bytes:
+                raise ApiError(413, f"the request body is over the limit of {limits.max_request_bytes} bytes",
+                               "request_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+        return body
+
+    def pick_adapter(body: dict) -> tuple[str, str | None]:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "'model' is required: the base model's name or an adapter's", "invalid_value", "model")
+        if model == base_name:
+            return model, None
+        try:
+            store.check(model)
+        except UnknownAdapter as e:
+            raise ApiError(404, str(e), "model_not_found", "model") from None
+        except PeftlabError as e:
+            raise ApiError(400, str(e), "invalid_model", "model") from None
+        return model, model
+
+    def check_length(prompt_ids: list[int], params: SamplingParams, param: str) -> None:
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty", "invalid_value", "prompt")
+        total = len(prompt_ids) + params.max_tokens
+        if total > engine.max_context:
+            raise ApiError(400, f"this model's context is {engine.max_context} tokens; the prompt has "
+                                f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} ({total} in all). "
+                                "Shorten the prompt or lower max_tokens", "context_length_exceeded", param)
+
+    async def run(seq: Sequence, stream_fn, final_fn, stream: bool):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seq.on_event = lambda s, kind, data: loop.call_soon_threadsafe(queue.put_nowait, (kind, data))
+        try:
+            engine.submit(seq)
+        except EngineBusy as e:
+            raise ApiError(429, str(e), "server_busy", kind="rate_limit_error") from None
+        except PeftlabError as e:
+            raise ApiError(400, str(e), "invalid_value") from None
+
+        if not stream:
+            try:
+                while True:
+                    kind, data = await queue.get()
+                    if kind == "error":
+                        raise ApiError(500, f"generation failed: {data}", "generation_error", kind="server_error")
+                    if kind == "done":
+                        return JSONResponse(final_fn(seq))
+            finally:
+                if not seq.done:
+                    seq.cancel()
+
+        async def events():
+            try:
+                for chunk in stream_fn(seq, None, first=True):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                while True:
+                    kind, data = await queue.get()
+                    if kind == "text":
+                        for chunk in stream_fn(seq, data):
+                            yield f"data: {json.dumps(chunk)}\n\n"
+                    elif kind == "error":
+                        err = ApiError(500, f"generation failed: {data}", "generation_error", kind="server_error")
+                        yield f"data: {json.dumps(err.body())}\n\n"
+                        break
+                    else:
+                        for chunk in stream_fn(seq, None, finish=seq.finish_reason):
+                            yield f"data: {json.dumps(chunk)}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                if not seq.done:
+                    seq.cancel()  # the client went away: free the row
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def usage(seq: Sequence) -> dict:
+        n = len(seq.generated)
+        return {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": n, "total_tokens": len(seq.prompt_ids) + n}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting),
+                "stats": dict(engine.stats), "resident_adapters": store.resident()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        data = [{"id": base_name, "object": "model", "created": started, "owned_by": "peftlab", "root": base_name,
+                 "parent": None}]
+        for name in store.names():
+            data.append({"id": name, "object": "model", "created": started, "owned_by": "peftlab", "root": name,
+                         "parent": base_name})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_key(request)
+        body = await read_json(request)
+        model, adapter = pick_adapter(body)
+        params = _sampling(body, limits, limits.default_max_tokens_completion)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            if max(ids) >= len(tokenizer) or min(ids) < 0:
+                raise ApiError(400, "'prompt' holds token ids outside the vocabulary", "invalid_value", "prompt")
+        elif isinstance(prompt, str):
+            ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            if bos:
+                ids = [tokenizer.bos_token_id, *ids]
+        else:
+            raise ApiError(400, "'prompt' must be a string (or one string in a list, or a list of token ids)",
+                           "invalid_value", "prompt")
+        check_length(ids, params, "prompt")
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        stream = _field(body, "stream", bool, False)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+
+        def chunk(seq, text, first=False, finish=None):
+            if first:
+                return
+            yield {"id": rid, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+            if finish and include_usage:
+                yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                       "usage": usage(seq)}
+
+        def final(seq):
+            return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": seq.text, "logprobs": None, "finish_reason": seq.finish_reason}],
+                    "usage": usage(seq)}
+
+        return await run(Sequence(ids, adapter, params), chunk, final, stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        check_key(request)
+        body = await read_json(request)
+        model, adapter = pick_adapter(body)
+        params = _sampling(body, limits, limits.max_tokens)
+        messages = _messages(body)
+        try:
+            ids = encoder.prompt_ids(messages)
+        except DataError as e:
+            raise ApiError(400, str(e), "invalid_value", "messages") from None
+        if not body.get("max_tokens") and not body.get("max_completion_tokens"):  # fill the context, up to the limit
+            params.max_tokens = max(1, min(params.max_tokens, engine.max_context - len(ids)))
+        check_length(ids, params, "messages")
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        stream = _field(body, "stream", bool, False)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+
+        def chunk(seq, text, first=False, finish=None):
+            base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+            if first:
+                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]}
+            elif finish:
+                yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+                if include_usage:
+                    yield {**base, "choices": [], "usage": usage(seq)}
+            else:
+                yield {**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+
+        def final(seq):
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": seq.text},
+                                 "finish_reason": seq.finish_reason}],
+                    "usage": usage(seq)}
+
+        return await run(Sequence(ids, adapter, params), chunk, final, stream)
+
+    return app

@@ -1,0 +1,114 @@
+"""Adapters loaded on demand from a directory into a bounded LRU of resident adapters.
+
+    adapters/
+      support-bot/    adapter_config.json + adapter_model.safetensors   (model="support-bot")
+      sql/            ...
+
+An adapter name is one path component (letters, digits, ``.``, ``_``, ``-``; no ``..``), and the
+directory it names must resolve (symlinks followed) to a direct child of the adapters directory:
+no name can reach a file outside it. At most ``max_loaded`` adapters are resident; loading one
+more evicts the least recently used adapter that no running sequence holds (``acquire`` /
+``release`` count holders). Adapters given explicitly (``pinned``) are never evicted.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..export.adapter import CONFIG_NAME, WEIGHTS_NAME
+from .multi_lora import NAME_RX, MultiLoRAModel
+
+
+class UnknownAdapter(ConfigError):
+    """No adapter of that name (HTTP 404)."""
+
+
+class AdapterStore:
+    def __init__(self, mm: MultiLoRAModel, root: str | Path | None, max_loaded: int = 8,
+                 pinned: dict[str, str | Path] | None = None):
+        if max_loaded < 1:
+            raise ConfigError(f"max_loaded must be >= 1, got {max_loaded}")
+        self.mm = mm
+        self.root = Path(root).resolve() if root is not None else None
+        if self.root is not None and not self.root.is_dir():
+            raise ConfigError(f"adapters directory {str(root)!r} does not exist")
+        self.max_loaded = max_loaded
+        self.pinned = {n: Path(p) for n, p in (pinned or {}).items()}
+        self._lru: OrderedDict[str, None] = OrderedDict()  # resident adapters, oldest first
+        self._holders: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.loads = 0
+        self.evictions = 0
+        for name, path in self.pinned.items():
+            mm.load(name, path)
+            self._lru[name] = None
+
+    def resolve(self, name: str) -> Path:
+        """The adapter directory of ``name``; UnknownAdapter if there is none (or the name is not allowed)."""
+        if name in self.pinned:
+            return self.pinned[name]
+        if not isinstance(name, str) or not NAME_RX.match(name) or ".." in name:
+            raise UnknownAdapter(f"{name!r} is not a valid adapter name (letters, digits, '.', '_', '-'; "
+                                 "no path separators)")
+        if self.root is None:
+            raise UnknownAdapter(f"no adapter named {name!r} (no adapters directory was given)")
+        path = (self.root / name).resolve()
+        if path.parent != self.root:  # a symlink (or anything else) pointing out of the directory
+            raise UnknownAdapter(f"no adapter named {name!r}")
+        if not (path / CONFIG_NAME).is_file():
+            raise UnknownAdapter(f"no adapter named {name!r}; available: {', '.join(self.names()) or 'none'}")
+        return path
+
+    def names(self) -> list[str]:
+        found = set(self.pinned)
+        if self.root is not None:
+            for p in self.root.iterdir():
+                if p.is_dir() and NAME_RX.match(p.name) and (p / CONFIG_NAME).is_file() and \
+                        p.resolve().parent == self.root:
+                    found.add(p.name)
+        return sorted(found)
+
+    def check(self, name: str) -> None:
+        """Cheap validation before a request is queued: the name exists and is a LoRA adapter."""
+        path = self.resolve(name)
+        try:
+            config = json.loads((path / CONFIG_NAME).read_text())
+        except ValueError as e:
+            raise ConfigError(f"adapter {name!r}: {CONFIG_NAME} is not valid JSON ({e})") from None
+        if config.get("peft_type") != "LORA" or config.get("use_dora"):
+            raise ConfigError(f"adapter {name!r} is a {config.get('peft_type')}"
+                              f"{' (DoRA)' if config.get('use_dora') else ''} adapter; this server serves LoRA only")
+        if not (path / WEIGHTS_NAME).is_file():
+            raise ConfigError(f"adapter {name!r} has no {WEIGHTS_NAME}")
+
+    def acquire(self, name: str) -> bool:
+        """Make ``name`` resident and hold it; False when every resident adapter is held (wait)."""
+        with self._lock:
+            if name not in self.mm.adapters:
+                path = self.resolve(name)
+                if len(self._lru) >= self.max_loaded:
+                    victim = next((n for n in self._lru if not self._holders.get(n) and n not in self.pinned), None)
+                    if victim is None:
+                        return False
+                    self.mm.delete(victim)
+                    del self._lru[victim]
+                    self.evictions += 1
+                self.mm.load(name, path)
+                self.loads += 1
+            self._lru[name] = None
+            self._lru.move_to_end(name)
+            self._holders[name] = self._holders.get(name, 0) + 1
+            return True
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            if self._holders.get(name):
+                self._holders[name] -= 1
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._lru)

@@ -1,0 +1,158 @@
+"""Two processes (torchrun, Gloo on CPU) train exactly like one process on the same global batch.
+
+One process runs micro-batches of 2 with grad_accum=4; two processes run micro-batches of 2 with
+grad_accum=2 each. The sampler gives rank r every 2nd micro-batch of one global order, so each
+optimiser step sees the same 8 examples and the same label-token count. The loss curve, the
+gradient norms and the final adapter must agree to fp32 round-off (the only difference is the
+order of the cross-rank sums, which changes gradients by ~1e-7 relative and then the weights they
+update): tolerance 5e-6 relative (+1e-6 for the 6-decimal rounding of metrics.jsonl) on the logged
+loss, gradient norm and eval loss, and 1e-5 absolute on the adapter weights (fp32). The weight
+tolerance is 1% of one step's movement (lr 1e-3): Adam divides each gradient element by its own
+running magnitude, so an element whose gradient is near zero turns 1e-7 round-off into ~1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftlab
+from conftest import tiny_overrides
+from peftlab.config import load_config
+from peftlab.errors import ConfigError
+from peftlab.train.distributed import DistContext, LossModule
+from peftlab.train.loop import train
+from test_resume import write_data
+
+SRC = str(Path(peftlab.__file__).resolve().parents[1])
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def overrides(data: Path, out: Path, **extra) -> list[str]:
+    base = {
+        "data.path": data, "data.eval_split": 8, "data.max_length": 96, "peft.r": 4,
+        "train.steps": 4, "train.batch_size": 2, "train.lr": 1e-3, "train.eval_every": 2,
+        "train.threads": 1, "train.mixed_precision": "no", "train.progress": False, "train.output_dir": out,
+    }
+    base.update(extra)
+    return tiny_overrides("llama") + [f"{k}={v}" for k, v in base.items()]
+
+
+def torchrun(args: list[str], resume: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "peftlab", "train", *args]
+    proc = subprocess.run(cmd + (["--resume"] if resume else []), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(run: Path, ref: Path) -> None:
+    a, b = metrics(run), metrics(ref)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]  # rank 0 alone logs
+    for x, y in zip(a, b):
+        assert x["label_tokens"] == y["label_tokens"] and x["lr"] == y["lr"]
+        for key in ("loss", "grad_norm", "eval_loss"):
+            assert (key in x) == (key in y)
+            if key in x:
+                assert abs(x[key] - y[key]) <= 5e-6 * abs(y[key]) + 1e-6, (x["step"], key, x[key], y[key])
+    wa = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+    assert any(wa[k].abs().max() > 1e-4 for k in wa if "lora_B" in k), "the adapters must have trained"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_data(tmp_path_factory.mktemp("data") / "add.jsonl")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, data) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(load_config(None, overrides(data, out, **{"train.grad_accum": 4})))
+    return out
+
+
+def test_ddp_two_processes_match_one(one_process, data, tmp_path):
+    out = tmp_path / "ddp"
+    proc = torchrun(overrides(data, out, **{"train.grad_accum": 2, "train.distributed": "ddp"}))
+    assert "2 processes (ddp)" in proc.stderr
+    assert proc.stdout.count("run directory:") == 1  # only rank 0 reports
+    assert_same_training(out, one_process)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_fsdp_two_processes_match_one(one_process, data, tmp_path):
+    """FSDP2 shards base and adapters over the two ranks; the saved adapter is gathered whole."""
+    out = tmp_path / "fsdp"
+    proc = torchrun(overrides(data, out, **{"train.grad_accum": 2, "train.distributed": "fsdp"}))
+    assert "2 processes (fsdp)" in proc.stderr
+    assert_same_training(out, one_process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp_grad_op"])
+def test_fsdp_resume_restores_sharded_state(one_process, data, tmp_path, mode):
+    """Both FSDP modes match one process, and a resumed run (sharded optimiser state rebuilt from
+    the gathered checkpoint) ends bit-identical to the uninterrupted run."""
+    out = tmp_path / "fsdp"
+    args = overrides(data, out, **{"train.grad_accum": 2, "train.distributed": mode, "train.save_every": 2})
+    proc = torchrun(args)
+    assert f"2 processes ({mode})" in proc.stderr
+    assert_same_training(out, one_process)
+    first = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    proc = torchrun(args, resume=True)
+    assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
+    assert_same_training(out, one_process)
+    again = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    for k in first:
+        assert torch.equal(first[k], again[k]), k
+
+
+def test_one_process_needs_no_engine():
+    ctx = DistContext()
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(ctx.wrap(model, "fsdp"), LossModule) and ctx.grad_scale == 1.0 and ctx.mode == "none"
+    with pytest.raises(ConfigError, match="train.distributed 'zero3' is not one of ddp, fsdp, fsdp_grad_op"):
+        ctx.wrap(model, "zero3")
+    with pytest.raises(ConfigError, match="train.distributed"):
+        load_config(None, ["train.distributed=deepspeed"])
+
+
+def test_grad_scale_undoes_averaging():
+    """The arithmetic the loop relies on: W ranks, each loss x W / N, averaged -> sum / N."""
+    ctx = DistContext(rank=0, world_size=2, mode="ddp")
+    per_rank = [torch.tensor(3.0), torch.tensor(5.0)]
+    n_global = 4
+    averaged = sum(g * ctx.grad_scale / n_global for g in per_rank) / ctx.world_size
+    assert averaged == sum(per_rank) / n_global
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "train.distributed=fsdp_grad_op"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "train.distributed=fsdp "),
+    ({"ACCELERATE_USE_FSDP": "true"}, "set train.distributed=fsdp"),
+])
+def test_a_deepspeed_or_fsdp_launch_is_never_silently_run_as_ddp(monkeypatch, env, match):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=match):
+        DistContext().wrap(torch.nn.Linear(2, 2), "ddp")

@@ -1,0 +1,186 @@
+"""Continuous batching: every request's tokens equal the same request run alone (HF generate on a
+model with just that adapter), while requests join and leave a mixed-adapter batch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import tokenizer_for
+from peftlab.errors import ConfigError
+from peftlab.export.adapter import load_adapter
+from peftlab.serve.engine import Engine, EngineBusy, SamplingParams, Sequence
+from peftlab.serve.multi_lora import MultiLoRAModel
+from peftlab.serve.store import AdapterStore, UnknownAdapter
+from shipkit import load_base, make_adapter, save_tiny_base
+
+PROMPTS = [  # (prompt, adapter, max_tokens)
+    ("Hello there, how are", "a", 12),
+    ("One", None, 9),
+    ("The list of things I would like to buy at the store today is long:", "b", 14),
+    ("What is two plus two", "c", 5),
+    ("Tell me a story about a fox", "a", 10),
+    ("Why", "b", 11),
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def setup(request, tmp_path_factory):
+    arch = request.param
+    root = tmp_path_factory.mktemp("eng-" + arch)
+    base = save_tiny_base(arch, root / "base")
+    adapters = root / "adapters"
+    targets = {"a": "all-linear", "b": ["q_proj", "v_proj"] if arch == "llama" else ["c_attn"],
+               "c": ["down_proj"] if arch == "llama" else ["c_fc"]}
+    for i, (name, t) in enumerate(targets.items()):
+        make_adapter(base, adapters / name, r=2 + 2 * i, targets=t, seed=30 + i)
+    tok = tokenizer_for(arch)
+    refs = {}
+    for prompt, adapter, n in PROMPTS:
+        model, _ = load_base(base)
+        if adapter:
+            load_adapter(model, adapters / adapter)
+        ids = tok(prompt, add_special_tokens=False).input_ids
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        refs[prompt] = out[0, len(ids):].tolist()
+    return base, adapters, tok, refs
+
+
+def _engine(base, adapters, tok, max_batch=3, max_loaded=8, **kw):
+    model, _ = load_base(base)
+    mm = MultiLoRAModel(model)
+    store = AdapterStore(mm, adapters, max_loaded=max_loaded)
+    return Engine(mm, tok, store=store, max_batch=max_batch, **kw), store
+
+
+def _seq(tok, prompt, adapter, n, **kw):
+    return Sequence(tok(prompt, add_special_tokens=False).input_ids, adapter, SamplingParams(max_tokens=n, **kw))
+
+
+def test_continuous_batching_equals_single_runs(setup):
+    base, adapters, tok, refs = setup
+    engine, store = _engine(base, adapters, tok, max_batch=3)
+    events: dict[int, list] = {}
+    seqs = []
+    for prompt, adapter, n in PROMPTS[:3]:
+        s = _seq(tok, prompt, adapter, n)
+        s.on_event = lambda seq, kind, data: events.setdefault(seq.id, []).append((kind, data))
+        seqs.append(engine.submit(s))
+    for _ in range(3):  # a few steps, then more requests arrive while the first ones run
+        engine.step()
+    for prompt, adapter, n in PROMPTS[3:]:
+        seqs.append(engine.submit(_seq(tok, prompt, adapter, n)))
+    while not all(s.done for s in seqs):
+        assert engine.step()
+    assert engine.stats["max_rows"] == 3 and engine.stats["prefills"] >= 3
+    for s, (prompt, adapter, _n) in zip(seqs, PROMPTS):
+        assert s.generated == refs[prompt], (prompt, adapter)
+        assert s.finish_reason == ("stop" if refs[prompt][-1] == tok.eos_token_id else "length")
+    # streamed pieces add up to the final text, which is the decoded tokens
+    first = seqs[0]
+    texts = [d for k, d in events[first.id] if k == "text"]
+    assert "".join(texts) == first.text == tok.decode(first.generated, skip_special_tokens=True)
+    assert events[first.id][-1] == ("done", first.finish_reason)
+    assert not engine.running and engine.cache is None
+    assert store.resident() and all(not h for h in store._holders.values())
+
+
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
+def test_lru_cache_waits_for_busy_adapters_and_stays_correct(setup):
+    base, adapters, tok, refs = setup
+    engine, store = _engine(base, adapters, tok, max_batch=3, max_loaded=2)
+    seqs = [engine.submit(_seq(tok, p, a, n)) for p, a, n in PROMPTS]
+    while not all(s.done for s in seqs):
+        engine.step()
+        assert len(store.resident()) <= 2
+    for s, (prompt, _, _) in zip(seqs, PROMPTS):
+        assert s.generated == refs[prompt]
+    assert store.evictions >= 1 and store.loads >= 3
+
+
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
+def test_stop_strings_cancel_limits_and_seeds(setup):
+    base, adapters, tok, refs = setup
+    engine, _ = _engine(base, adapters, tok, max_batch=2, max_queue=3)
+    prompt, adapter, n = PROMPTS[2]
+    full = tok.decode(refs[prompt], skip_special_tokens=True)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    pieces = []
+    s = _seq(tok, prompt, adapter, n, stop=(stop,))
+    s.on_event = lambda seq, kind, data: pieces.append(data) if kind == "text" else None
+    other = _seq(tok, *PROMPTS[0])
+    engine.generate([s, other])
+    assert s.finish_reason == "stop" and s.text == full[: full.find(stop)]
+    assert "".join(pieces) == s.text and not any(stop in p for p in pieces)
+    assert other.generated == refs[PROMPTS[0][0]]
+    # cancel one row mid-flight: it stops, the other keeps going and stays exact
+    a, b = _seq(tok, *PROMPTS[4]), _seq(tok, *PROMPTS[5])
+    engine.submit(a), engine.submit(b)
+    engine.step()
+    a.cancel()
+    while not b.done:
+        engine.step()
+    assert a.finish_reason == "cancelled" and b.generated == refs[PROMPTS[5][0]]
+    # a bounded queue and a bounded context
+    for _ in range(3):
+        engine.submit(_seq(tok, "hi", None, 2))
+    with pytest.raises(EngineBusy, match="busy"):
+        engine.submit(_seq(tok, "hi", None, 2))
+    with pytest.raises(ConfigError, match="context limit"):
+        engine.submit(_seq(tok, "word " * 300, None, 2))
+    while engine.step():
+        pass
+    # sampling: the same seed gives the same tokens
+    runs = [engine.generate([_seq(tok, "Once upon", "a", 8, temperature=1.0, top_p=0.9, seed=seed)])[0].generated
+            for seed in (1, 1, 2)]
+    assert runs[0] == runs[1] and len(runs[0]) >= 1
+
+
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
+def test_damaged_adapter_fails_only_its_request(setup, tmp_path):
+    base, adapters, tok, refs = setup
+    import shutil
+
+    root = tmp_path / "adapters"
+    shutil.copytree(adapters / "a", root / "a")
+    shutil.copytree(adapters / "a", root / "broken")
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    model, _ = load_base(base)
+    mm = MultiLoRAModel(model)
+    engine = Engine(mm, tok, store=AdapterStore(mm, root), max_batch=2)
+    bad, good = _seq(tok, "hi", "broken", 3), _seq(tok, *PROMPTS[0])
+    engine.generate([bad, good])
+    assert bad.finish_reason == "error" and "cannot be read as safetensors" in bad.error
+    assert good.generated == refs[PROMPTS[0][0]]
+    # an interrupted answer can be aborted wherever it is
+    s = engine.submit(_seq(tok, *PROMPTS[1]))
+    engine.step()
+    engine.abort(s)
+    assert s.finish_reason == "cancelled" and not engine.running and engine.cache is None
+    assert engine.store._holders.get("a") == 0
+
+
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
+def test_adapter_names_cannot_escape(setup, tmp_path):
+    base, adapters, tok, _ = setup
+    outside = tmp_path / "outside"
+    make_adapter(base, outside, r=2, targets="all-linear")
+    link = adapters / "sneaky"
+    if not link.exists():
+        os.symlink(outside, link)
+    _, store = _engine(base, adapters, tok)
+    for name in ("../outside", "a/../b", "/etc", "..", "a/", "sneaky", "nope", "", "a\x00"):
+        with pytest.raises(UnknownAdapter):
+            store.resolve(name)
+    assert store.names() == ["a", "b", "c"]
+    assert store.resolve("a") == (adapters / "a").resolve()
+
+
+def test_references_are_not_trivial(setup):
+    _, _, tok, refs = setup
+    lengths = [len(refs[p]) for p, _, _ in PROMPTS]
+    assert sum(lengths) >= 40, lengths
+    assert len({tuple(refs[p]) for p, _, _ in PROMPTS}) == len(PROMPTS)

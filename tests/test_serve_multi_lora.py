@@ -1,0 +1,222 @@
+"""Many adapters on one base: mixed-adapter batches equal per-row runs; switch, disable, delete,
+combine (checked against PEFT's add_weighted_adapter and against the formulas), save."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peftlab.errors import ConfigError
+from peftlab.export.adapter import load_adapter
+from peftlab.serve.multi_lora import MultiLoRAModel
+from shipkit import load_base, make_adapter, save_tiny_base
+
+ADAPTERS = {  # name: (r, alpha, targets, rslora)
+    "llama": {
+        "a": (2, 4.0, "all-linear", False),
+        "b": (8, 8.0, ["q_proj", "v_proj"], True),
+        "c": (4, 16.0, ["gate_proj", "down_proj"], False),
+    },
+    "gpt2": {
+        "a": (2, 4.0, "all-linear", False),
+        "b": (8, 8.0, ["c_attn"], True),
+        "c": (4, 16.0, ["c_fc", "c_proj"], False),
+    },
+}
+
+
+IDS = torch.randint(0, 1000, (5, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def setup(request, tmp_path_factory):
+    """(base dir, adapter dirs, reference logits per adapter on IDS from peftlab's LoRALinear)."""
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    base = save_tiny_base(arch, root / "base")
+    dirs = {}
+    for i, (name, (r, alpha, targets, rslora)) in enumerate(ADAPTERS[arch].items()):
+        dirs[name] = make_adapter(
+            base, root / name, r=r, alpha=alpha, targets=targets, use_rslora=rslora, seed=10 + i
+        )
+    refs = {}
+    for name in ("a", "b", "c", None):
+        model, _ = load_base(base)
+        if name is not None:
+            load_adapter(model, dirs[name])
+        with torch.no_grad():
+            refs[name] = model(input_ids=IDS).logits
+    # the adapters differ from each other and from the base, so the routing is really tested
+    for x, y in (("a", "b"), ("b", "c"), ("a", None)):
+        assert (refs[x] - refs[y]).abs().max() > 1e-2
+    return base, dirs, refs
+
+
+def _multi(base, dirs, mode="auto"):
+    model, _ = load_base(base)
+    mm = MultiLoRAModel(model, mode=mode)
+    for name, d in dirs.items():
+        mm.load(name, d)
+    return mm
+
+
+def test_mixed_batch_equals_each_row_alone(setup):
+    base, dirs, refs = setup
+    rows = ["a", None, "b", "c", "a"]
+    mm = _multi(base, dirs)
+    for mode in ("gather", "grouped", "auto"):
+        mm.router.mode = mode
+        with torch.no_grad(), mm.route(rows):
+            mixed = mm(input_ids=IDS).logits
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(mixed[i], refs[name][i], atol=1e-5, rtol=0, msg=f"{mode} row {i}")
+    # a batch where every row has the same adapter (auto: one plain matmul)
+    with torch.no_grad(), mm.route(["b"] * 5):
+        torch.testing.assert_close(mm(input_ids=IDS).logits, refs["b"], atol=1e-5, rtol=0)
+
+
+def test_switch_disable_delete_and_slot_reuse(setup):
+    base, dirs, ref = setup
+    ids = IDS[:2]
+    ref = {k: v[:2] for k, v in ref.items()}
+    mm = _multi(base, dirs)
+    with torch.no_grad():
+        for name in ("b", "a", None, "c"):
+            mm.set_active(name)
+            torch.testing.assert_close(mm(input_ids=ids).logits, ref[name], atol=1e-5, rtol=0)
+        mm.set_active("c")
+        with mm.disabled():
+            torch.testing.assert_close(mm(input_ids=ids).logits, ref[None], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mm(input_ids=ids).logits, ref["c"], atol=1e-5, rtol=0)  # back on after
+        slot_b = mm.adapters["b"].slot
+        mm.delete("b")
+        with pytest.raises(ConfigError, match="no adapter named 'b'"):
+            mm.set_active("b")
+        # a new adapter of smaller rank reuses b's slot; nothing of b may leak into it
+        mm.load("c2", dirs["c"])
+        assert mm.adapters["c2"].slot == slot_b
+        mm.set_active("c2")
+        torch.testing.assert_close(mm(input_ids=ids).logits, ref["c"], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="not allowed"):
+        mm.load("../evil", dirs["a"])
+    with pytest.raises(ConfigError, match="already loaded"):
+        mm.load("a", dirs["a"])
+
+
+def _peft_with(base, dirs, names):
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    pm = PeftModel.from_pretrained(hf, dirs[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(dirs[n], adapter_name=n)
+    return pm
+
+
+def _peft_delta(pm, name, path, fan_in_fan_out):
+    layer = pm.base_model.model.get_submodule(path)
+    if name not in layer.lora_A:
+        return None
+    d = layer.get_delta_weight(name).float()
+    return d.T if fan_in_fan_out else d
+
+
+def test_combine_matches_peft(tmp_path):
+    base = save_tiny_base("llama", tmp_path / "base")
+    dirs = {
+        n: make_adapter(base, tmp_path / n, r=4, alpha=a, targets=t, seed=20 + i)
+        for i, (n, a, t) in enumerate(
+            [("x", 8.0, "all-linear"), ("y", 4.0, ["q_proj", "o_proj"]), ("z", 2.0, "all-linear")]
+        )
+    }
+    weights = [0.7, -0.4, 1.3]
+    mm = _multi(base, dirs)
+    pm = _peft_with(base, dirs, ["x", "y", "z"])
+    for how in ("linear", "cat", "svd"):
+        mm.combine(how, ["x", "y", "z"], weights, how=how)
+        pm.add_weighted_adapter(["x", "y", "z"], weights, how, combination_type=how)
+    for how in ("linear", "cat", "svd"):
+        compared = 0
+        for path in mm.layers():
+            ours = mm.delta_weight(how, path)
+            theirs = _peft_delta(pm, how, path, False)
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4, msg=f"{how} {path}")
+            compared += 1
+        assert compared == 14  # 2 layers x 7 linear layers
+        # the formulas themselves
+        for path in mm.layers():
+            exact = sum(w * mm.delta_weight(n, path) for n, w in zip("xyz", weights))
+            got = mm.delta_weight(how, path)
+            if how == "cat":
+                torch.testing.assert_close(got, exact, atol=1e-6, rtol=0)
+            elif how == "svd":
+                s = torch.linalg.svdvals(exact)
+                # Eckart-Young: the residual of the best rank-4 approximation is the tail of the spectrum
+                torch.testing.assert_close(
+                    torch.linalg.matrix_norm(exact - got), s[4:].norm(), atol=1e-5, rtol=1e-4
+                )
+            else:
+                f = {n: mm.factors(n).get(path) for n in "xyz"}
+                a = sum(
+                    torch.sign(torch.tensor(w * f[n][2])) * (abs(w * f[n][2]) ** 0.5) * f[n][0]
+                    for n, w in zip("xyz", weights)
+                    if f[n]
+                )
+                b = sum((abs(w * f[n][2]) ** 0.5) * f[n][1] for n, w in zip("xyz", weights) if f[n])
+                torch.testing.assert_close(got, b @ a, atol=1e-6, rtol=0)
+
+
+def test_combine_ranks_save_and_reload(tmp_path):
+    base = save_tiny_base("gpt2", tmp_path / "base")
+    dirs = {
+        "p": make_adapter(base, tmp_path / "p", r=2, targets=["c_attn"], seed=1),
+        "q": make_adapter(base, tmp_path / "q", r=8, targets=["c_attn", "c_fc"], seed=2),
+    }
+    mm = _multi(base, dirs)
+    with pytest.raises(ConfigError, match="one rank"):
+        mm.combine("bad", ["p", "q"], [1, 1], how="linear")
+    mm.combine("full", ["p", "q"], [0.5, 2.0], how="svd", rank=10)  # rank >= 2 + 8: exact
+    mm.combine("cat", ["p", "q"], [0.5, 2.0], how="cat")
+    for path in mm.layers():
+        exact = 0.5 * mm.delta_weight("p", path) + 2.0 * mm.delta_weight("q", path)
+        torch.testing.assert_close(mm.delta_weight("full", path), exact, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mm.delta_weight("cat", path), exact, atol=1e-6, rtol=0)
+    assert mm.adapters["cat"].r == 10
+    # a combined adapter ships as a normal PEFT LoRA directory
+    mm.save("cat", tmp_path / "cat_dir", base_model_name=str(base))
+    ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(2))
+    mm.set_active("cat")
+    with torch.no_grad():
+        ours = mm(input_ids=ids).logits
+        fresh, _ = load_base(base)
+        load_adapter(fresh, tmp_path / "cat_dir")
+        torch.testing.assert_close(fresh(input_ids=ids).logits, ours, atol=1e-5, rtol=0)
+        pm = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base), tmp_path / "cat_dir"
+        ).eval()
+        torch.testing.assert_close(pm(input_ids=ids).logits, ours, atol=1e-5, rtol=0)
+
+
+def test_peft_trained_adapter_and_rejections(tmp_path):
+    base = save_tiny_base("llama", tmp_path / "base")
+    torch.manual_seed(5)
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"], init_lora_weights=False),
+    )
+    pm.save_pretrained(tmp_path / "peft")
+    mm = _multi(base, {"peft": tmp_path / "peft"})
+    ids = torch.randint(0, 1000, (1, 5))
+    with torch.no_grad(), mm.route(["peft"]):
+        torch.testing.assert_close(
+            mm(input_ids=ids).logits, pm.eval()(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
+    dora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
+    dora.save_pretrained(tmp_path / "dora")
+    with pytest.raises(ConfigError, match="use_dora"):
+        mm.load("dora", tmp_path / "dora")
+    other = save_tiny_base("llama", tmp_path / "other", hidden=32, intermediate=64)
+    with pytest.raises(ConfigError, match="another base model"):
+        mm.load("wrong", make_adapter(other, tmp_path / "wrong"))

@@ -1,0 +1,92 @@
+"""The lean greedy decoder emits Hugging Face ``generate``'s tokens, token for token: batch 1 and
+left-padded batches, GQA, with LoRA adapters merged and unmerged; ``generate`` uses it only when
+it is safe and falls back otherwise."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import randomize, tiny_model
+from peftlab.eval import decode
+from peftlab.methods import lora as lora_mod
+from peftlab.methods.lora import LoRAConfig
+
+
+def _prompts(b: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lens = [9, 4, 7, 2, 9, 5][:b]
+    width = max(lens)
+    ids = torch.zeros(b, width, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, width - n:] = torch.randint(3, 900, (n,), generator=g)
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+def _hf(model, ids, mask, n, eos):
+    model.config.use_cache = True
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                          pad_token_id=0, eos_token_id=eos, temperature=None, top_p=None, top_k=None)
+
+
+def test_lean_greedy_equals_hf_generate_batch1_and_padded_batch():
+    model, _ = tiny_model("llama")
+    assert decode.supports(model)
+    for b in (1, 4):
+        ids, mask = _prompts(b, seed=b)
+        ref = _hf(model, ids, mask, 24, [10_000])  # an eos id that never comes: all 24 tokens compared
+        got = decode.lean_greedy(model, ids, mask, 24, [10_000], 0)
+        assert torch.equal(got, ref), (got, ref)
+
+
+def test_lean_greedy_stops_and_pads_like_hf():
+    model, _ = tiny_model("llama")
+    ids, mask = _prompts(3, seed=5)
+    free = decode.lean_greedy(model, ids, mask, 12, [10_000], 0)
+    eos = int(free[0, ids.shape[1] + 3])  # row 0's 4th new token becomes "eos"
+    ref = _hf(model, ids, mask, 12, [eos])
+    got = decode.lean_greedy(model, ids, mask, 12, [eos], 0)
+    assert torch.equal(got, ref)
+
+
+def test_lean_greedy_with_lora_unmerged_and_merged_equals_hf():
+    model, _ = tiny_model("llama")
+    lora_mod.apply(model, LoRAConfig(r=4))
+    randomize(model, std=0.3)
+    model.eval()
+    assert decode.supports(model)
+    ids, mask = _prompts(2, seed=7)
+    ref = _hf(model, ids, mask, 16, [10_000])
+    assert torch.equal(decode.lean_greedy(model, ids, mask, 16, [10_000], 0), ref)
+    for layer in lora_mod.lora_layers(model).values():
+        layer.merge()  # the cached fused weights are rebuilt (the base weights changed)
+    assert torch.equal(decode.lean_greedy(model, ids, mask, 16, [10_000], 0), ref)
+    plain = tiny_model("llama")[0]
+    assert not torch.equal(decode.lean_greedy(plain, ids, mask, 16, [10_000], 0), ref)  # the adapter matters
+
+
+def test_supports_declines_other_architectures_and_wrappers():
+    gpt2, _ = tiny_model("gpt2")
+    assert not decode.supports(gpt2)
+    model, _ = tiny_model("llama")
+    model.model.layers[0].mlp.register_forward_hook(lambda *a: None)
+    assert not decode.supports(model)
+
+
+def test_generate_uses_lean_path_and_matches_hf(monkeypatch):
+    """peftlab.eval.generate.generate: same answers with the lean path on and forced off."""
+    from peftlab.data.tokenize import Encoder
+    from peftlab.eval import generate as gen
+
+    model, tok = tiny_model("llama")
+    enc = Encoder(tok, "chat", 128)
+    prompts = ["Add 2 and 3.", "Name a colour.", "Hi"]
+    calls = []
+    real = decode.lean_greedy
+    monkeypatch.setattr(decode, "lean_greedy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = gen.generate(model, tok, enc, prompts, max_new_tokens=10, batch_size=2)
+    assert calls, "the lean decoder was not used"
+    monkeypatch.setattr(decode, "supports", lambda m: False)
+    slow = gen.generate(model, tok, enc, prompts, max_new_tokens=10, batch_size=2)
+    assert fast == slow
