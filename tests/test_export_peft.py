@@ -79,11 +79,20 @@ def test_peft_regex_targets_and_rejections(bases, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=IDS).logits, peft_model.eval()(input_ids=IDS).logits,
                                    atol=1e-5, rtol=0)
-    # modules_to_save: a clear error naming the key, not a shape mismatch deep in torch
-    m2 = get_peft_model(_hf(bases["llama"]), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    # modules_to_save (a trained copy of the head, tied to the embeddings in the base): loads with
+    # PEFT's logits, the copy's changes included
+    m2 = get_peft_model(_hf(bases["llama"]), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                        init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in m2.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.01 * torch.randn_like(p))
     m2.save_pretrained(tmp_path / "mts")
-    with pytest.raises(ConfigError, match="modules_to_save"):
-        adapter_method_config(tmp_path / "mts")
+    assert adapter_method_config(tmp_path / "mts").additional_targets
+    model, _ = load_base(bases["llama"])
+    load_adapter(model, tmp_path / "mts")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, m2.eval()(input_ids=IDS).logits, atol=1e-5, rtol=0)
     # pickled weights are refused with the reason
     (tmp_path / "pk").mkdir()
     (tmp_path / "pk" / "adapter_config.json").write_text("{}")

@@ -107,7 +107,7 @@ def test_a_diverging_run_stops_after_max_bad_steps_with_a_clear_message(tmp_path
 @pytest.mark.parametrize("extra, match", [
     ({"train.batch_size": 100, "train.steps": 1}, r"train.batch_size=100 .* there are 64; lower train.batch_size"),
     ({"data.max_length": 1024}, r"reach \d+ tokens, but the model's context is 256 positions; set data.max_length=256"),
-    ({"peft.targets": "embed_tokens"}, r"peft.targets"),
+    ({"peft.targets": "no_such_layer"}, r"peft.targets"),
     ({"peft.r": 1000}, r"peft.r=1000 does not fit"),
     ({"train.lr": "nan"}, r"train.lr must be a finite number"),
     ({"train.adam_betas": "0.9,1.5"}, r"train.adam_betas\[1\] must be < 1.0"),

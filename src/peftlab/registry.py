@@ -52,11 +52,20 @@ class Method:
     param_groups: optional ``param_groups(model, cfg, lr, weight_decay) -> list[dict]`` for
                   methods that need their own optimizer groups (LoRA+).
     on_step:      optional ``on_step(model, cfg, step, optimizer) -> dict | None`` called after
-                  every optimizer step (methods whose training procedure changes over time, e.g.
-                  LISA's layer switch, which also edits the optimizer's param groups). It must bring
-                  the model to its state for ``step`` and be idempotent: on resume the loop calls it
-                  once with the checkpoint's step before loading the checkpoint. A returned dict is
-                  added to that step's metrics record (e.g. MoE router statistics).
+                  every optimizer step (``step`` counts completed steps, from 1), while that step's
+                  gradients are still in ``.grad`` (methods whose training procedure changes over
+                  time: AdaLoRA's importance scores read the gradients, ReLoRA restarts, LISA's layer
+                  switch edits the optimizer's param groups). It must bring the model to its state
+                  for ``step`` and be idempotent: on resume the loop calls it once with the
+                  checkpoint's step before loading the checkpoint. A returned dict is added to that
+                  step's metrics record (e.g. MoE router statistics).
+    on_train_start: optional ``on_train_start(model, cfg, total_steps) -> None`` called by the
+                  training loop once, after ``apply`` and before the optimiser is built (and
+                  before a resumed checkpoint is loaded): things that belong to training only,
+                  not to loading a saved adapter (continuing from an adapter, AdaLoRA's schedule).
+    saved_config: optional ``saved_config(cfg, model) -> cfg``: the method config a saved adapter
+                  is loaded with, when saving rewrites the adapter (PiSSA/OLoRA are saved as a
+                  plain LoRA of rank 2r against the untouched base, as PEFT does).
     param_extra:  optional ``param_extra(model, cfg) -> dict`` of figures ``peftlab params``
                   adds to its report and JSON.
     finalize:     optional ``finalize(model, cfg) -> None`` turning a trained model into its
@@ -66,7 +75,7 @@ class Method:
                   the saved (folded) ones.
     aux_loss:     optional ``aux_loss(model, cfg, batch) -> Tensor | None``: an extra term of the
                   training objective for the micro-batch just run forward, as a mean per label token
-                  (MoE load balancing). The loop adds ``aux * label_tokens`` to the micro-batch's loss
+                  (MoE load balancing, AdaLoRA's orthogonality regulariser). The loop adds ``aux * label_tokens`` to the micro-batch's loss
                   sum, so gradient accumulation stays exact; eval loss never includes it.
     """
 
@@ -82,6 +91,8 @@ class Method:
     from_peft_keys: Callable[[dict], dict] = strip_peft_prefix
     param_groups: Callable[..., list[dict]] | None = None
     on_step: Callable[..., None] | None = None
+    on_train_start: Callable[..., None] | None = None
+    saved_config: Callable[..., Any] | None = None
     param_extra: Callable[..., dict] | None = None  # extra figures for `peftlab params` (e.g. LISA)
     finalize: Callable[[nn.Module, Any], None] | None = None
     aux_loss: Callable[..., Any] | None = None

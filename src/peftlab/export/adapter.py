@@ -129,6 +129,8 @@ def save_adapter(model: nn.Module, peft_cfg, out_dir: str | Path, base_model_nam
     method = registry.get(peft_cfg.method)
     if method.peft_type is None:
         raise ConfigError(f"method {method.name!r} saves a whole model, not an adapter")
+    if method.saved_config is not None:  # e.g. PiSSA is saved as a plain LoRA against the untouched base
+        peft_cfg = method.saved_config(peft_cfg, model)
     state = method.to_peft_keys(adapter_state(model, method))
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     config = method.to_peft_config(peft_cfg, model) if method.to_peft_config else {"peft_type": method.peft_type}
@@ -198,12 +200,16 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, peft_cfg=None):
     config, record = read_adapter_config(adapter_dir)
     cfg = peft_cfg or adapter_method_config(adapter_dir)
     method = registry.get(cfg.method)
+    from ..methods.extras import prepare_base_for_adapter
+
+    # tokens added before training: grow the base's embeddings to the adapter's vocabulary first
+    tensors = prepare_base_for_adapter(model, load_file(str(adapter_dir / WEIGHTS_NAME)))
     if record:
         check_fingerprint(adapter_dir, record, model)
     method.apply(model, cfg)
     if method.finalize is not None:  # saved adapters hold the inference form (e.g. P-tuning's folded prompt)
         method.finalize(model, cfg)
-    loaded = method.from_peft_keys(load_file(str(adapter_dir / WEIGHTS_NAME)))
+    loaded = method.from_peft_keys(tensors)
     expected = adapter_state(model, method)
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))

@@ -141,9 +141,13 @@ def _untie_if_changed(model: nn.Module, snapshot) -> bool:
     if snapshot is None:
         return False
     shared, before = snapshot
-    if torch.equal(shared.detach(), before):
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not model.get_input_embeddings().weight:
+        pass  # the method's merge already gave the head its own weight (embeddings unchanged)
+    elif torch.equal(shared.detach(), before):
         return False
-    model.get_input_embeddings().weight = nn.Parameter(before, requires_grad=False)
+    else:
+        model.get_input_embeddings().weight = nn.Parameter(before, requires_grad=False)
     model.config.tie_word_embeddings = False
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else None
     if text is not None and text is not model.config:

@@ -10,6 +10,7 @@
   work for every architecture). Used for parameter counting and tests.
 
 Nothing here downloads: a name that is none of the above is an error that says so.
+``model.quantize`` (nf4 | int8) quantises the frozen base right after loading (``quantize_base``).
 """
 
 from __future__ import annotations
@@ -284,5 +285,23 @@ def load_model(cfg, *, seed: int = 0, with_tokenizer: bool = True, device: str |
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **attn)
     if not meta:
         model.to(dev)
+    quantize_base(model, cfg.quantize)
     model.eval()
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------- quantised base
+
+
+def quantize_base(model, kind: str | None):
+    """``model.quantize``: store the frozen base in 4-bit NF4 or 8-bit (after loading, in place).
+
+    Every linear layer except the LM head is replaced by a quantised layer (see
+    ``peftlab.quant``); embeddings and norms keep ``model.dtype``. A model on the meta device
+    (parameter counting) is left as it is: its counts are those of the float model.
+    """
+    if kind is None or str(kind).lower() == "none":
+        return model
+    from ..quant import quantize_model
+
+    return quantize_model(model, kind)

@@ -78,5 +78,10 @@ def param_report(model: nn.Module, extra: dict | None = None) -> ParamReport:
         if p.requires_grad:
             entry[0] += n
             trainable += n
+    for _, module in model.named_modules():  # a quantised base layer's weight is a buffer: count it, frozen
+        n = getattr(module, "quantized_numel", 0)
+        if n:
+            by_type.setdefault(type(module).__name__, [0, 0])[1] += n
+            total += n
     ordered = OrderedDict(sorted(((k, tuple(v)) for k, v in by_type.items()), key=lambda kv: (-kv[1][0], -kv[1][1])))
     return ParamReport(trainable, total, ordered, dict(extra or {}))

@@ -9,6 +9,10 @@
 - a regex string (it contains one of ``\\ * + ? [ ( | ^ $``) that must match the whole dotted path.
 
 A pattern that matches nothing is an error that lists the candidate layer names.
+
+A quantised base layer (``peftlab.quant.QuantLinear``, bitsandbytes' 4/8-bit linears) counts as a
+linear layer; ``weight_matrix`` / ``set_weight_matrix`` read and write any of them as a float
+[out, in] matrix (dequantising / requantising where needed).
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
+from ..quant.layers import QuantLinear
 
-LINEAR_TYPES = (nn.Linear, Conv1D)
+LINEAR_TYPES = (nn.Linear, Conv1D, QuantLinear)
 _REGEX_CHARS = set("\\*+?[(|^$")
 
 
@@ -34,6 +40,56 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
     return module.in_features, module.out_features
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear layer as [out, in] (a view for Linear/Conv1D; dequantised, fp32, for
+    quantised layers). Callers must not modify it in place; use ``set_weight_matrix``."""
+    if isinstance(module, QuantLinear):
+        return module.dequantize(torch.float32)
+    kind = type(module).__name__
+    if kind == "Linear4bit":  # bitsandbytes (CUDA)
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if kind == "Linear8bitLt":
+        w = module.weight
+        return w.CB.float() * (w.SCB.float()[:, None] / 127.0)
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    return module.weight
+
+
+@torch.no_grad()
+def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Write a float [out, in] weight into a linear layer (requantising a quantised one: lossy)."""
+    if isinstance(module, QuantLinear):
+        module.quantize_(w.to(module.device))
+        return
+    kind = type(module).__name__
+    if kind in ("Linear4bit", "Linear8bitLt"):
+        import bitsandbytes as bnb
+
+        dev = module.weight.device
+        if kind == "Linear4bit":
+            module.weight = bnb.nn.Params4bit(w.float().cpu().to(module.compute_dtype or torch.float16),
+                                              requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                              blocksize=64).to(dev)
+        else:
+            module.weight = bnb.nn.Int8Params(w.cpu().to(torch.float16), requires_grad=False,
+                                              has_fp16_weights=False).to(dev)
+        return
+    target = module.weight.T if isinstance(module, Conv1D) else module.weight
+    target.copy_(w.to(target.dtype))
+
+
+def layer_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """(dtype the layer computes in, device) for float and quantised linear layers alike."""
+    if isinstance(module, QuantLinear):
+        return module.dtype, module.device
+    if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        return getattr(module, "compute_dtype", None) or torch.float16, module.weight.device
+    return module.weight.dtype, module.weight.device
 
 
 def output_head_names(model: nn.Module) -> set[str]:

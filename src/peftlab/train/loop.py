@@ -8,11 +8,12 @@
         log (metrics.jsonl, progress bar); eval loss every eval_every; checkpoint every save_every
     save the adapter (PEFT layout) or, for full fine-tuning, the whole model
 
-Methods plug in through ``apply`` (which modules train), ``param_groups``, ``aux_loss``, ``on_step``
-and ``finalize`` (see registry.Method); distribution through ``train/distributed.py`` (the engine the
-loss is computed with, gradient sync, reductions); resume through ``train/checkpoint.py``. Nothing
-here branches on the method's name or the engine. Before any work, ``validate.py`` checks the inputs
-(paths, values, the data against the model's context and the batch), so an impossible run stops at once.
+Methods plug in through ``apply`` (which modules train), ``param_groups``, ``on_train_start``,
+``aux_loss`` (an extra term of each micro-batch's objective), ``on_step`` and ``finalize`` (see
+registry.Method); distribution through ``train/distributed.py`` (the engine the loss is computed
+with, gradient sync, reductions); resume through ``train/checkpoint.py``. Nothing here branches on
+the method's name or the engine. Before any work, ``validate.py`` checks the inputs (paths, values,
+the data against the model's context and the batch), so an impossible run stops at once.
 """
 
 from __future__ import annotations
@@ -306,6 +307,8 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
     amp = resolve_precision(t.mixed_precision, device)
     steps = total_steps(cfg, len(train_ex), dist.world_size)
     sampler = data.sampler(t.batch_size, t.seed, cfg.data.shuffle, dist.rank, dist.world_size)
+    if method.on_train_start is not None:
+        method.on_train_start(model, cfg.peft, steps)
     report = param_report(model)  # before wrapping: FSDP turns parameters into shards
     engine = dist.wrap(model, t.distributed, **apply_speed_options(model, t))
     optimizer = build_optimizer(model, method, cfg.peft, t)
@@ -357,13 +360,16 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
             n_local = sum(count_label_tokens(b["labels"]) for b in micro)
             n_tokens = int(dist.all_reduce_sum(torch.tensor(float(n_local), device=device)).item())
             loss_total = torch.zeros((), device=device)
+            aux_total = None
             for i, batch in enumerate(micro):
                 batch = _to_device(batch, device)
                 with dist.accumulating(engine, last=i == len(micro) - 1):
                     with autocast(device, amp):
                         loss_sum, n_micro = engine(batch)
                         aux = method.aux_loss(model, cfg.peft, batch) if method.aux_loss is not None else None
-                    objective = loss_sum if aux is None else loss_sum + aux * n_micro
+                    objective = loss_sum if aux is None else loss_sum + aux.float() * n_micro
+                    if aux is not None:
+                        aux_total = float(aux.detach()) * n_micro / max(n_tokens, 1) + (aux_total or 0.0)
                     # grad_scale undoes DDP/FSDP's averaging over ranks (see train/distributed.py)
                     (objective * dist.grad_scale / max(n_tokens, 1)).backward()
                 loss_total += loss_sum.detach()
@@ -374,7 +380,7 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
             loss = float(loss_total) / max(n_tokens, 1)
             # --- guard: a non-finite loss or gradient never reaches the weights
             if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
-                optimizer.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
                 bad_in_row += 1
                 skipped += 1
                 if dist.is_main:
@@ -393,18 +399,23 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             if t.threads == 0 and dist.world_size == 1 and step % 25 == 0:  # neighbours come and go
                 threads = set_threads(0)
+            # before zero_grad: AdaLoRA reads this step's gradients
             extra = method.on_step(model, cfg.peft, step, optimizer) if method.on_step is not None else None
             if method.on_step is not None:
                 params = trainable_parameters(model)  # the method may have changed what trains
+            # the model's, not the optimiser's: a method that just moved parameters out of the
+            # optimiser (LISA) must not leave their gradients behind
+            model.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             n_input = int(dist.all_reduce_sum(torch.tensor(float(sum(count_input_tokens(b) for b in micro)),
                                                             device=device)).item())
             record = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(n_input / dt, 2),
                       "label_tokens": n_tokens, "grad_norm": round(float(grad_norm), 6), **(extra or {})}
+            if aux_total is not None:
+                record["aux_loss"] = round(aux_total, 6)
             is_last = step == steps
             if eval_ex and ((t.eval_every and step % t.eval_every == 0) or is_last):
                 eval_loss = evaluate_loss(model, eval_ex, t.batch_size, data.collate, device, amp, t.eval_batches,

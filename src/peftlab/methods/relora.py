@@ -1,0 +1,148 @@
+"""ReLoRA: high-rank training through repeated low-rank updates.
+
+Lialin et al., "ReLoRA: High-Rank Training Through Low-Rank Updates" (2023), arXiv:2307.05695.
+
+    every K steps:  W <- W + s B A;   A <- fresh random init, B <- 0;
+                    zero ``reset_prune`` of the adapter's Adam state (smallest |m|, both moments);
+                    learning rate re-warmed linearly over ``restart_warmup`` steps ("jagged" schedule)
+
+Each restart starts a new rank-r subspace, so after n restarts the total update W - W0 can have
+rank up to n r while only r (in + out) parameters train at any time. Between restarts it is
+plain LoRA (all LoRA fields apply except PiSSA/OLoRA inits).
+
+Because W itself changes during training, the saved adapter carries the adapted layers' base
+weights along with A and B (``peft_type`` RELORA; peftlab loads it, PEFT cannot); ``merge``
+gives the plain model. On a quantised base the restart requantises W + sBA (lossy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..model.targets import set_weight_matrix, weight_matrix
+from ..quant import is_quantized
+from ..registry import Method, register
+from . import extras, lora
+from .lora import wide
+
+
+@dataclass
+class ReLoRAConfig(lora.LoRAConfig):
+    method: str = "relora"
+    reset_every: int = 100  # optimiser steps between merge-and-restart
+    restart_warmup: int = 10  # steps of linear LR re-warmup after each restart
+    reset_prune: float = 0.99  # fraction of the adapter's optimiser moments zeroed at a restart
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init not in ("kaiming", "gaussian"):
+            raise ConfigError(f"peft.init={self.init} re-derives W at every restart; ReLoRA takes kaiming or gaussian")
+        if self.reset_every < 1 or self.restart_warmup < 0:
+            raise ConfigError(f"peft.reset_every must be >= 1 and peft.restart_warmup >= 0; got "
+                              f"{self.reset_every}, {self.restart_warmup}")
+        if not 0.0 <= self.reset_prune <= 1.0:
+            raise ConfigError(f"peft.reset_prune must be in [0, 1], got {self.reset_prune}")
+
+
+def untie_adapted(model: nn.Module) -> None:
+    """Methods that write into W during training give tied weights (embeddings) their own copy."""
+    shared = extras.shared_weight_ids(model)
+    untied = False
+    for layer in lora.lora_layers(model).values():
+        base = layer.base_layer
+        if not is_quantized(base) and id(base.weight) in shared:
+            extras.untie_base(layer)
+            untied = True
+    if untied and getattr(model, "config", None) is not None:
+        model.config.tie_word_embeddings = False
+
+
+def apply(model: nn.Module, cfg: ReLoRAConfig) -> None:
+    lora.apply(model, cfg)
+    untie_adapted(model)
+
+
+@torch.no_grad()
+def fold(layer: nn.Module) -> None:
+    """W <- W + s B A without changing the layer's state otherwise (a quantised W is requantised)."""
+    delta = layer.delta_weight()
+    base = layer.base_layer
+    if is_quantized(base):
+        set_weight_matrix(base, weight_matrix(base) + delta.to(base.device))
+    else:
+        w = base.weight
+        w.copy_((wide(w) + delta.to(w.device)).to(w.dtype))
+
+
+@torch.no_grad()
+def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], fraction: float) -> None:
+    """Zero the ``fraction`` of each parameter's Adam state with the smallest first moment |m|.
+
+    Both moments are zeroed at the same positions: a kept m over a zeroed v would make the next
+    update m / (sqrt(v) + eps) explode.
+    """
+    for p in params:
+        state = optimizer.state.get(p, {})
+        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+        if m is None or m.numel() == 0:
+            continue
+        k = int(fraction * m.numel())
+        if k >= m.numel():
+            drop = torch.ones_like(m, dtype=torch.bool)
+        elif k > 0:
+            drop = m.abs() <= m.abs().flatten().kthvalue(k).values
+        else:
+            continue
+        m.masked_fill_(drop, 0.0)
+        if v is not None:
+            v.masked_fill_(drop, 0.0)
+
+
+def restart(model: nn.Module, cfg: ReLoRAConfig, optimizer: torch.optim.Optimizer | None) -> None:
+    """Merge every adapter into its base, re-initialise A and B, prune the optimiser moments."""
+    params = []
+    for layer in lora.lora_layers(model).values():
+        fold(layer)
+        layer.reset_lora(cfg.init)
+        params += [p for p in layer.parameters(recurse=True) if p.requires_grad]
+    if optimizer is not None:
+        prune_moments(optimizer, params, cfg.reset_prune)
+
+
+def on_step(model: nn.Module, cfg: ReLoRAConfig, step: int, optimizer=None) -> None:
+    since = step % cfg.reset_every
+    if since == 0:
+        restart(model, cfg, optimizer)
+    if optimizer is not None and step >= cfg.reset_every and since < cfg.restart_warmup:
+        for group in optimizer.param_groups:  # the scheduler set this step's lr; scale the next one
+            group["lr"] *= (since + 1) / cfg.restart_warmup
+
+
+def to_peft_config(cfg: ReLoRAConfig, model: nn.Module) -> dict:
+    out = lora.to_peft_config(cfg, model)
+    out.update(peft_type="RELORA", reset_every=cfg.reset_every)
+    return out
+
+
+OWN = (*lora.LORA_TENSORS, "base_layer")
+
+register(
+    Method(
+        name="relora",
+        config_cls=ReLoRAConfig,
+        apply=apply,
+        merge=lora.merge,
+        peft_type="RELORA",
+        state_prefixes=(*OWN, extras.SAVE),
+        to_peft_config=to_peft_config,
+        to_peft_keys=extras.to_peft_keys,
+        from_peft_keys=extras.make_from_peft_keys(OWN),
+        param_groups=lora.param_groups,
+        on_step=on_step,
+        on_train_start=lora.on_train_start,
+    )
+)
