@@ -55,3 +55,13 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     path.write_text("train:\n  lr: [1, 2\n")
     with pytest.raises(ConfigError, match=r"bad.yaml.*line"):
         load_config(path)
+
+
+def test_shipped_recipes_load_and_mean_what_they_say():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    lora = load_config(root / "lora.yaml")
+    assert (lora.peft.method, lora.peft.r, lora.peft.targets, lora.data.packing) == ("lora", 8, "all-linear", True)
+    qlora = load_config(root / "qlora.yaml", ["train.steps=5"])
+    assert (qlora.model.quantize, qlora.peft.r, qlora.train.steps) == ("nf4", 16, 5)
