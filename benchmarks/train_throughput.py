@@ -419,6 +419,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--compile", action="store_true", help="also measure train.compile (slow cold start)")
+    ap.add_argument("--allocators", action="store_true",
+                    help="packed suite: also glibc's MALLOC_MMAP_THRESHOLD_ and torch's THP_MEM_ALLOC_ENABLE")
     ap.add_argument("--json", help="write all figures to this file")
     ap.add_argument("--wait-idle", type=float, default=60.0,
                     help="before each run wait up to this many seconds for other processes to go quiet")
@@ -508,14 +510,16 @@ def main() -> None:
         # the default SFT benchmark as a user runs it: packing on (peftlab), memory options beside
         pl, tr = sides["peftlab"], sides["peft_trainer"]
         packed = {**pl, "overrides": ["data.packing=true"], "packing": True}
-        pk = {"peftlab (padded)": pl, "peftlab (packed)": packed,
-              "peftlab (packed), MALLOC_MMAP_THRESHOLD_=4194304": {**packed, "env": {"MALLOC_MMAP_THRESHOLD_": "4194304"}},
-              "peftlab (packed), THP_MEM_ALLOC_ENABLE=1": {**packed, "env": {"THP_MEM_ALLOC_ENABLE": "1"}},
-              "peftlab (packed), gradient checkpointing": {
-                  **packed, "overrides": ["data.packing=true", "model.gradient_checkpointing=true"]},
+        ckpt = {**packed, "overrides": ["data.packing=true", "model.gradient_checkpointing=true"]}
+        pk = {"peftlab (padded)": pl, "peftlab (packed)": packed, "peftlab (packed), gradient checkpointing": ckpt,
               "peft_trainer": tr}
+        if args.allocators:  # measured once (results/train_packed_8steps.txt): both lost to plain glibc
+            pk["peftlab (packed), MALLOC_MMAP_THRESHOLD_=4194304"] = {
+                **packed, "env": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
+            pk["peftlab (packed), THP_MEM_ALLOC_ENABLE=1"] = {**packed, "env": {"THP_MEM_ALLOC_ENABLE": "1"}}
         if Path(JEMALLOC).exists():
             pk["peftlab (packed), jemalloc"] = {**packed, "env": {"LD_PRELOAD": JEMALLOC}}
+            pk["peftlab (packed), gradient checkpointing, jemalloc"] = {**ckpt, "env": {"LD_PRELOAD": JEMALLOC}}
         s = run_suite("packed", pk, args, tmp, "bfloat16_square_2048")
         report.append(print_suite("SFT data with packing (peftlab) vs padded batches (PEFT + Trainer), LoRA r=8, "
                                   "bf16", s, "peft_trainer"))
