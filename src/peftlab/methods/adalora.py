@@ -81,7 +81,7 @@ class AdaLoRAConfig:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
 
 
-class AdaLoRALinear(nn.Module):
+class AdaLoRALinear(extras.DeltaMerge, nn.Module):
     """A frozen linear layer plus (alpha / r0) B diag(E) A. x [..., in] -> [..., out].
 
     ``lora_A`` [r, in], ``lora_B`` [out, r], ``lora_E`` [r, 1] (Parameters, PEFT's names);
@@ -120,22 +120,6 @@ class AdaLoRALinear(nn.Module):
         delta = delta * self.scaling / (self.ranknum + 1e-5)
         return delta.T if self.fan_in_fan_out else delta
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        extras.float_base(self)
-        w = self.base_layer.weight
-        w.copy_((wide(w) + self.delta_weight().to(w.device)).to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        w = self.base_layer.weight
-        w.copy_((wide(w) - self.delta_weight().to(w.device)).to(w.dtype))
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

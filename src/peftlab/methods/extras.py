@@ -239,6 +239,38 @@ def init_from_adapter(model: nn.Module, method, adapter_dir: str) -> None:
 # ---------------------------------------------------------------------------- merging
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision merges are computed in: fp64 stays fp64, everything else fp32."""
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+class DeltaMerge:
+    """``merge()`` / ``unmerge()`` for a wrapper whose update is a weight delta.
+
+    The wrapper has ``base_layer``, a ``merged`` flag and ``delta_weight()`` (the update in the base
+    weight's layout); merge adds it in fp32 (fp64 for fp64 weights) and rounds once, after first
+    replacing a quantised base by its dequantised float layer. LoRA, LoRA on embeddings, AdaLoRA
+    and VeRA share it; DoRA's merge is a rescaling and has its own.
+    """
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        float_base(self)
+        w = self.base_layer.weight
+        w.copy_((wide(w) + self.delta_weight().to(w.device)).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((wide(w) - self.delta_weight().to(w.device)).to(w.dtype))
+        self.merged = False
+
+
 def shared_weight_ids(model: nn.Module) -> set[int]:
     """ids of parameters that more than one module holds (tied embeddings)."""
     count: dict[int, int] = {}

@@ -61,6 +61,7 @@ from ..model.targets import (
 )
 from ..registry import Method, register
 from . import extras, lora_kernels
+from .extras import wide
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 LORA_TENSORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -108,11 +109,6 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the precision merges are computed in: fp64 stays fp64, everything else fp32."""
-    return t.double() if t.dtype == torch.float64 else t.float()
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -164,7 +160,7 @@ def principal_init(layer: nn.Module, init: str, niter: int = 0) -> None:
     layer.register_buffer("lora_B0", b.to(layer.lora_B.weight.dtype).clone())
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(extras.DeltaMerge, nn.Module):
     """A frozen linear layer plus a trainable low-rank update.
 
     x: [..., in] -> [..., out]. ``lora_A`` [r, in] and ``lora_B`` [out, r] (``nn.Linear``s) are
@@ -236,23 +232,6 @@ class LoRALinear(nn.Module):
         delta = delta * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W += s·BA. A quantised base is first replaced by its dequantised float layer."""
-        if self.merged:
-            return
-        extras.float_base(self)
-        w = self.base_layer.weight
-        w.copy_((wide(w) + self.delta_weight().to(w.device)).to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        w = self.base_layer.weight
-        w.copy_((wide(w) - self.delta_weight().to(w.device)).to(w.dtype))
-        self.merged = False
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """s·B A x: [..., in] -> [..., out] in the factors' dtype."""
@@ -293,7 +272,7 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}{fused}"
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(extras.DeltaMerge, nn.Module):
     """A frozen embedding plus a trainable low-rank update (PEFT's layout).
 
     ids [...] -> [..., d]. ``lora_embedding_A`` [r, V] starts at zero, ``lora_embedding_B``
@@ -329,21 +308,6 @@ class LoRAEmbedding(nn.Module):
         """s (B A)^T [V, d], fp32."""
         return (wide(self.lora_embedding_B) @ wide(self.lora_embedding_A)).T * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        w = self.base_layer.weight
-        w.copy_((wide(w) + self.delta_weight().to(w.device)).to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        w = self.base_layer.weight
-        w.copy_((wide(w) - self.delta_weight().to(w.device)).to(w.dtype))
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

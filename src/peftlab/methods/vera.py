@@ -66,7 +66,7 @@ class VeRAProjections(nn.Module):
         self.register_buffer("vera_B", kaiming_uniform((out_max, r), g).to(device), persistent=False)
 
 
-class VeRALinear(nn.Module):
+class VeRALinear(extras.DeltaMerge, nn.Module):
     """A frozen linear layer plus b ⊙ B (d ⊙ A x). x [..., in] -> [..., out].
 
     ``vera_lambda_b`` [out] and ``vera_lambda_d`` [r] train; A and B come from the shared
@@ -101,22 +101,6 @@ class VeRALinear(nn.Module):
         delta = (wide(self.vera_lambda_b)[:, None] * wide(b)) @ (wide(self.vera_lambda_d)[:, None] * wide(a))
         return delta.T if self.fan_in_fan_out else delta
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        extras.float_base(self)
-        w = self.base_layer.weight
-        w.copy_((wide(w) + self.delta_weight().to(w.device)).to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        w = self.base_layer.weight
-        w.copy_((wide(w) - self.delta_weight().to(w.device)).to(w.dtype))
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
