@@ -39,7 +39,14 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ConfigError
-from ..export.adapter import CONFIG_NAME, PEFTLAB_NAME, WEIGHTS_NAME, base_fingerprint, read_adapter_config
+from ..export.adapter import (
+    CONFIG_NAME,
+    PEFTLAB_NAME,
+    WEIGHTS_NAME,
+    base_fingerprint,
+    check_fingerprint,
+    read_adapter_config,
+)
 from ..io import atomic_dir
 from ..model.params import freeze
 from ..model.targets import is_linear, linear_shape, peft_target_modules, set_submodule
@@ -351,13 +358,8 @@ class MultiLoRAModel(nn.Module):
         adapter_dir = Path(adapter_dir)
         config, factors = read_lora_dir(adapter_dir)
         _, record = read_adapter_config(adapter_dir)
-        if record and record.get("base_fingerprint"):
-            mine = base_fingerprint(self.model)
-            diff = {k: (v, mine.get(k)) for k, v in record["base_fingerprint"].items() if mine.get(k) not in (None, v)}
-            if diff:
-                detail = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
-                raise ConfigError(f"{adapter_dir} was trained for another base model ({record.get('base_model')}); "
-                                  f"{detail}")
+        if record:
+            check_fingerprint(adapter_dir, record, self.model)
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         rslora = bool(config.get("use_rslora", False))
         return self.add(name, factors, lora_scaling(r, alpha, rslora), alpha=alpha, use_rslora=rslora,
