@@ -512,7 +512,10 @@ def main() -> None:
         packed = {**pl, "overrides": ["data.packing=true"], "packing": True}
         ckpt = {**packed, "overrides": ["data.packing=true", "model.gradient_checkpointing=true"]}
         pk = {"peftlab (padded)": pl, "peftlab (packed)": packed, "peftlab (packed), gradient checkpointing": ckpt,
-              "peft_trainer": tr}
+              "peft_trainer": tr,
+              # not the same math as the other rows: the residual stream and norms run in bf16 too
+              "peftlab (packed), model.dtype=bfloat16": {**packed, "overrides": ["data.packing=true",
+                                                                                  "model.dtype=bfloat16"]}}
         if args.allocators:  # measured once (results/train_packed_8steps.txt): both lost to plain glibc
             pk["peftlab (packed), MALLOC_MMAP_THRESHOLD_=4194304"] = {
                 **packed, "env": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
