@@ -43,13 +43,13 @@ save_file(result, out, metadata=meta)
 """.replace("IDS_LIST", str(IDS[0].tolist()))
 
 
-def _load_hf(merged_dir) -> torch.Tensor:
+def _load_hf(merged_dir, ids: torch.Tensor = IDS) -> torch.Tensor:
     """Logits of the export loaded with plain transformers (in its stored dtype)."""
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(merged_dir)
     with torch.no_grad():
-        return m(input_ids=IDS).logits.float(), m.dtype
+        return m(input_ids=ids).logits.float(), m.dtype
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +229,10 @@ def test_smollm2_merged_exports_fp32_and_bf16(tmp_path):
     del base
     scale = ref.abs().max().item()
     r32 = export_merged(tmp_path / "m32", adapter=tmp_path / "adapter")
-    got32, _ = _load_hf(tmp_path / "m32")
+    got32, _ = _load_hf(tmp_path / "m32", ids)
     err32 = (got32 - ref).abs().max().item()
     r16 = export_merged(tmp_path / "m16", adapter=tmp_path / "adapter", dtype="bfloat16")
-    got16, dtype = _load_hf(tmp_path / "m16")
+    got16, dtype = _load_hf(tmp_path / "m16", ids)
     err16, inherent = (got16 - ref).abs().max().item(), (base16 - base32).abs().max().item()
     same_argmax = (got16.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"\nsmollm2-135m merged export: logit scale {scale:.2f}; fp32 max|Δ| {err32:.3g} (verify {r32.max_abs_diff:.3g}); "
