@@ -374,6 +374,8 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
                     (objective * dist.grad_scale / max(n_tokens, 1)).backward()
                 loss_total += loss_sum.detach()
             loss_total = dist.all_reduce_sum(loss_total)
+            if aux_total is not None:  # each rank added its share of the token-weighted mean
+                aux_total = float(dist.all_reduce_sum(torch.tensor(aux_total, device=device)))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
                 grad_norm = grad_norm.full_tensor()
