@@ -220,3 +220,23 @@ def test_peft_trained_adapter_and_rejections(tmp_path):
     other = save_tiny_base("llama", tmp_path / "other", hidden=32, intermediate=64)
     with pytest.raises(ConfigError, match="another base model"):
         mm.load("wrong", make_adapter(other, tmp_path / "wrong"))
+
+
+def test_base_fingerprint_tolerates_another_precision_and_refuses_other_weights(setup):
+    """The base check is export.adapter.check_fingerprint's: the same base in bf16 loads the adapter,
+    in fp16 with a warning; a base with other weights is refused."""
+    import warnings
+
+    base, dirs, _ = setup
+    model, _ = load_base(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the weight hash is taken at bf16 precision: no warning either
+        MultiLoRAModel(model.to(torch.bfloat16)).load("a", dirs["a"])
+    model, _ = load_base(base)
+    with pytest.warns(UserWarning, match="differ slightly"):
+        MultiLoRAModel(model.to(torch.float16)).load("a", dirs["a"])
+    other, _ = load_base(base)
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(-1.0)
+    with pytest.raises(ConfigError, match="other base weights"):
+        MultiLoRAModel(other).load("a", dirs["a"])
