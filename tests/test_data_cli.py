@@ -124,6 +124,35 @@ def test_streaming_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="cannot hold out a random split"):
         build_datasets(load_config(None, [f"data.path={path}", "data.streaming=true", "data.objective=sft"]).data,
                        tokenizer_for("gpt2"), 0)
-    with pytest.raises(ConfigError, match="does not combine with data.packing"):
-        build_datasets(load_config(None, [f"data.path={path}", "data.streaming=true", "data.packing=true"]).data,
-                       tokenizer_for("gpt2"), 0)
+    with pytest.raises(ConfigError, match="does not combine with data.group_by_length"):
+        build_datasets(load_config(None, [f"data.path={path}", "data.streaming=true", "data.group_by_length=true",
+                                          "data.objective=sft", "data.eval_split=0"]).data, tokenizer_for("gpt2"), 0)
+
+
+def test_streaming_packs_like_memory_window_by_window(tmp_path, monkeypatch):
+    """data.streaming + data.packing: a corpus within one window packs exactly as in memory; a
+    larger one packs each window on its own (rows never mix two windows), and the loop trains on it."""
+    from peftlab.data import stream
+    from peftlab.data.packing import pack_examples
+
+    path, eval_path = data_file(tmp_path, n=30), tmp_path / "eval.jsonl"
+    eval_path.write_text(json.dumps({"instruction": "Say 7", "output": "7 7"}) + "\n")
+    base = [f"data.path={path}", "data.objective=sft", "data.eval_split=0", "data.template=alpaca",
+            "data.max_length=128", "data.packing=true"]
+    tok = tokenizer_for("gpt2")
+    memory = build_datasets(load_config(None, base).data, tok, 0)
+    streamed = build_datasets(load_config(None, [*base, "data.streaming=true"]).data, tok, 0)
+    rows = lambda d: [(e.input_ids, e.labels, e.seq_lens) for e in (d.train[i] for i in range(len(d.train)))]  # noqa: E731
+    assert streamed.packing and rows(streamed) == rows(memory)
+    assert streamed.stats.packed_from == memory.stats.packed_from == 30 and len(memory.train) < 30
+
+    monkeypatch.setattr(stream, "WINDOW", 8)
+    small = build_datasets(load_config(None, [*base, "data.streaming=true"]).data, tok, 0)
+    plain = build_datasets(load_config(None, [f"data.path={path}", "data.objective=sft", "data.eval_split=0",
+                                              "data.template=alpaca", "data.max_length=128"]).data, tok, 0)
+    expected = [r for i in range(0, 30, 8) for r in pack_examples(plain.train[i:i + 8], 128)]
+    assert rows(small) == [(e.input_ids, e.labels, e.seq_lens) for e in expected]
+    result = train(stream_cfg(tmp_path / "s", path, eval_path, "train.steps=4", "data.streaming=true",
+                              "data.packing=true", "data.max_length=128"))
+    assert result.steps == 4 and type(result.data.train).__name__ == "TrainStream"
+    assert result.data.stats.packed_from == 30 and len(result.data.train) < 30 and result.data.packing

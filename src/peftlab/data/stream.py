@@ -10,6 +10,11 @@ exact because the sampler's position is saved in checkpoints as for in-memory da
 
 ``len()`` costs one counting pass over the corpus (constant memory), which also fills the
 run's data summary. Eval data comes from ``data.eval_path`` (in memory).
+
+With ``data.packing`` the stream packs as it reads: every run of ``window`` consecutive examples is
+packed by best-fit-decreasing (``packing.pack_examples``) into rows of ``data.max_length``, and the
+stream's items are those rows. A corpus of at most one window packs exactly as in memory; a larger
+one packs window by window (rows never mix examples of two windows), so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -19,9 +24,23 @@ from itertools import islice
 
 from ..errors import ConfigError, DataError
 from .catalog import resolve
+from .packing import pack_examples
 from .tokenize import Example
 
 WINDOW = 2048  # examples held in memory while streaming
+
+
+def packed_stream(examples: Iterator[Example], capacity: int, window: int,
+                  counted: list[int] | None = None) -> Iterator[Example]:
+    """``examples`` packed into rows of ``capacity`` tokens, ``window`` examples at a time
+    (``counted``, when given, receives the number of examples read)."""
+    while True:
+        chunk = list(islice(examples, window))
+        if not chunk:
+            return
+        if counted is not None:
+            counted[0] += len(chunk)
+        yield from pack_examples(chunk, capacity)
 
 
 class TrainStream:
@@ -65,17 +84,26 @@ def build_stream_datasets(data_cfg, tokenizer, seed: int):
         stream_examples,
     )
 
-    for key in ("packing", "group_by_length", "mix"):
+    for key in ("group_by_length", "mix"):
         if getattr(data_cfg, key):
             raise ConfigError(f"data.streaming does not combine with data.{key} yet; turn one of them off")
     if data_cfg.eval_split and not data_cfg.eval_path:
         raise ConfigError("data.streaming reads the corpus in order and cannot hold out a random split; give an "
                           "eval file with data.eval_path, or set data.eval_split=0")
     stats = DataStats(objective=data_cfg.objective)
-    length = sum(1 for _ in stream_examples(data_cfg, tokenizer, stats))  # also fills the counts
+    window = WINDOW  # read at call time (tests shrink it)
+
+    def open_stream(stats=None, counted=None):
+        examples = stream_examples(data_cfg, tokenizer, stats)
+        return packed_stream(examples, data_cfg.max_length, window, counted) if data_cfg.packing else examples
+
+    counted = [0]
+    length = sum(1 for _ in open_stream(stats, counted))  # also fills the counts
     if length == 0:
         raise DataError("the streamed training data holds no example with a token to learn")
-    train = TrainStream(lambda: stream_examples(data_cfg, tokenizer), length)
+    if data_cfg.packing:
+        stats.packed_from = counted[0]
+    train = TrainStream(open_stream, length, window)
     encoder = make_encoder(data_cfg, tokenizer)
     evals, eval_records = [], []
     if data_cfg.eval_path:
@@ -91,4 +119,4 @@ def build_stream_datasets(data_cfg, tokenizer, seed: int):
                     eval_records.append(rec)
     stats.train, stats.eval = length, len(evals)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Datasets(train, evals, stats, encoder, eval_records, pad_id)
+    return Datasets(train, evals, stats, encoder, eval_records, pad_id, packing=bool(data_cfg.packing))
