@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -328,6 +329,8 @@ def summarise(run: dict, warmup: int, method: str, peak: float) -> dict:
 
 def run_suite(name: str, variants: dict[str, dict], args, tmp: Path, peak_key: str) -> dict:
     """Run every variant ``args.repeats`` times, alternating; returns per-variant medians."""
+    if args.only:
+        variants = {k: v for k, v in variants.items() if re.search(args.only, k)}
     results: dict[str, list] = {k: [] for k in variants}
     order = alternate(list(variants), args.repeats)
     gemm = [run_worker(Path(__file__), {"side": "gemm", "threads": args.threads, "name": "gemm"})["gemm"]]
@@ -419,6 +422,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--compile", action="store_true", help="also measure train.compile (slow cold start)")
+    ap.add_argument("--only", help="run only the variants whose name matches this regular expression")
     ap.add_argument("--allocators", action="store_true",
                     help="packed suite: also glibc's MALLOC_MMAP_THRESHOLD_ and torch's THP_MEM_ALLOC_ENABLE")
     ap.add_argument("--json", help="write all figures to this file")
@@ -511,7 +515,9 @@ def main() -> None:
         pl, tr = sides["peftlab"], sides["peft_trainer"]
         packed = {**pl, "overrides": ["data.packing=true"], "packing": True}
         ckpt = {**packed, "overrides": ["data.packing=true", "model.gradient_checkpointing=true"]}
+        half = {**packed, "overrides": [*ckpt["overrides"], "model.checkpoint_layers=0.5"]}
         pk = {"peftlab (padded)": pl, "peftlab (packed)": packed, "peftlab (packed), gradient checkpointing": ckpt,
+              "peftlab (packed), gradient checkpointing on half the layers": half,
               "peft_trainer": tr,
               # not the same math as the other rows: the residual stream and norms run in bf16 too
               "peftlab (packed), model.dtype=bfloat16": {**packed, "overrides": ["data.packing=true",

@@ -179,3 +179,25 @@ def test_written_files_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_checkpointing_a_share_of_layers_changes_no_number(tmp_path, arch):
+    """model.checkpoint_layers=0.5 recomputes the first half of the decoder layers only; losses and
+    gradient norms equal the runs with full and without checkpointing (recomputation is exact)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    common = ["train.steps=2", "train.lr=1e-2", "data.eval_split=0", "train.warmup=0"]
+    runs = {}
+    for name, extra in (("none", []), ("all", ["model.gradient_checkpointing=true"]),
+                        ("half", ["model.gradient_checkpointing=true", "model.checkpoint_layers=0.5"])):
+        runs[name] = train(run_cfg(arch, tmp_path / name, *common, *extra))
+    flags = [m.gradient_checkpointing for m in runs["half"].model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    n = len(flags)
+    assert n >= 2 and flags == [True] * round(n / 2) + [False] * (n - round(n / 2))
+    for name in ("all", "half"):
+        for ma, mb in zip(runs["none"].metrics, runs[name].metrics, strict=True):
+            assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
+            assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
+    with pytest.raises(peftlab.errors.ConfigError, match=r"model.checkpoint_layers must be > 0.0"):
+        run_cfg(arch, tmp_path / "bad", "model.checkpoint_layers=0")

@@ -38,7 +38,13 @@ class ModelConfig:
     config_overrides: dict = field(default_factory=dict)  # for config:<arch>, e.g. {n_layer: 2}
     attn_implementation: str | None = None  # sdpa | eager (None: transformers' default)
     gradient_checkpointing: bool = False
+    checkpoint_layers: float = 1.0  # with gradient_checkpointing: the share of decoder layers recomputed
     seed: int | None = None  # init seed for config:<arch> models (default: train.seed)
+
+    def validate(self) -> None:
+        from .validate import finite
+
+        finite(self.checkpoint_layers, "model.checkpoint_layers", 0.0, 1.0, low_open=True)
 
 
 @dataclass

@@ -299,6 +299,7 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
             raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it; "
                               "set model.gradient_checkpointing=false")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_share(model, cfg.model.checkpoint_layers)
     model.config.use_cache = False
 
     data = _load_data(cfg, tokenizer, t.seed)
@@ -466,6 +467,19 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
     model.eval()
     return RunResult(run_dir, step, metrics, eval_loss, artifact, model, tokenizer, encoder, data,
                      time.time() - started)
+
+
+def _checkpoint_share(model: nn.Module, share: float) -> None:
+    """Recompute only the first ``round(share * L)`` decoder layers in backward; the rest keep their
+    activations (a point between full checkpointing's memory and no checkpointing's speed)."""
+    if share >= 1.0:
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    keep = round(share * len(layers))
+    for layer in layers[keep:]:
+        layer.gradient_checkpointing = False
 
 
 def peak_memory(device: torch.device) -> dict:
