@@ -26,8 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..quant import model_is_quantized
-from ..registry import Method, register
-from . import extras, lora, relora
+from . import lora, relora
 from .lora import wide
 
 
@@ -73,27 +72,4 @@ def on_step(model: nn.Module, cfg: DeltaLoRAConfig, step: int, optimizer=None) -
         layer.lora_B_prev.copy_(b)
 
 
-def to_peft_config(cfg: DeltaLoRAConfig, model: nn.Module) -> dict:
-    out = lora.to_peft_config(cfg, model)
-    out.update(peft_type="DELTA_LORA", delta_lambda=cfg.delta_lambda)
-    return out
-
-
-OWN = (*lora.LORA_TENSORS, "base_layer")
-
-register(
-    Method(
-        name="delta_lora",
-        config_cls=DeltaLoRAConfig,
-        apply=apply,
-        merge=lora.merge,
-        peft_type="DELTA_LORA",
-        state_prefixes=(*OWN, extras.SAVE),
-        to_peft_config=to_peft_config,
-        to_peft_keys=extras.to_peft_keys,
-        from_peft_keys=extras.make_from_peft_keys(OWN),
-        param_groups=lora.param_groups,
-        on_step=on_step,
-        on_train_start=lora.on_train_start,
-    )
-)
+lora.register_variant("delta_lora", DeltaLoRAConfig, apply, on_step, ("delta_lambda",))

@@ -530,3 +530,33 @@ register(
         saved_config=saved_config,
     )
 )
+
+
+def register_variant(name: str, config_cls: type, apply_fn, on_step, extra_fields: tuple[str, ...]) -> Method:
+    """Register a LoRA training-procedure variant (ReLoRA, Delta-LoRA): LoRA's layers, optimiser
+    groups and file layout, its own ``apply`` and ``on_step``, the base layers saved with the
+    adapter (the variant changes them), ``peft_type`` = the upper-cased name plus ``extra_fields``."""
+    peft_type = name.upper()
+
+    def variant_peft_config(cfg, model: nn.Module) -> dict:
+        out = to_peft_config(cfg, model)
+        out.update(peft_type=peft_type, **{f: getattr(cfg, f) for f in extra_fields})
+        return out
+
+    own = (*LORA_TENSORS, "base_layer")
+    return register(
+        Method(
+            name=name,
+            config_cls=config_cls,
+            apply=apply_fn,
+            merge=merge,
+            peft_type=peft_type,
+            state_prefixes=(*own, extras.SAVE),
+            to_peft_config=variant_peft_config,
+            to_peft_keys=extras.to_peft_keys,
+            from_peft_keys=extras.make_from_peft_keys(own),
+            param_groups=param_groups,
+            on_step=on_step,
+            on_train_start=on_train_start,
+        )
+    )

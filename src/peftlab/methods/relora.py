@@ -25,7 +25,6 @@ from torch import nn
 from ..errors import ConfigError
 from ..model.targets import set_weight_matrix, weight_matrix
 from ..quant import is_quantized
-from ..registry import Method, register
 from . import extras, lora
 from .lora import wide
 
@@ -122,27 +121,4 @@ def on_step(model: nn.Module, cfg: ReLoRAConfig, step: int, optimizer=None) -> N
             group["lr"] *= (since + 1) / cfg.restart_warmup
 
 
-def to_peft_config(cfg: ReLoRAConfig, model: nn.Module) -> dict:
-    out = lora.to_peft_config(cfg, model)
-    out.update(peft_type="RELORA", reset_every=cfg.reset_every)
-    return out
-
-
-OWN = (*lora.LORA_TENSORS, "base_layer")
-
-register(
-    Method(
-        name="relora",
-        config_cls=ReLoRAConfig,
-        apply=apply,
-        merge=lora.merge,
-        peft_type="RELORA",
-        state_prefixes=(*OWN, extras.SAVE),
-        to_peft_config=to_peft_config,
-        to_peft_keys=extras.to_peft_keys,
-        from_peft_keys=extras.make_from_peft_keys(OWN),
-        param_groups=lora.param_groups,
-        on_step=on_step,
-        on_train_start=lora.on_train_start,
-    )
-)
+lora.register_variant("relora", ReLoRAConfig, apply, on_step, ("reset_every",))
