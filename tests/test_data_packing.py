@@ -15,7 +15,6 @@ from conftest import tiny_model, tokenizer_for
 from peftlab.data.collate import collate
 from peftlab.data.formats import Conversation
 from peftlab.data.packing import (
-    EpochSampler,
     best_fit_decreasing,
     chunk_blocks,
     grouped_batches,
@@ -24,6 +23,7 @@ from peftlab.data.packing import (
 )
 from peftlab.data.tokenize import IGNORE, Encoder
 from peftlab.train.loss import backbone_hidden, causal_lm_loss, count_input_tokens, count_label_tokens
+from peftlab.train.sampler import EpochSampler
 
 
 def reference_bfd(lengths, capacity):

@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, DataError
+from ..train.sampler import BatchSampler, EpochSampler
 from .catalog import DatasetSpec, resolve
 from .collate import collate
 from .formats import BadRecords, Conversation, PreferencePair, fill_placeholders, read_records
-from .packing import EpochSampler, chunk_blocks, grouped_batches, pack_examples, window_batches
+from .packing import chunk_blocks, grouped_batches, pack_examples, window_batches
 from .tokenize import Encoder, Example
 
 OBJECTIVES = ("auto", "sft", "pretrain")
@@ -241,8 +242,6 @@ class Datasets:
         window = getattr(self.train, "window", None)  # a stream (data.streaming) is read window by window
         if window is not None:
             return EpochSampler(lambda e: window_batches(n, batch_size, seed, e, shuffle, window), rank, world_size)
-        from ..train.sampler import BatchSampler
-
         return BatchSampler(n, batch_size, seed, shuffle, rank, world_size)
 
 

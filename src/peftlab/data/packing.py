@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from ..errors import ConfigError
+from ..train.sampler import epoch_order
 from .tokenize import Example
 
 
@@ -130,14 +131,6 @@ def padding_waste(lengths: list[int], batches: list[list[int]]) -> tuple[int, in
     return pad, total
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """The sampler's order of examples for one epoch (same rule as train.sampler.BatchSampler)."""
-    if not shuffle:
-        return list(range(n))
-    g = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, shuffle: bool = True,
                     group: int = 50) -> list[list[int]]:
     """Batches of similar length: the epoch's order cut into groups of ``group`` batches, each
@@ -168,35 +161,3 @@ def window_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool
         order += idx
     full = (n // batch_size) * batch_size
     return [order[i:i + batch_size] for i in range(0, full, batch_size)]
-
-
-class EpochSampler:
-    """The training loop's sampler interface (``next``, ``state_dict``, ``load_state_dict``) over
-    any rule that cuts epoch ``e`` into batches. The position is (epoch, next batch), saved in
-    checkpoints, so a resumed run continues exactly. Rank ``r`` of ``world_size`` takes every
-    ``world_size``-th batch of the same global order."""
-
-    def __init__(self, batches_for_epoch, rank: int = 0, world_size: int = 1):
-        self.batches_for_epoch, self.rank, self.world_size = batches_for_epoch, rank, world_size
-        self.epoch, self.position = 0, 0
-        self._batches = batches_for_epoch(0)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self._batches) // self.world_size
-
-    def next(self) -> list[int]:
-        if self.position + self.world_size > len(self._batches):
-            self.epoch += 1
-            self.position = 0
-            self._batches = self.batches_for_epoch(self.epoch)
-        batch = self._batches[self.position + self.rank]
-        self.position += self.world_size
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._batches = self.batches_for_epoch(self.epoch)
