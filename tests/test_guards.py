@@ -219,3 +219,55 @@ def test_pickle_weights_are_refused_everywhere(tmp_path):
     a = [x for x in args(data, tmp_path / "run") if not x.startswith("model.")] + [f"model.name={model_dir}"]
     with pytest.raises(PeftlabError, match="never unpickles"):
         train(load_config(None, a))
+
+
+_LIMITED_RUN = """
+import resource, sys
+limit = int(sys.argv[1])
+if limit:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from peftlab.cli import main
+code = main(sys.argv[2:])
+print("VMPEAK_KB", [l for l in open("/proc/self/status") if l.startswith("VmPeak")][0].split()[1], flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc and RLIMIT_AS")
+def test_out_of_memory_is_a_clear_error_with_what_to_change(tmp_path):
+    """A real allocation failure (the process's address space capped a little above what a small
+    step needs; a step of 16 x 2048 tokens with eager attention needs gigabytes more) ends with
+    exit status 2 and a message naming the step, the batch and the settings to change."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "corpus.jsonl"
+    with data.open("w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": f"doc {i} " + " ".join(f"word{j % 97}" for j in range(3000))}) + "\n")
+    script = tmp_path / "limited.py"
+    script.write_text(_LIMITED_RUN)
+    base = ["train", "model.name=config:llama", "model.config_overrides.layers=1", "model.config_overrides.hidden=32",
+            "model.attn_implementation=eager", f"data.path={data}",
+            "data.objective=pretrain", "data.eval_split=0", "train.mixed_precision=no", "train.threads=1",
+            "train.progress=false", "train.overwrite=true", "train.steps=1", f"train.output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def run(limit: int, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), str(limit), *base, *extra], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    small = ("train.batch_size=1", "data.max_length=64")
+    free = run(0, *small)
+    assert free.returncode == 0, free.stderr
+    limit = int(free.stdout.split("VMPEAK_KB")[1].split()[0]) * 1024 + 600 * 2**20
+    assert run(limit, *small).returncode == 0  # the cap leaves room for a small step
+    big = run(limit, "train.batch_size=16", "data.max_length=2048")
+    assert big.returncode == 2, big.stderr[-2000:]
+    msg = big.stderr
+    assert "Traceback" not in msg
+    assert "out of memory in training step 1 on cpu (micro-batch of 16 rows x 2048 tokens" in msg
+    for advice in ("lower train.batch_size (now 16)", "raise train.grad_accum (now 1)",
+                   "model.gradient_checkpointing=true", "lower data.max_length (now 2048)", "model.quantize=nf4"):
+        assert advice in msg, advice

@@ -52,6 +52,40 @@ class TrainingDiverged(PeftlabError):
     """Too many optimiser steps in a row had a non-finite loss or gradient."""
 
 
+class OutOfMemory(PeftlabError):
+    """A training step needed more memory than the device has; the message says what to change."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, the CPU allocator's "can't allocate memory", Python's MemoryError."""
+    if isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg)
+
+
+def out_of_memory_advice(cfg: Config, micro: list[dict], step: int, device: torch.device, amp) -> str:
+    """What to change when step ``step + 1`` did not fit, with the settings of this run."""
+    t, rows = cfg.train, micro[0]["input_ids"]
+    tips = [f"lower train.batch_size (now {t.batch_size}) and raise train.grad_accum (now {t.grad_accum}) by the "
+            "same factor: the optimiser step stays the same"]
+    if not cfg.model.gradient_checkpointing:
+        tips.append("set model.gradient_checkpointing=true (recompute activations in backward; "
+                    "model.checkpoint_layers=0.5 for half of the memory saving at less cost)")
+    elif cfg.model.checkpoint_layers < 1:
+        tips.append(f"raise model.checkpoint_layers (now {cfg.model.checkpoint_layers}) to 1.0")
+    tips.append(f"lower data.max_length (now {cfg.data.max_length})")
+    if amp is None and device.type != "cpu":
+        tips.append("train in half precision: train.mixed_precision=bf16")
+    if cfg.model.quantize is None and cfg.peft.method != "full":
+        tips.append("store the frozen base in 4 bits: model.quantize=nf4")
+    if device.type == "cuda":
+        tips.append("with several GPUs, shard the model: torchrun ... train.distributed=fsdp")
+    return (f"out of memory in training step {step + 1} on {device} (micro-batch of {rows.shape[0]} rows x "
+            f"{rows.shape[1]} tokens, {len(micro)} micro-batch(es) per step). Checkpoints already written are "
+            "intact (--resume continues from the last one). To fit: " + "; ".join(tips) + ".")
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -360,20 +394,12 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
             micro = [data.collate([train_ex[i] for i in sampler.next()]) for _ in range(t.grad_accum)]
             n_local = sum(count_label_tokens(b["labels"]) for b in micro)
             n_tokens = int(dist.all_reduce_sum(torch.tensor(float(n_local), device=device)).item())
-            loss_total = torch.zeros((), device=device)
-            aux_total = None
-            for i, batch in enumerate(micro):
-                batch = _to_device(batch, device)
-                with dist.accumulating(engine, last=i == len(micro) - 1):
-                    with autocast(device, amp):
-                        loss_sum, n_micro = engine(batch)
-                        aux = method.aux_loss(model, cfg.peft, batch) if method.aux_loss is not None else None
-                    objective = loss_sum if aux is None else loss_sum + aux.float() * n_micro
-                    if aux is not None:
-                        aux_total = float(aux.detach()) * n_micro / max(n_tokens, 1) + (aux_total or 0.0)
-                    # grad_scale undoes DDP/FSDP's averaging over ranks (see train/distributed.py)
-                    (objective * dist.grad_scale / max(n_tokens, 1)).backward()
-                loss_total += loss_sum.detach()
+            try:
+                loss_total, aux_total = _accumulate(micro, engine, method, model, cfg, dist, device, amp, n_tokens)
+            except (RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise OutOfMemory(out_of_memory_advice(cfg, micro, step, device, amp)) from None
             loss_total = dist.all_reduce_sum(loss_total)
             if aux_total is not None:  # each rank added its share of the token-weighted mean
                 aux_total = float(dist.all_reduce_sum(torch.tensor(aux_total, device=device)))
@@ -467,6 +493,26 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
     model.eval()
     return RunResult(run_dir, step, metrics, eval_loss, artifact, model, tokenizer, encoder, data,
                      time.time() - started)
+
+
+def _accumulate(micro: list[dict], engine, method, model: nn.Module, cfg: Config, dist: DistContext,
+                device: torch.device, amp, n_tokens: int) -> tuple[torch.Tensor, float | None]:
+    """Forward and backward of one optimiser step's micro-batches, gradients accumulated and
+    divided by the step's label tokens; returns (this rank's loss sum, its share of the aux loss)."""
+    loss_total, aux_total = torch.zeros((), device=device), None
+    for i, batch in enumerate(micro):
+        batch = _to_device(batch, device)
+        with dist.accumulating(engine, last=i == len(micro) - 1):
+            with autocast(device, amp):
+                loss_sum, n_micro = engine(batch)
+                aux = method.aux_loss(model, cfg.peft, batch) if method.aux_loss is not None else None
+            objective = loss_sum if aux is None else loss_sum + aux.float() * n_micro
+            if aux is not None:
+                aux_total = float(aux.detach()) * n_micro / max(n_tokens, 1) + (aux_total or 0.0)
+            # grad_scale undoes DDP/FSDP's averaging over ranks (see train/distributed.py)
+            (objective * dist.grad_scale / max(n_tokens, 1)).backward()
+        loss_total += loss_sum.detach()
+    return loss_total, aux_total
 
 
 def _checkpoint_share(model: nn.Module, share: float) -> None:
