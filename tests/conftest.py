@@ -77,3 +77,14 @@ def randomize(module: torch.nn.Module, names=("lora_B",), std: float = 0.1, seed
         for n, p in module.named_parameters():
             if any(part in names for part in n.split(".")):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine a second
+    OpenMP thread that lands on a busy core makes every op wait (measured 20x slower here).
+    Test files of tiny-model cases use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -53,15 +53,7 @@ from peftlab.model.load import load_model
 from peftlab.train.loss import causal_lm_loss
 from peftlab.train.optim import build_optimizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine a second
-    OpenMP thread that lands on a busy core makes every op wait (measured 20x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- formula helpers

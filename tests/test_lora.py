@@ -27,13 +27,7 @@ from peftlab.export.adapter import load_adapter, save_adapter
 from peftlab.model.load import load_model
 from peftlab.train.optim import build_optimizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only waits for a busy core
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def applied(arch: str, raw: dict, seed: int = 0, **model_fields):

@@ -28,12 +28,7 @@ EMB = {"gpt2": "wte", "llama": "embed_tokens"}
 FUSED = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": ["q_proj", "v_proj"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only waits for a busy core
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_model(arch: str):

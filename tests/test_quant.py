@@ -25,12 +25,7 @@ PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098
                  0.7229568362236023, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blockwise(w: torch.Tensor, code: torch.Tensor, block: int = 64) -> torch.Tensor:

@@ -347,18 +347,14 @@ def to_peft_config(cfg: AdaLoRAConfig, model: nn.Module) -> dict:
 
 
 def from_peft_config(d: dict) -> AdaLoRAConfig:
-    if d.get("bias", "none") not in (None, "none"):
-        raise ConfigError(f"adapter_config.json has bias={d['bias']!r}, which peftlab's AdaLoRA does not load")
-    targets = d.get("target_modules")
-    if targets is None:
-        raise ConfigError("adapter_config.json has no target_modules")
+    targets = extras.peft_targets(d, "AdaLoRA")
     init_r = int(d.get("init_r", 12))
     return AdaLoRAConfig(
         init_r=init_r,
         target_r=int(d.get("target_r", 8)),
         alpha=float(d.get("lora_alpha", 8)),
         dropout=float(d.get("lora_dropout", 0.0) or 0.0),
-        targets=targets if isinstance(targets, str) else list(targets),
+        targets=targets,
         tinit=int(d.get("tinit", 0)),
         tfinal=int(d.get("tfinal", 0)),
         delta_t=int(d.get("deltaT", 1)),

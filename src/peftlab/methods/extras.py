@@ -239,6 +239,17 @@ def init_from_adapter(model: nn.Module, method, adapter_dir: str) -> None:
 # ---------------------------------------------------------------------------- merging
 
 
+def peft_targets(d: dict, method: str) -> str | list[str]:
+    """``target_modules`` of a PEFT adapter_config.json for a method that keeps no biases; a clear
+    error for a bias setting it cannot load or a missing target list."""
+    if d.get("bias", "none") not in (None, "none"):
+        raise ConfigError(f"adapter_config.json has bias={d['bias']!r}, which peftlab's {method} does not load")
+    targets = d.get("target_modules")
+    if targets is None:
+        raise ConfigError("adapter_config.json has no target_modules")
+    return targets if isinstance(targets, str) else list(targets)
+
+
 def wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the precision merges are computed in: fp64 stays fp64, everything else fp32."""
     return t.double() if t.dtype == torch.float64 else t.float()

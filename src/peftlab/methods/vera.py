@@ -162,14 +162,10 @@ def to_peft_config(cfg: VeRAConfig, model: nn.Module) -> dict:
 
 
 def from_peft_config(d: dict) -> VeRAConfig:
-    if d.get("bias", "none") not in (None, "none"):
-        raise ConfigError(f"adapter_config.json has bias={d['bias']!r}, which peftlab's VeRA does not load")
-    targets = d.get("target_modules")
-    if targets is None:
-        raise ConfigError("adapter_config.json has no target_modules")
+    targets = extras.peft_targets(d, "VeRA")
     return VeRAConfig(
         r=int(d["r"]),
-        targets=targets if isinstance(targets, str) else list(targets),
+        targets=targets,
         dropout=float(d.get("vera_dropout", 0.0) or 0.0),
         d_initial=float(d.get("d_initial", 0.1)),
         projection_prng_key=int(d.get("projection_prng_key", 0)),
