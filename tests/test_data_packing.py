@@ -21,9 +21,9 @@ from peftlab.data.packing import (
     pack_examples,
     padding_waste,
 )
+from peftlab.data.sampler import EpochSampler
 from peftlab.data.tokenize import IGNORE, Encoder
 from peftlab.train.loss import backbone_hidden, causal_lm_loss, count_input_tokens, count_label_tokens
-from peftlab.train.sampler import EpochSampler
 
 
 def reference_bfd(lengths, capacity):

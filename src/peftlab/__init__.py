@@ -9,21 +9,14 @@ Python API at a glance::
     peftlab.apply_method(model, cfg.peft)                           # wrap + freeze in place
     peftlab.load_adapter(model, "runs/latest/adapter")              # or load a saved adapter
     peftlab.merge(model, cfg.peft)                                  # fold into plain layers
+
+The API (``peftlab.api``) loads on first use of one of its names, so that ``import peftlab.serve...``
+or any other light module does not pull in the training loop through this file.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .api import (
-    apply_method,
-    generate,
-    load_adapter,
-    load_config,
-    load_model,
-    merge,
-    param_report,
-    save_adapter,
-    train,
-)
+import importlib
 
 __all__ = [
     "__version__",
@@ -37,3 +30,19 @@ __all__ = [
     "save_adapter",
     "train",
 ]
+
+
+def __getattr__(name: str):
+    if name == "__version__":
+        module = importlib.import_module(f"{__name__}.version")
+    elif name in __all__:
+        module = importlib.import_module(f"{__name__}.api")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value  # later lookups find it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -12,7 +12,7 @@ import os
 import pkgutil
 import sys
 
-from . import __version__
+from .version import __version__
 from .errors import PeftlabError
 
 

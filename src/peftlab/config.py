@@ -352,6 +352,19 @@ def config_from_dict(raw: dict) -> Config:
     )
 
 
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """Command-line ``[CONFIG] [key=value ...]`` -> (config file or None, overrides)."""
+    path, overrides = None, []
+    for i, a in enumerate(args):
+        if "=" in a:
+            overrides.append(a)
+        elif i == 0:
+            path = a
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: after the config file give key=value overrides")
+    return path, overrides
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read an optional YAML file, apply ``key=value`` overrides, validate everything."""
     raw = read_yaml(path) if path else {}

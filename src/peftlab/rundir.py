@@ -109,3 +109,13 @@ def run_artifact(run_dir: str | Path) -> Path | None:
         if (Path(run_dir) / name).is_dir():
             return Path(run_dir) / name
     return None
+
+
+def artifact_size(run_dir: str | Path) -> int | None:
+    """Bytes of the saved weights: ``adapter/adapter_model.safetensors``, or the ``*.safetensors``
+    of ``model/``; None when the run saved neither."""
+    adapter = Path(run_dir) / "adapter" / "adapter_model.safetensors"
+    if adapter.is_file():
+        return adapter.stat().st_size
+    files = list((Path(run_dir) / "model").glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import Config, load_config
-from ..errors import ConfigError
+from ..config import Config, load_config, split_config_args
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,18 +12,6 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         "args", nargs="*", metavar="[CONFIG] [key=value]",
         help="an optional YAML config, then overrides such as peft.r=16 train.lr=1e-3",
     )
-
-
-def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    path, overrides = None, []
-    for i, a in enumerate(args):
-        if "=" in a:
-            overrides.append(a)
-        elif i == 0:
-            path = a
-        else:
-            raise ConfigError(f"unexpected argument {a!r}: after the config file give key=value overrides")
-    return path, overrides
 
 
 def config_from_args(args: list[str], defaults: list[str] | None = None) -> Config:

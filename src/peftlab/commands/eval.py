@@ -44,9 +44,9 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..data.dataset import build_datasets
     from ..errors import ConfigError
+    from ..eval.generate import load_for_generation
     from ..eval.harness import EvalConfig, evaluate, format_scores, write_eval
     from ..train.runtime import resolve_precision, set_threads
-    from .generate import load_for_generation
 
     if args.run and args.adapter:
         raise ConfigError("give --run or --adapter, not both (a run directory already names its adapter)")

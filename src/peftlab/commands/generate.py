@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from ._args import add_config_arguments, config_from_args
+from ._args import add_config_arguments
 
 NAME = "generate"
 HELP = "generate answers with the base model, an adapter, or a finished run (same template as training)"
@@ -23,40 +22,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
-def load_for_generation(run: str | None, adapter: str | None, cfg_args: list[str]):
-    """(model, tokenizer, encoder, cfg) for a run dir, an adapter, or a base model."""
-    from ..config import load_config
-    from ..data.tokenize import Encoder
-    from ..errors import ConfigError
-    from ..export.adapter import load_adapter
-    from ..model.load import load_model
-    from ._args import split_config_args
-
-    if run:
-        run_dir = Path(run)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--run {run!r} is not a run directory (no config.yaml)")
-        _, overrides = split_config_args(cfg_args)
-        cfg = load_config(run_dir / "config.yaml", overrides)
-        if (run_dir / "model" / "config.json").is_file():  # full fine-tuning
-            cfg.model.name = str(run_dir / "model")
-            cfg.model.config_overrides = {}
-            model, tok = load_model(cfg.model, seed=cfg.train.seed)
-        else:
-            model, tok = load_model(cfg.model, seed=cfg.train.seed)
-            load_adapter(model, run_dir / "adapter")
-    else:
-        cfg = config_from_args(cfg_args)
-        model, tok = load_model(cfg.model, seed=cfg.train.seed)
-        if adapter:
-            load_adapter(model, adapter)
-    encoder = Encoder(tok, cfg.data.template, cfg.data.max_length, cfg.data.system)
-    return model, tok, encoder, cfg
-
-
 def run(args) -> int:
     from ..errors import ConfigError
-    from ..eval.generate import generate
+    from ..eval.generate import generate, load_for_generation
 
     prompts = []
     for p in args.prompt:

@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, DataError
-from ..train.sampler import BatchSampler, EpochSampler
+from . import stream
 from .catalog import DatasetSpec, resolve
 from .collate import collate
 from .formats import BadRecords, Conversation, PreferencePair, fill_placeholders, read_records
 from .packing import chunk_blocks, grouped_batches, pack_examples, window_batches
+from .sampler import BatchSampler, EpochSampler
 from .tokenize import Encoder, Example
 
 OBJECTIVES = ("auto", "sft", "pretrain")
@@ -248,8 +249,6 @@ class Datasets:
 def build_datasets(data_cfg, tokenizer, seed: int) -> Datasets:
     """Train and eval rows, counts and the encoder for a DataConfig."""
     if data_cfg.streaming:
-        from .stream import build_stream_datasets
-
         return build_stream_datasets(data_cfg, tokenizer, seed)
     stats = DataStats()
     bad = stats.bad if data_cfg.skip_bad_records else None
@@ -336,3 +335,42 @@ def stream_examples(data_cfg, tokenizer, stats: DataStats | None = None) -> Iter
         if ex is not None:
             yield ex
 
+
+def build_stream_datasets(data_cfg, tokenizer, seed: int):
+    """Datasets whose ``train`` is a ``TrainStream`` (eval from ``data.eval_path``, in memory)."""
+    for key in ("group_by_length", "mix"):
+        if getattr(data_cfg, key):
+            raise ConfigError(f"data.streaming does not combine with data.{key} yet; turn one of them off")
+    if data_cfg.eval_split and not data_cfg.eval_path:
+        raise ConfigError("data.streaming reads the corpus in order and cannot hold out a random split; give an "
+                          "eval file with data.eval_path, or set data.eval_split=0")
+    stats = DataStats(objective=data_cfg.objective)
+    window = stream.WINDOW  # read at call time (tests shrink it)
+
+    def open_stream(stats=None, counted=None):
+        examples = stream_examples(data_cfg, tokenizer, stats)
+        return stream.packed_stream(examples, data_cfg.max_length, window, counted) if data_cfg.packing else examples
+
+    counted = [0]
+    length = sum(1 for _ in open_stream(stats, counted))  # also fills the counts
+    if length == 0:
+        raise DataError("the streamed training data holds no example with a token to learn")
+    if data_cfg.packing:
+        stats.packed_from = counted[0]
+    train = stream.TrainStream(open_stream, length, window)
+    encoder = make_encoder(data_cfg, tokenizer)
+    evals, eval_records = [], []
+    if data_cfg.eval_path:
+        records = [r for _, r in _read_all(resolve([data_cfg.eval_path], data_cfg, "data.eval_path"), data_cfg,
+                                           stats, stats.bad if data_cfg.skip_bad_records else None, None)]
+        if stats.objective == "pretrain":
+            evals = pretrain_blocks(records, encoder, data_cfg.block_size or data_cfg.max_length, "eval")
+        else:
+            for rec in records:
+                ex = encode_one(rec, encoder, stats)
+                if ex is not None:
+                    evals.append(ex)
+                    eval_records.append(rec)
+    stats.train, stats.eval = length, len(evals)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Datasets(train, evals, stats, encoder, eval_records, pad_id, packing=bool(data_cfg.packing))

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from ..errors import ConfigError
-from ..train.sampler import epoch_order
+from .sampler import epoch_order
 from .tokenize import Example
 
 

@@ -9,10 +9,50 @@ Only the new tokens are decoded.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from . import decode
+
+
+def load_for_generation(run: str | None, adapter: str | None, cfg_args: list[str]):
+    """(model, tokenizer, encoder, cfg) for a run dir, an adapter, or a base model.
+
+    ``cfg_args`` is the command line's ``[CONFIG] [key=value ...]``; with a run, its config.yaml
+    replaces CONFIG and the overrides apply on top."""
+    from ..config import load_config, split_config_args
+    from ..data.tokenize import Encoder
+    from ..export.adapter import load_adapter
+    from ..model.load import load_model
+    from ..rundir import run_artifact, run_config
+
+    path, overrides = split_config_args(cfg_args)
+    if run:
+        cfg = run_config(run, overrides)
+        artifact = run_artifact(run)
+        adapter = None if artifact is not None and (artifact / "config.json").is_file() else str(Path(run) / "adapter")
+        if adapter is None:  # full fine-tuning: the run's model/ is the model
+            cfg.model.name = str(artifact)
+            cfg.model.config_overrides = {}
+    else:
+        cfg = load_config(path, overrides)
+    model, tok = load_model(cfg.model, seed=cfg.train.seed)
+    if adapter:
+        load_adapter(model, adapter)
+    encoder = Encoder(tok, cfg.data.template, cfg.data.max_length, cfg.data.system)
+    return model, tok, encoder, cfg
+
+
+def stop_token_ids(tokenizer, encoder) -> set[int]:
+    """The end-of-sequence id and every template stop string that is a single token."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for s in encoder.renderer.stop_strings:
+        tok = tokenizer(s, add_special_tokens=False).input_ids
+        if len(tok) == 1:
+            ids.add(tok[0])
+    return ids
 
 
 def _as_messages(prompt) -> list[dict]:
@@ -29,11 +69,7 @@ def generate(model: nn.Module, tokenizer, encoder, prompts: list, max_new_tokens
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = {tokenizer.eos_token_id}
-    for s in encoder.renderer.stop_strings:
-        ids = tokenizer(s, add_special_tokens=False).input_ids
-        if len(ids) == 1:
-            eos_ids.add(ids[0])
+    eos_ids = stop_token_ids(tokenizer, encoder)
     use_cache = getattr(model.config, "use_cache", True)
     model.config.use_cache = True
     if seed is not None:

@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__, registry
+from .. import registry
 from ..config import ModelConfig, load_config
 from ..errors import ConfigError
 from ..io import atomic_dir
 from ..model.load import DTYPES, asset_dir, is_config_name, resolve_dtype
+from ..rundir import is_run_dir, run_config
+from ..version import __version__
 from .adapter import adapter_method_config, load_adapter, read_adapter_config
 
 # max |logit difference| merged vs unmerged in fp32, relative to max(1, max |logit|); measured ~1e-6
@@ -79,14 +81,12 @@ def _stored_dtype(model_cfg: ModelConfig) -> str:
 def resolve_base(adapter_dir: Path | None, run_dir: Path | None, overrides: list[str]) -> tuple[ModelConfig, int, Path]:
     """(base ModelConfig, init seed for config:<arch> bases, adapter directory)."""
     if run_dir is not None:
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--run {str(run_dir)!r} is not a run directory (no config.yaml)")
-        if (run_dir / "model" / "config.json").is_file() and not (run_dir / "adapter").exists():
+        if is_run_dir(run_dir) and (run_dir / "model" / "config.json").is_file() and not (run_dir / "adapter").exists():
             raise ConfigError(
                 f"{run_dir} is a full fine-tuning run: {run_dir / 'model'} is already a plain Hugging Face "
                 "model directory, there is no adapter to merge"
             )
-        cfg = load_config(run_dir / "config.yaml", overrides)
+        cfg = run_config(run_dir, overrides)
         seed = cfg.model.seed if cfg.model.seed is not None else cfg.train.seed
         return cfg.model, seed, run_dir / "adapter"
     assert adapter_dir is not None

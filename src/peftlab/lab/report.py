@@ -25,11 +25,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ..errors import ConfigError
 from ..eval.harness import DEFAULT_PROMPTS
 from ..io import atomic_write_text
+from ..rundir import (
+    artifact_size,
+    is_run_dir,
+    read_json,
+    read_metrics,
+    read_summary,
+    run_artifact,
+    saved_config,
+)
 
 
 @dataclass
@@ -87,55 +94,24 @@ class RunView:
         return statistics.median(v) if v else None
 
 
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _metrics(path: Path) -> list[dict]:
-    out = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line of a killed run
-    return out
-
-
-def _artifact_size(run_dir: Path) -> int | None:
-    adapter = run_dir / "adapter" / "adapter_model.safetensors"
-    if adapter.is_file():
-        return adapter.stat().st_size
-    files = list((run_dir / "model").glob("*.safetensors"))
-    return sum(f.stat().st_size for f in files) if files else None
-
-
 def load_run(run_dir: Path, name: str | None = None) -> RunView:
     run_dir = Path(run_dir)
     view = RunView(name or run_dir.name, run_dir)
-    result = _json(run_dir / "result.json") or {}
+    result = read_json(run_dir / "result.json") or {}
     run_info, train_info = result.get("run_info", {}), result.get("train_info", {})
-    config = None
-    if (run_dir / "config.yaml").is_file():
-        try:
-            config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        except yaml.YAMLError:
-            config = None
+    try:
+        config = saved_config(run_dir)
+    except ConfigError:
+        config = None
     view.config = config or run_info.get("train_config") or {}
     peft = view.config.get("peft") or {}
     view.method = str(peft.get("method", "?"))
     view.rank = peft.get("r")
-    summary = _json(run_dir / "summary.json") or {}
+    summary = read_summary(run_dir) or {}
     view.trainable = train_info.get("num_trainable_params", summary.get("trainable"))
     view.total = train_info.get("num_total_params", summary.get("total"))
-    view.metrics = _metrics(run_dir / "metrics.jsonl") or train_info.get("metrics") or []
-    view.eval = dict(train_info.get("eval") or _json(run_dir / "eval" / "metrics.json") or {})
+    view.metrics = read_metrics(run_dir) or train_info.get("metrics") or []
+    view.eval = dict(train_info.get("eval") or read_json(run_dir / "eval" / "metrics.json") or {})
     view.train_time = train_info.get("train_time", summary.get("wall_time_s"))
     view.total_time = run_info.get("total_time")
     view.train_cpu = train_info.get("train_cpu_s")
@@ -146,8 +122,8 @@ def load_run(run_dir: Path, name: str | None = None) -> RunView:
         mem = int(mb * 2**20) if mb else None
     view.peak_memory = mem
     view.process_peak = train_info.get("process_peak_rss_bytes")
-    view.file_size = train_info.get("file_size") or _artifact_size(run_dir)
-    view.samples = result.get("samples") or (_json(run_dir / "samples.json") or {}).get("samples") or []
+    view.file_size = train_info.get("file_size") or artifact_size(run_dir)
+    view.samples = result.get("samples") or (read_json(run_dir / "samples.json") or {}).get("samples") or []
     if result:
         view.status = train_info.get("status", "failed")
         view.error = run_info.get("error_msg") or ""
@@ -161,7 +137,7 @@ def collect(paths: list[str | Path]) -> tuple[list[RunView], list[dict]]:
     runs: list[RunView] = []
     sweeps: list[dict] = []
     for p in map(Path, paths):
-        plan = _json(p / "sweep.json")
+        plan = read_json(p / "sweep.json")
         if plan is not None:
             sweeps.append({**plan, "dir": str(p)})
             for entry in plan.get("runs", []):
@@ -170,10 +146,10 @@ def collect(paths: list[str | Path]) -> tuple[list[RunView], list[dict]]:
                     runs.append(load_run(d))
                 else:
                     runs.append(RunView(entry["name"], d, status="not run"))
-        elif (p / "config.yaml").is_file() or (p / "result.json").is_file():
+        elif is_run_dir(p) or (p / "result.json").is_file():
             runs.append(load_run(p))
-        elif p.is_dir() and any((c / "config.yaml").is_file() for c in p.iterdir() if c.is_dir()):
-            runs.extend(load_run(c) for c in sorted(p.iterdir()) if (c / "config.yaml").is_file())
+        elif p.is_dir() and any(is_run_dir(c) for c in p.iterdir() if c.is_dir()):
+            runs.extend(load_run(c) for c in sorted(p.iterdir()) if is_run_dir(c))
         else:
             raise ConfigError(f"{str(p)!r} is neither a run directory (config.yaml) nor a sweep directory "
                               "(sweep.json); give the directories `peftlab train` or `peftlab sweep` wrote")
@@ -194,9 +170,9 @@ def ensure_samples(run: RunView, prompts: list[str], max_new_tokens: int = 128, 
         return
     if [s.get("prompt") for s in run.samples] == list(prompts):
         return
-    if not ((run.dir / "adapter").is_dir() or (run.dir / "model").is_dir()):
+    if run_artifact(run.dir) is None:
         return
-    from ..commands.generate import load_for_generation
+    from ..eval.generate import load_for_generation
     from ..eval.harness import EvalConfig, generate_answers
     from ..train.runtime import resolve_precision
 

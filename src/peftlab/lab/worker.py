@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 from ..io import atomic_write_text
+from ..rundir import artifact_size, read_metrics, read_summary
 
 
 def _die_with_parent() -> None:
@@ -50,19 +51,13 @@ def _cpu_seconds() -> float | None:
         return None
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*.safetensors")) if path.is_dir() else 0
-
-
 def _meta(device, amp, threads: int) -> dict:
     import torch
     import transformers
 
-    import peftlab
+    from ..version import __version__
 
-    return {"peftlab_version": peftlab.__version__, "torch_version": torch.__version__,
+    return {"peftlab_version": __version__, "torch_version": torch.__version__,
             "transformers_version": transformers.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "device": str(device), "precision": str(amp or "float32").replace("torch.", ""), "threads": threads}
@@ -109,7 +104,9 @@ def run(run_dir: Path) -> int:
 
         res = train(cfg, resume=resume, callbacks=[log_step])
         train_cpu = _cpu_seconds()
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir)
+        if summary is None:
+            raise RuntimeError(f"training finished but {run_dir / 'summary.json'} is missing or damaged")
         device = next(res.model.parameters()).device
         amp = resolve_precision(cfg.train.mixed_precision, device)
         say(f"trained {res.steps} steps in {summary['wall_time_s']:.1f}s; scoring the held-out split")
@@ -133,7 +130,7 @@ def run(run_dir: Path) -> int:
                                        max_new_tokens=ecfg.sample_max_new_tokens)
             samples = [{"prompt": p, "answer": a} for p, a in zip(ecfg.prompts, answers)]
             say(f"samples: {len(samples)} prompts in {time.perf_counter() - t0:.1f}s")
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics = read_metrics(run_dir)
         mem_mb = summary.get("peak_cuda_mb") or summary.get("peak_rss_mb")
         result["train_info"] = {
             "status": "success",
@@ -142,8 +139,7 @@ def run(run_dir: Path) -> int:
             "steps": res.steps,
             "peak_memory_bytes": int(mem_mb * 2**20) if mem_mb else None,
             "memory_kind": "cuda_allocated" if summary.get("peak_cuda_mb") else "cpu_peak_rss",
-            "file_size": _size(res.artifact / "adapter_model.safetensors") if (res.artifact / "adapter_model.safetensors").is_file()
-            else _size(res.artifact),
+            "file_size": artifact_size(run_dir) or 0,
             "num_trainable_params": summary["trainable"],
             "num_total_params": summary["total"],
             "data": summary.get("data"),

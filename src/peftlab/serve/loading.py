@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, load_config
+from ..config import Config, load_config, split_config_args
 from ..errors import ConfigError
+from ..rundir import is_run_dir, run_config
 from .engine import Engine
 from .multi_lora import MultiLoRAModel
 from .store import AdapterStore
@@ -38,32 +39,21 @@ def parse_named(items: list[str]) -> dict[str, str]:
     return out
 
 
-def eos_ids(tokenizer, encoder) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for s in encoder.renderer.stop_strings:
-        tok = tokenizer(s, add_special_tokens=False).input_ids
-        if len(tok) == 1:
-            ids.add(tok[0])
-    return ids
-
-
 def build_serving(cfg_args: list[str], *, run: str | None = None, adapters: list[str] | None = None,
                   adapters_dir: str | None = None, max_loaded: int = 8, max_batch: int = 8, max_queue: int = 64,
                   max_context: int | None = None, served_name: str | None = None, mode: str = "auto") -> Serving:
-    from ..commands._args import split_config_args
     from ..data.tokenize import Encoder
+    from ..eval.generate import stop_token_ids
     from ..model.load import load_model
 
     path, overrides = split_config_args(cfg_args)
     pinned = parse_named(adapters or [])
     if run:
         run_dir = Path(run)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--run {run!r} is not a run directory (no config.yaml)")
-        if not (run_dir / "adapter").is_dir():
+        if is_run_dir(run_dir) and not (run_dir / "adapter").is_dir():
             raise ConfigError(f"--run {run!r} has no adapter/ (a full fine-tuning run: serve its model/ as the base, "
                               f"model.name={run_dir / 'model'})")
-        cfg = load_config(run_dir / "config.yaml", overrides)
+        cfg = run_config(run, overrides)
         pinned.setdefault(run_dir.resolve().name, str(run_dir / "adapter"))
     else:
         cfg = load_config(path, overrides)
@@ -75,6 +65,6 @@ def build_serving(cfg_args: list[str], *, run: str | None = None, adapters: list
     if base_name in pinned:
         raise ConfigError(f"adapter name {base_name!r} is the base model's name; rename the adapter")
     store = AdapterStore(mm, adapters_dir, max_loaded=max(max_loaded, len(pinned)), pinned=pinned)
-    engine = Engine(mm, tok, store=store, max_batch=max_batch, max_queue=max_queue, eos_ids=eos_ids(tok, encoder),
+    engine = Engine(mm, tok, store=store, max_batch=max_batch, max_queue=max_queue, eos_ids=stop_token_ids(tok, encoder),
                     max_context=max_context)
     return Serving(cfg, mm, tok, encoder, store, engine, base_name)

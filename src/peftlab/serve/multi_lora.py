@@ -37,7 +37,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
 from ..errors import ConfigError
 from ..export.adapter import (
     CONFIG_NAME,
@@ -51,6 +50,7 @@ from ..io import atomic_dir
 from ..model.params import freeze
 from ..model.targets import is_linear, linear_shape, peft_target_modules, set_submodule
 from ..registry import PEFT_PREFIX
+from ..version import __version__
 
 MODES = ("auto", "gather", "grouped")
 NAME_RX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

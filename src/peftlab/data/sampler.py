@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     """The order of the ``n`` examples in epoch ``epoch``: ``randperm(n, seed + epoch)``, or file order."""
@@ -30,10 +32,6 @@ class EpochSampler:
         self.batches_for_epoch, self.rank, self.world_size = batches_for_epoch, rank, world_size
         self.epoch, self.position = 0, 0
         self._batches = batches_for_epoch(0)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self._batches) // self.world_size
 
     def next(self) -> list[int]:
         if self.position + self.world_size > len(self._batches):
@@ -59,8 +57,6 @@ class BatchSampler(EpochSampler):
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
                  world_size: int = 1):
         if n < batch_size * world_size:
-            from ..errors import ConfigError
-
             raise ConfigError(
                 f"train.batch_size={batch_size} x {world_size} process(es) is larger than the "
                 f"{n} training examples; lower train.batch_size or add data"
