@@ -13,7 +13,8 @@ from peftlab import registry
 from peftlab.config import load_config
 from peftlab.errors import ConfigError
 from peftlab.export.adapter import load_adapter, save_adapter
-from peftlab.methods.lora import LoRAConfig, LoRALinear, lora_layers
+from peftlab.methods.lora import LoRAConfig
+from peftlab.methods.lowrank import LoRALinear, lora_layers
 from peftlab.model.params import param_report
 
 

@@ -14,7 +14,8 @@ from conftest import randomize, tiny_model
 from peftlab.data.tokenize import IGNORE
 from peftlab.methods import lora as lora_mod
 from peftlab.methods import lora_kernels
-from peftlab.methods.lora import LoRAConfig, LoRALinear
+from peftlab.methods.lora import LoRAConfig
+from peftlab.methods.lowrank import LoRALinear, lora_layers
 from peftlab.train.fused_loss import chunked_linear_cross_entropy
 from peftlab.train.loss import causal_lm_loss
 
@@ -245,7 +246,7 @@ def test_lora_model_fast_path_equals_plain(arch):
     params = [p for p in model.parameters() if p.requires_grad]
     out = {}
     for fast in (False, True):
-        for m in lora_mod.lora_layers(model).values():
+        for m in lora_layers(model).values():
             m.fast_path = fast
         model.zero_grad(set_to_none=True)
         loss, n = causal_lm_loss(model, batch, fused=False)

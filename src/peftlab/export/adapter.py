@@ -20,10 +20,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__, registry
+from .. import registry
 from ..config import build_dataclass
 from ..errors import ConfigError
 from ..io import atomic_dir
+from ..methods.modules_to_save import prepare_base_for_adapter
+from ..model.params import freeze
+from ..quant import model_is_quantized, quantize_model
+from ..version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -200,8 +204,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, peft_cfg=None):
     config, record = read_adapter_config(adapter_dir)
     cfg = peft_cfg or adapter_method_config(adapter_dir)
     method = registry.get(cfg.method)
-    from ..methods.extras import prepare_base_for_adapter
-
+    merge_adapters_first(model, getattr(cfg, "merge_first", None))  # the base this adapter was trained on
     # tokens added before training: grow the base's embeddings to the adapter's vocabulary first
     tensors = prepare_base_for_adapter(model, load_file(str(adapter_dir / WEIGHTS_NAME)))
     if record:
@@ -230,3 +233,53 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, peft_cfg=None):
                 )
             target.copy_(src.to(target.dtype))
     return cfg
+
+
+# ---------------------------------------------------------------------------- continuing from an adapter
+
+
+def merge_adapters_first(model: nn.Module, dirs: list[str] | None) -> None:
+    """``peft.merge_first``: load each adapter, merge it into the base (in order), freeze again.
+
+    Called before ``method.apply`` wherever a method config is applied (the training loop,
+    ``load_adapter``). A quantised base is dequantised for the merge and quantised again after it
+    (lossy: the merged weights are rounded to the 4/8-bit grid once more).
+    """
+    if not dirs or any(p.is_meta for p in model.parameters()):
+        return
+    kind = model_is_quantized(model)
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise ConfigError(f"peft.merge_first: adapter directory {d!r} does not exist")
+        cfg = load_adapter(model, d)
+        method = registry.get(cfg.method)
+        if method.merge is None:
+            raise ConfigError(f"peft.merge_first: {d} is a {cfg.method} adapter, which cannot be merged into "
+                              "the base; continue training it with peft.init_from instead")
+        method.merge(model)
+    if kind:
+        quantize_model(model, kind)
+    freeze(model)
+
+
+def init_from_adapter(model: nn.Module, method: registry.Method, adapter_dir: str) -> None:
+    """``peft.init_from``: copy an adapter's tensors into the freshly applied method's tensors
+    (the training loop calls this after ``method.on_train_start``)."""
+    read_adapter_config(adapter_dir)  # clear errors for a missing directory or pickle files
+    loaded = method.from_peft_keys(prepare_base_for_adapter(model, load_file(str(Path(adapter_dir) / WEIGHTS_NAME))))
+    expected = adapter_state(model, method)
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    shapes = [(k, tuple(loaded[k].shape), tuple(v.shape)) for k, v in expected.items()
+              if k in loaded and loaded[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                  else f"{shapes[0][0]} has shape {shapes[0][1]}, this run builds {shapes[0][2]}")
+        raise ConfigError(
+            f"peft.init_from={adapter_dir}: the adapter does not fit this run's {method.name} setup ({detail}); "
+            "use the same peft.method, peft.r and peft.targets it was trained with (a PiSSA/OLoRA adapter "
+            "is saved as plain LoRA of rank 2r: continue it with peft.init=kaiming and peft.r=2r)"
+        )
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(loaded[k].to(v.device, v.dtype))

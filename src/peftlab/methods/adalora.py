@@ -41,12 +41,14 @@ from ..model.targets import (
     layer_dtype_device,
     linear_shape,
     peft_target_modules,
+    replace_module,
 )
-from ..registry import Method, register
-from . import extras, lora
-from .lora import wide
-
-STATE = "_peftlab_adalora"  # the allocator's running state, kept on the model object
+from ..registry import register
+from . import peft_format
+from .adalora_budget import STATE, Allocator, allocator
+from .lowrank import factor_dtype, merge_delta, unmerge_delta, wide
+from .merging import merge_wrappers
+from .modules_to_save import add_additional_targets
 
 
 @dataclass
@@ -81,7 +83,7 @@ class AdaLoRAConfig:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
 
 
-class AdaLoRALinear(extras.DeltaMerge, nn.Module):
+class AdaLoRALinear(nn.Module):
     """A frozen linear layer plus (alpha / r0) B diag(E) A. x [..., in] -> [..., out].
 
     ``lora_A`` [r, in], ``lora_B`` [out, r], ``lora_E`` [r, 1] (Parameters, PEFT's names);
@@ -99,7 +101,7 @@ class AdaLoRALinear(extras.DeltaMerge, nn.Module):
         self.ranknum = float(ranknum)
         self.scaling = alpha
         dtype, device = layer_dtype_device(base_layer)
-        dtype = lora.factor_dtype(dtype)
+        dtype = factor_dtype(dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=device, dtype=dtype))
@@ -120,6 +122,11 @@ class AdaLoRALinear(extras.DeltaMerge, nn.Module):
         delta = delta * self.scaling / (self.ranknum + 1e-5)
         return delta.T if self.fan_in_fan_out else delta
 
+    def merge(self) -> None:
+        merge_delta(self)
+
+    def unmerge(self) -> None:
+        unmerge_delta(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -147,130 +154,33 @@ def _pattern_key(name: str) -> str:
 
 def apply(model: nn.Module, cfg: AdaLoRAConfig) -> None:
     freeze(model)
-    extras.merge_adapters_first(model, cfg.merge_first)
     pattern = {_pattern_key(k): v for k, v in (cfg.rank_pattern or {}).items()}
     for path in find_targets(model, cfg.targets, kinds=LINEAR_TYPES):
         r = int(sum(bool(b) for b in pattern[path])) if path in pattern else cfg.init_r
-        extras.replace_module(model, path, AdaLoRALinear(model.get_submodule(path), r, cfg.alpha,
+        replace_module(model, path, AdaLoRALinear(model.get_submodule(path), r, cfg.alpha,
                                                                cfg.dropout, cfg.init_r))
-    extras.add_additional_targets(model, cfg.additional_targets)
+    add_additional_targets(model, cfg.additional_targets)
 
 
 def merge(model: nn.Module) -> None:
-    extras.merge_wrappers(model, (AdaLoRALinear,))
-
-
-# ---------------------------------------------------------------------------- the rank allocator
-
-
-class Allocator:
-    """Importance EMAs (by parameter name), the budget schedule and the final allocation."""
-
-    def __init__(self, model: nn.Module, cfg: AdaLoRAConfig, total_step: int):
-        if total_step - cfg.tfinal - cfg.tinit <= 0:
-            raise ConfigError(
-                f"AdaLoRA's schedule leaves no budgeting phase: tinit={cfg.tinit} + tfinal={cfg.tfinal} >= "
-                f"{total_step} steps; lower peft.tinit/peft.tfinal or train longer"
-            )
-        self.total_step = total_step
-        self.init_bgt = sum(m.r for m in layers(model).values())
-        self.target_bgt = cfg.target_r * len(layers(model))
-        self.ipt: dict[str, torch.Tensor] = {}
-        self.unc: dict[str, torch.Tensor] = {}
-        self.rank_pattern: dict[str, list[bool]] | None = None
-
-    def budget(self, step: int, cfg: AdaLoRAConfig) -> tuple[int, bool]:
-        """(total rank allowed after ``step``, whether to re-mask now): the cubic schedule."""
-        if step <= cfg.tinit:
-            return self.init_bgt, False
-        if step > self.total_step - cfg.tfinal:
-            return self.target_bgt, True
-        frac = 1 - (step - cfg.tinit) / (self.total_step - cfg.tfinal - cfg.tinit)
-        return int((self.init_bgt - self.target_bgt) * frac**3 + self.target_bgt), step % cfg.delta_t == 0
-
-    @torch.no_grad()
-    def update_importance(self, model: nn.Module, cfg: AdaLoRAConfig) -> None:
-        for path, layer in layers(model).items():
-            for name in ("lora_A", "lora_B", "lora_E"):
-                p = getattr(layer, name)
-                if p.grad is None:
-                    continue
-                key = f"{path}.{name}"
-                ipt = (p * p.grad).abs().float()
-                if key not in self.ipt:
-                    self.ipt[key] = torch.zeros_like(ipt)
-                    self.unc[key] = torch.zeros_like(ipt)
-                self.ipt[key] = cfg.beta1 * self.ipt[key] + (1 - cfg.beta1) * ipt
-                self.unc[key] = cfg.beta2 * self.unc[key] + (1 - cfg.beta2) * (ipt - self.ipt[key]).abs()
-
-    def scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """S_i per layer [r] (zeros where no gradient has been seen yet)."""
-        def s(path: str, name: str, like: torch.Tensor) -> torch.Tensor:
-            key = f"{path}.{name}"
-            return self.ipt[key] * self.unc[key] if key in self.ipt else torch.zeros_like(like).float()
-
-        return {path: s(path, "lora_E", layer.lora_E).view(-1) + s(path, "lora_A", layer.lora_A).mean(dim=1)
-                + s(path, "lora_B", layer.lora_B).mean(dim=0) for path, layer in layers(model).items()}
-
-    @torch.no_grad()
-    def mask_to_budget(self, model: nn.Module, budget: int) -> dict[str, list[bool]]:
-        scores = self.scores(model)
-        all_scores = torch.cat(list(scores.values()))
-        k = self.init_bgt - budget
-        threshold = torch.kthvalue(all_scores, k).values.item() if k > 0 else -float("inf")
-        pattern = {}
-        for path, layer in layers(model).items():
-            keep = scores[path] > threshold
-            layer.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
-            pattern[path] = keep.tolist()
-        return pattern
-
-    @torch.no_grad()
-    def apply_pattern(self, model: nn.Module) -> None:
-        for path, layer in layers(model).items():
-            keep = torch.tensor(self.rank_pattern[path], device=layer.lora_E.device)
-            layer.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
-
-
-def allocator(model: nn.Module) -> Allocator | None:
-    return model.__dict__.get(STATE)
+    merge_wrappers(model, (AdaLoRALinear,))
 
 
 def start(model: nn.Module, cfg: AdaLoRAConfig, total_steps: int) -> Allocator:
-    """Set up the allocator for a run of ``total_steps`` optimiser steps (the loop calls this)."""
-    state = Allocator(model, cfg, cfg.total_step or total_steps)
+    """Set up the allocator for a run of ``total_steps`` optimiser steps (the loop's ``on_train_start``)."""
+    state = Allocator(layers(model), cfg, cfg.total_step or total_steps)
     model.__dict__[STATE] = state
     return state
 
 
-def on_train_start(model: nn.Module, cfg: AdaLoRAConfig, total_steps: int) -> None:
-    start(model, cfg, total_steps)
-    if cfg.init_from:
-        extras.init_from_adapter(model, METHOD, cfg.init_from)
-
-
-def on_step(model: nn.Module, cfg: AdaLoRAConfig, step: int, optimizer=None) -> None:
+def on_step(model: nn.Module, cfg: AdaLoRAConfig, step: int) -> None:
     """After optimiser step ``step`` (gradients still present): importance, budget, masking."""
     state = allocator(model)
     if state is None:
         raise ConfigError("AdaLoRA's schedule was not started: call peftlab.methods.adalora.start(model, cfg, "
                           "total_steps) before training outside peftlab's loop")
-    final = state.total_step - cfg.tfinal
-    if step < final:
-        state.update_importance(model, cfg)
-        budget, now = state.budget(step, cfg)
-        if now:
-            state.rank_pattern = state.mask_to_budget(model, budget)
-    elif step == final:
-        state.update_importance(model, cfg)
-        budget, _ = state.budget(step, cfg)
-        state.rank_pattern = state.mask_to_budget(model, budget)
-        state.ipt, state.unc = {}, {}
+    if state.step(layers(model), cfg, step):
         print(format_allocation(model), file=sys.stderr)
-    else:
-        if state.rank_pattern is None:  # resumed after the allocation was fixed: the zeros of E are the mask
-            state.rank_pattern = {p: (m.lora_E != 0).view(-1).tolist() for p, m in layers(model).items()}
-        state.apply_pattern(model)
 
 
 def rank_allocation(model: nn.Module) -> dict[str, int]:
@@ -322,7 +232,6 @@ def to_peft_config(cfg: AdaLoRAConfig, model: nn.Module) -> dict:
     found = list(layers(model))
     state = allocator(model)
     total = cfg.total_step or (state.total_step if state else cfg.tinit + cfg.tfinal + 1)
-    conv = any(m.fan_in_fan_out or getattr(m.base_layer, "from_conv1d", False) for m in layers(model).values())
     return {
         "peft_type": "ADALORA",
         "task_type": "CAUSAL_LM",
@@ -339,15 +248,15 @@ def to_peft_config(cfg: AdaLoRAConfig, model: nn.Module) -> dict:
         "orth_reg_weight": cfg.orth_reg_weight,
         "total_step": total,
         "rank_pattern": cfg.rank_pattern,
-        "fan_in_fan_out": conv,
+        "fan_in_fan_out": peft_format.fan_in_fan_out(layers(model).values()),
         "bias": "none",
-        "modules_to_save": extras.additional_targets_for_peft(cfg),
+        "modules_to_save": peft_format.additional_targets_for_peft(cfg),
         "inference_mode": True,
     }
 
 
 def from_peft_config(d: dict) -> AdaLoRAConfig:
-    targets = extras.peft_targets(d, "AdaLoRA")
+    targets = peft_format.peft_targets(d, "AdaLoRA")
     init_r = int(d.get("init_r", 12))
     return AdaLoRAConfig(
         init_r=init_r,
@@ -363,26 +272,19 @@ def from_peft_config(d: dict) -> AdaLoRAConfig:
         orth_reg_weight=float(d.get("orth_reg_weight", 0.5)),
         total_step=d.get("total_step"),
         rank_pattern=d.get("rank_pattern") or None,
-        additional_targets=list(d["modules_to_save"]) if d.get("modules_to_save") else None,
+        additional_targets=peft_format.additional_targets_from_peft(d),
     )
 
 
-OWN = ("lora_A", "lora_B", "lora_E")
-
-METHOD = register(
-    Method(
-        name="adalora",
-        config_cls=AdaLoRAConfig,
-        apply=apply,
+register(
+    peft_format.family_method(
+        "adalora", AdaLoRAConfig, apply, ("lora_A", "lora_B", "lora_E"),
         merge=merge,
         peft_type="ADALORA",
-        state_prefixes=(*OWN, extras.SAVE),
         to_peft_config=to_peft_config,
         from_peft_config=from_peft_config,
-        to_peft_keys=extras.to_peft_keys,
-        from_peft_keys=extras.make_from_peft_keys(OWN),
         on_step=on_step,
-        on_train_start=on_train_start,
+        on_train_start=start,
         aux_loss=aux_loss,
         param_extra=param_extra,
     )

@@ -27,8 +27,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..model.params import freeze
 from ..registry import Method, register
-from .prefix import attach_prefix, finalize
-from .prompt import ENCODER_KEY, check_init, from_file_keys, model_dims, to_file_keys
+from .prefix import attach_prefix
+from .virtual_tokens import ENCODER_KEY, check_init, finalize, from_file_keys, model_dims, to_file_keys
 
 PLACEMENTS = ("serial", "parallel")
 SITES = ("attn", "ffn")

@@ -33,9 +33,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.targets import layer_dtype_device, linear_shape, weight_matrix
-from ..registry import Method, register
-from . import extras, lora
-from .lora import wide
+from ..registry import register
+from . import lora, peft_format
+from .lowrank import apply_lora_family, factor_dtype, lora_scaling, reset_factors, wide
+from .merging import float_base, merge_wrappers
 
 
 @dataclass
@@ -65,14 +66,14 @@ class DoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = in_f, out_f
         self.r, self.alpha = cfg.r, cfg.alpha
-        self.scaling = lora.lora_scaling(cfg.alpha, cfg.r, cfg.use_rslora)
+        self.scaling = lora_scaling(cfg.alpha, cfg.r, cfg.use_rslora)
         self.exact_norm = cfg.exact_norm
         dtype, device = layer_dtype_device(base_layer)
-        dtype = lora.factor_dtype(dtype)
+        dtype = factor_dtype(dtype)
         self.lora_A = nn.Linear(in_f, cfg.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(cfg.r, out_f, bias=False, device=device, dtype=dtype)
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        lora.reset_factors(self.lora_A.weight, self.lora_B.weight, cfg.init, cfg.r)
+        reset_factors(self.lora_A.weight, self.lora_B.weight, cfg.init, cfg.r)
         if cfg.init in ("pissa", "olora"):
             lora.principal_init(self, cfg.init, cfg.pissa_niter)
         self.lora_magnitude_vector = nn.Parameter(torch.empty(out_f, device=device, dtype=dtype))
@@ -141,7 +142,7 @@ class DoRALinear(nn.Module):
         """W <- (m / ||W + sBA||) ⊙ (W + sBA); the factor is kept so ``unmerge`` can undo it."""
         if self.merged:
             return
-        extras.float_base(self)
+        float_base(self)
         p = self.base_layer.weight
         w = wide(self.base_weight(self.lora_A.weight.dtype))
         scale = wide(self.lora_magnitude_vector) / self.weight_norm(w)
@@ -191,29 +192,22 @@ def apply(model: nn.Module, cfg: DoRAConfig) -> None:
     def linear(base, enable):
         return DoRALinear(base, cfg)
 
-    lora.apply_lora_family(model, cfg, linear)
+    apply_lora_family(model, cfg, linear)
 
 
 def merge(model: nn.Module) -> None:
-    extras.merge_wrappers(model, (DoRALinear,))
+    merge_wrappers(model, (DoRALinear,))
 
-
-OWN = (*lora.LORA_TENSORS, "lora_magnitude_vector")
 
 register(
-    Method(
-        name="dora",
-        config_cls=DoRAConfig,
-        apply=apply,
+    peft_format.family_method(
+        "dora", DoRAConfig, apply, (*lora.LORA_TENSORS, "lora_magnitude_vector"),
         merge=merge,
         peft_type="LORA",  # PEFT: a LoRA adapter with use_dora=true
-        state_prefixes=(*OWN, extras.SAVE),
         to_peft_config=lora.to_peft_config,
         from_peft_config=lora.from_peft_config,
         to_peft_keys=lora.to_peft_keys,
-        from_peft_keys=extras.make_from_peft_keys(OWN),
         param_groups=lora.param_groups,
-        on_train_start=lora.on_train_start,
         saved_config=lora.saved_config,
     )
 )

@@ -44,24 +44,15 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
-from ..model.params import freeze
-from ..model.targets import (
-    LINEAR_TYPES,
-    find_targets,
-    layer_dtype_device,
-    linear_shape,
-    peft_target_modules,
-    set_weight_matrix,
-    weight_matrix,
-)
-from ..registry import Method, register
-from . import extras, lora_kernels
-from .extras import wide
+from ..model.params import default_param_groups
+from ..model.targets import peft_target_modules, set_weight_matrix, weight_matrix
+from ..registry import Method, get, register
+from . import peft_format
+from .lowrank import WRAPPERS, LoRAEmbedding, LoRALinear, apply_lora_family
+from .merging import merge_wrappers
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 LORA_TENSORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -106,29 +97,6 @@ class LoRAConfig:
         if self.enable_lora and self.init in ("pissa", "olora"):
             raise ConfigError(f"peft.init={self.init} initialises whole layers; it cannot combine with peft.enable_lora")
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
-    return alpha / (math.sqrt(r) if use_rslora else r)
-
-
-def factor_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Adapter tensors stay fp32 (or the base dtype when that is fp32/fp64), as PEFT keeps them."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-@torch.no_grad()
-def reset_factors(A: torch.Tensor, B: torch.Tensor, init: str, r: int) -> None:
-    """A [r', in] random (Kaiming-uniform, or N(0, 1/r) for ``gaussian``), B [out', r] zero."""
-    if init == "gaussian":
-        nn.init.normal_(A, std=1.0 / r)
-    else:
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-    nn.init.zeros_(B)
-
 
 @torch.no_grad()
 def principal_init(layer: nn.Module, init: str, niter: int = 0) -> None:
@@ -160,215 +128,13 @@ def principal_init(layer: nn.Module, init: str, niter: int = 0) -> None:
     layer.register_buffer("lora_B0", b.to(layer.lora_B.weight.dtype).clone())
 
 
-class LoRALinear(extras.DeltaMerge, nn.Module):
-    """A frozen linear layer plus a trainable low-rank update.
-
-    x: [..., in] -> [..., out]. ``lora_A`` [r, in] and ``lora_B`` [out, r] (``nn.Linear``s) are
-    kept in fp32 (or the base dtype when that is fp32/fp64) and the input is cast to them, as PEFT
-    does. ``enable`` is None for an ordinary layer; for a fused layer (``peft.enable_lora``) it is
-    the slice mask and the factors are A [k r, in], B [k out/n, r] (see the module docstring).
-    """
-
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", *, enable: list[bool] | None = None,
-                 sparsity_dropout: float = 0.0, pissa_niter: int = 0):
-        super().__init__()
-        in_f, out_f = linear_shape(base_layer)
-        self.enable = tuple(enable) if enable else None
-        n = len(self.enable) if self.enable else 1
-        k = sum(self.enable) if self.enable else 1
-        if out_f % n:
-            raise ConfigError(f"peft.enable_lora: a layer with {out_f} outputs cannot be split into {n} equal slices")
-        slice_out = out_f // n
-        if not 1 <= r <= min(in_f, slice_out):
-            raise ConfigError(
-                f"peft.r={r} does not fit a layer of shape in={in_f}, out={slice_out}: "
-                f"the rank must be between 1 and {min(in_f, slice_out)}"
-            )
-        self.base_layer = base_layer
-        self.in_features, self.out_features = in_f, out_f
-        self.r = r
-        self.alpha = alpha
-        self.scaling = lora_scaling(alpha, r, use_rslora)
-        dtype, device = layer_dtype_device(base_layer)
-        dtype = factor_dtype(dtype)
-        self.lora_A = nn.Linear(in_f, r * k, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, slice_out * k, bias=False, device=device, dtype=dtype)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.sparsity_dropout = sparsity_dropout
-        self.merged = False
-        self.reset_lora(init)
-        if init in ("pissa", "olora"):
-            principal_init(self, init, pissa_niter)
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        """True when the base stores its weight [in, out] (GPT-2's Conv1D)."""
-        return isinstance(self.base_layer, Conv1D)
-
-    def reset_lora(self, init: str = "kaiming") -> None:
-        reset_factors(self.lora_A.weight, self.lora_B.weight, "gaussian" if init == "gaussian" else "kaiming", self.r)
-
-    @property
-    def weight(self) -> torch.Tensor:  # code that inspects layer.weight (e.g. dtype checks)
-        return self.base_layer.weight
-
-    def _slices(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(output slot, A_j [r, in], B_j [out/n, r]) for every enabled slice of a fused layer."""
-        r, so = self.r, self.out_features // len(self.enable)
-        slots = [i for i, on in enumerate(self.enable) if on]
-        a, b = self.lora_A.weight, self.lora_B.weight
-        return [(slot, a[j * r:(j + 1) * r], b[j * so:(j + 1) * so]) for j, slot in enumerate(slots)]
-
-    def delta_weight(self) -> torch.Tensor:
-        """s·BA in the base weight's layout ([out, in], or [in, out] for Conv1D), fp32 (fp64 for fp64 factors)."""
-        if self.enable is None:
-            delta = wide(self.lora_B.weight) @ wide(self.lora_A.weight)
-        else:
-            so = self.out_features // len(self.enable)
-            delta = wide(self.lora_A.weight.new_zeros(self.out_features, self.in_features))
-            for slot, a, b in self._slices():
-                delta[slot * so:(slot + 1) * so] = wide(b) @ wide(a)
-        delta = delta * self.scaling
-        return delta.T if self.fan_in_fan_out else delta
-
-
-    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """s·B A x: [..., in] -> [..., out] in the factors' dtype."""
-        a = self.lora_A.weight
-        h = self.lora_dropout(x.to(a.dtype))
-        p = self.sparsity_dropout if self.training else 0.0
-        if p:
-            keep_in = torch.bernoulli(torch.full((self.in_features,), 1 - p, device=a.device, dtype=a.dtype))
-            h = h * (keep_in / (1 - p))
-        h = self.lora_A(h)
-        if self.enable is None:
-            out = self.lora_B(h)
-        else:
-            k, so = sum(self.enable), self.out_features // len(self.enable)
-            parts = torch.einsum("...kr,kor->...ko", h.unflatten(-1, (k, self.r)),
-                                 self.lora_B.weight.view(k, so, self.r))
-            zeros = parts.new_zeros(*parts.shape[:-2], so)
-            slots, j = [], 0
-            for on in self.enable:
-                slots.append(parts[..., j, :] if on else zeros)
-                j += on
-            out = torch.cat(slots, dim=-1)
-        if p:
-            keep_out = torch.bernoulli(torch.full((self.out_features,), 1 - p, device=a.device, dtype=a.dtype))
-            out = out * (keep_out / (1 - p))
-        return out * self.scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.merged and lora_kernels.fast_path_ok(self, x):  # same math, fewer saved tensors
-            return lora_kernels.lora_linear(self, x)
-        result = self.base_layer(x)
-        if self.merged:
-            return result
-        return result + self.lora_forward(x).to(result.dtype)
-
-    def extra_repr(self) -> str:
-        fused = f", enable={list(self.enable)}" if self.enable else ""
-        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}{fused}"
-
-
-class LoRAEmbedding(extras.DeltaMerge, nn.Module):
-    """A frozen embedding plus a trainable low-rank update (PEFT's layout).
-
-    ids [...] -> [..., d]. ``lora_embedding_A`` [r, V] starts at zero, ``lora_embedding_B``
-    [d, r] normal: h = E[ids] + s · A^T[ids] B^T. ΔE = s (B A)^T [V, d].
-    """
-
-    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, use_rslora: bool = False):
-        super().__init__()
-        vocab, dim = base_layer.weight.shape
-        if not 1 <= r <= min(vocab, dim):
-            raise ConfigError(f"peft.r={r} does not fit an embedding of {vocab} x {dim}")
-        self.base_layer = base_layer
-        self.r = r
-        self.alpha = alpha
-        self.scaling = lora_scaling(alpha, r, use_rslora)
-        w = base_layer.weight
-        dtype = factor_dtype(w.dtype)
-        self.lora_embedding_A = nn.Parameter(torch.zeros(r, vocab, device=w.device, dtype=dtype))
-        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, device=w.device, dtype=dtype))
-        self.merged = False
-        self.reset_lora()
-
-    def reset_lora(self, init: str = "kaiming") -> None:
-        with torch.no_grad():
-            nn.init.zeros_(self.lora_embedding_A)
-            nn.init.normal_(self.lora_embedding_B)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    def delta_weight(self) -> torch.Tensor:
-        """s (B A)^T [V, d], fp32."""
-        return (wide(self.lora_embedding_B) @ wide(self.lora_embedding_A)).T * self.scaling
-
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.merged:
-            return result
-        e = self.base_layer
-        after_a = F.embedding(x, self.lora_embedding_A.T, e.padding_idx, e.max_norm, e.norm_type,
-                              e.scale_grad_by_freq, e.sparse)
-        return result + ((after_a @ self.lora_embedding_B.T) * self.scaling).to(result.dtype)
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
-
-
-WRAPPERS = (LoRALinear, LoRAEmbedding)
-
-
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, WRAPPERS)}
-
-
-def wrap_targets(model: nn.Module, cfg, make_linear, make_embedding=None) -> list[str]:
-    """Replace every layer ``cfg.targets`` selects by ``make_linear(base, enable)`` (linear layers)
-    or ``make_embedding(base)`` (embeddings, when the method supports them); returns the paths."""
-    kinds = LINEAR_TYPES + ((nn.Embedding,) if make_embedding else ())
-    paths = find_targets(model, cfg.targets, kinds=kinds)
-    enable = dict(getattr(cfg, "enable_lora", {}) or {})
-    used = set()
-    for path in paths:
-        base = model.get_submodule(path)
-        if isinstance(base, nn.Embedding):
-            extras.replace_module(model, path, make_embedding(base))
-            continue
-        mask = next((m for name, m in enable.items() if path == name or path.endswith("." + name)), None)
-        if mask is not None:
-            used.update(name for name in enable if path == name or path.endswith("." + name))
-        extras.replace_module(model, path, make_linear(base, mask))
-    unused = sorted(set(enable) - used)
-    if unused:
-        raise ConfigError(f"peft.enable_lora: {unused[0]!r} names no layer adapted by peft.targets={cfg.targets!r}")
-    return paths
-
-
-def apply_lora_family(model: nn.Module, cfg, make_linear, make_embedding=None) -> None:
-    """What every LoRA-family ``apply`` does: freeze, merge earlier adapters, wrap, extra modules."""
-    freeze(model)
-    extras.merge_adapters_first(model, cfg.merge_first)
-    wrap_targets(model, cfg, make_linear, make_embedding)
-    extras.add_additional_targets(model, cfg.additional_targets)
-    if getattr(cfg, "freeze_a", False):
-        for m in model.modules():
-            if isinstance(getattr(m, "lora_A", None), nn.Linear) and hasattr(m, "base_layer"):
-                m.lora_A.weight.requires_grad_(False)
-            elif isinstance(m, LoRAEmbedding):
-                m.lora_embedding_B.requires_grad_(False)
-
-
 def apply(model: nn.Module, cfg: LoRAConfig) -> None:
     def linear(base, enable):
-        return LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init, enable=enable,
-                          sparsity_dropout=cfg.sparsity_dropout, pissa_niter=cfg.pissa_niter)
+        layer = LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init, enable=enable,
+                           sparsity_dropout=cfg.sparsity_dropout)
+        if cfg.init in ("pissa", "olora"):
+            principal_init(layer, cfg.init, cfg.pissa_niter)
+        return layer
 
     def embedding(base):
         return LoRAEmbedding(base, cfg.r, cfg.alpha, cfg.use_rslora)
@@ -379,14 +145,16 @@ def apply(model: nn.Module, cfg: LoRAConfig) -> None:
 def merge(model: nn.Module) -> None:
     """Fold every LoRA update into its base weight (a quantised base is dequantised first) and put
     the plain layers back; extra trained modules replace the originals."""
-    extras.merge_wrappers(model, WRAPPERS)
+    merge_wrappers(model, WRAPPERS)
 
 
-def on_train_start(model: nn.Module, cfg, total_steps: int) -> None:
-    if cfg.init_from:
-        from .. import registry
-
-        extras.init_from_adapter(model, registry.get(cfg.method), cfg.init_from)
+def set_speed(model: nn.Module, fast_path: bool, cache_weight: bool) -> None:
+    """``train.fast_lora`` / ``train.compile`` / FSDP: whether each LoRA layer may take the fused
+    function of ``lora_kernels`` and whether that function may cache the cast frozen weight."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.fast_path = fast_path
+            m.cache_weight = cache_weight
 
 
 # ---------------------------------------------------------------------------- optimiser groups (LoRA+)
@@ -394,8 +162,6 @@ def on_train_start(model: nn.Module, cfg, total_steps: int) -> None:
 
 def param_groups(model: nn.Module, cfg, lr: float, weight_decay: float) -> list[dict]:
     """LoRA+: A and extra modules at lr, B (and vectors) at lr * ratio, embedding LoRA at its own lr."""
-    from ..train.optim import default_param_groups
-
     if not cfg.loraplus_lr_ratio:
         return default_param_groups(model, lr, weight_decay)
     ratio = cfg.loraplus_lr_ratio
@@ -447,42 +213,41 @@ def to_peft_keys(state: dict) -> dict:
             out[key] = torch.cat([out[key], torch.zeros_like(out[key])], dim=0)
             bkey = key[: -len("A")] + "B"
             out[bkey] = torch.cat([out[bkey], torch.zeros_like(out[bkey])], dim=1)
-    return extras.to_peft_keys(out)
+    return peft_format.to_peft_keys(out)
 
 
 def to_peft_config(cfg: LoRAConfig, model: nn.Module) -> dict:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, WRAPPERS) or hasattr(m, "lora_magnitude_vector")}
-    found = list(layers)
-    conv = any(isinstance(m.base_layer, Conv1D) or getattr(m.base_layer, "from_conv1d", False)
-               for m in layers.values())
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": peft_target_modules(model, cfg.targets, found),
-        "fan_in_fan_out": conv,
+        "target_modules": peft_target_modules(model, cfg.targets, list(layers)),
+        "fan_in_fan_out": peft_format.fan_in_fan_out(layers.values()),
         "bias": "none",
         "use_rslora": cfg.use_rslora,
         "use_dora": cfg.method == "dora",
-        "modules_to_save": extras.additional_targets_for_peft(cfg),
+        "modules_to_save": peft_format.additional_targets_for_peft(cfg),
         "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
         "inference_mode": True,
     }
 
 
+UNSUPPORTED = {  # adapter_config.json keys (and the values) peftlab's LoRA cannot load
+    "rank_pattern": bool,
+    "alpha_pattern": bool,
+    "layers_to_transform": lambda v: v is not None,
+    "lora_bias": bool,
+    "trainable_token_indices": bool,
+}
+
+
 def from_peft_config(d: dict):
-    """A PEFT LoRA adapter_config.json -> LoRAConfig (or DoRAConfig when ``use_dora``)."""
-    unsupported = {
-        "bias": lambda v: v not in (None, "none"),
-        "rank_pattern": bool,
-        "alpha_pattern": bool,
-        "layers_to_transform": lambda v: v is not None,
-        "lora_bias": bool,
-        "trainable_token_indices": bool,
-    }
-    for key, bad in unsupported.items():
+    """A PEFT LoRA adapter_config.json -> LoRAConfig (or DoRA's config when ``use_dora``)."""
+    targets = peft_format.peft_targets(d, "LoRA")
+    for key, bad in UNSUPPORTED.items():
         if key in d and bad(d[key]):
             raise ConfigError(f"adapter_config.json has {key}={d[key]!r}, which peftlab's LoRA does not load")
     init = d.get("init_lora_weights", True)
@@ -492,42 +257,29 @@ def from_peft_config(d: dict):
             "modified (residual) base, not the original model; save it from PEFT with "
             "path_initial_model_for_weight_conversion so it applies to the untouched base"
         )
-    targets = d.get("target_modules")
-    if targets is None:
-        raise ConfigError("adapter_config.json has no target_modules")
-    fields = dict(
+    config_cls = get("dora").config_cls if d.get("use_dora") else LoRAConfig
+    return config_cls(
         r=int(d["r"]),
         alpha=float(d.get("lora_alpha", d["r"])),
         dropout=float(d.get("lora_dropout", 0.0) or 0.0),
-        targets=targets if isinstance(targets, str) else list(targets),
+        targets=targets,
         use_rslora=bool(d.get("use_rslora", False)),
         init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
-        additional_targets=list(d["modules_to_save"]) if d.get("modules_to_save") else None,
+        additional_targets=peft_format.additional_targets_from_peft(d),
     )
-    if d.get("use_dora"):
-        from .dora import DoRAConfig
 
-        return DoRAConfig(**fields)
-    return LoRAConfig(**fields)
-
-
-STATE_PREFIXES = (*LORA_TENSORS, extras.SAVE)
 
 register(
-    Method(
-        name="lora",
-        config_cls=LoRAConfig,
-        apply=apply,
+    peft_format.family_method(
+        "lora", LoRAConfig, apply, LORA_TENSORS,
         merge=merge,
         peft_type="LORA",
-        state_prefixes=STATE_PREFIXES,
         to_peft_config=to_peft_config,
         from_peft_config=from_peft_config,
         to_peft_keys=to_peft_keys,
-        from_peft_keys=extras.make_from_peft_keys(LORA_TENSORS),
         param_groups=param_groups,
-        on_train_start=on_train_start,
         saved_config=saved_config,
+        set_speed=set_speed,
     )
 )
 
@@ -543,20 +295,17 @@ def register_variant(name: str, config_cls: type, apply_fn, on_step, extra_field
         out.update(peft_type=peft_type, **{f: getattr(cfg, f) for f in extra_fields})
         return out
 
-    own = (*LORA_TENSORS, "base_layer")
     return register(
-        Method(
-            name=name,
-            config_cls=config_cls,
-            apply=apply_fn,
+        peft_format.family_method(
+            name, config_cls, apply_fn, (*LORA_TENSORS, "base_layer"),
             merge=merge,
             peft_type=peft_type,
-            state_prefixes=(*own, extras.SAVE),
             to_peft_config=variant_peft_config,
-            to_peft_keys=extras.to_peft_keys,
-            from_peft_keys=extras.make_from_peft_keys(own),
             param_groups=param_groups,
             on_step=on_step,
-            on_train_start=on_train_start,
+            set_speed=set_speed,
         )
     )
+
+
+from .lowrank import lora_layers, wide  # noqa: E402, F401  TEMPORARY (helper B): relora/delta_lora's old imports

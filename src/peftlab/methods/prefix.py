@@ -36,12 +36,12 @@ from torch import nn
 from ..errors import ConfigError
 from ..model.params import freeze
 from ..registry import Method, register
-from .prompt import (
+from .virtual_tokens import (
     ENCODER_KEY,
-    _check_single_stack,
-    _common_peft_config,
     attach_virtual_tokens,
     check_init,
+    check_single_stack,
+    common_peft_config,
     finalize,
     from_file_keys,
     init_token_ids,
@@ -185,7 +185,7 @@ def apply_p_tuning_v2(model: nn.Module, cfg: PTuningV2Config) -> None:
 def prefix_peft_config(model: nn.Module, n: int, projection: bool, hidden: int | None) -> dict:
     dims = model_dims(model)
     t = dims["H_kv"] * dims["head_dim"]
-    out = _common_peft_config(model, "PREFIX_TUNING", n)
+    out = common_peft_config(model, "PREFIX_TUNING", n)
     out.update({"token_dim": t, "num_attention_heads": dims["H_kv"], "encoder_hidden_size": hidden or t,
                 "prefix_projection": projection, "init_weights": None})
     return out
@@ -201,7 +201,7 @@ def p_tuning_v2_to_peft(cfg: PTuningV2Config, model: nn.Module) -> dict:
 
 def from_peft(d: dict):
     """PEFT's PREFIX_TUNING: prefix_tuning when it was trained with the MLP, else p_tuning_v2."""
-    _check_single_stack(d)
+    check_single_stack(d)
     n = int(d["num_virtual_tokens"])
     if d.get("prefix_projection"):
         return PrefixTuningConfig(num_virtual_tokens=n, encoder_hidden_size=d.get("encoder_hidden_size"))

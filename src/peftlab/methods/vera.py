@@ -23,10 +23,20 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..model.targets import LINEAR_TYPES, find_targets, layer_dtype_device, linear_shape, peft_target_modules
-from ..registry import Method, register
-from . import extras, lora
-from .lora import wide
+from ..model.params import freeze
+from ..model.targets import (
+    LINEAR_TYPES,
+    find_targets,
+    layer_dtype_device,
+    linear_shape,
+    peft_target_modules,
+    replace_module,
+)
+from ..registry import register
+from . import peft_format
+from .lowrank import factor_dtype, merge_delta, unmerge_delta, wide
+from .merging import merge_wrappers
+from .modules_to_save import add_additional_targets
 
 HOLDER = "peftlab_vera"  # the shared projections hang off the model under this name
 
@@ -66,7 +76,7 @@ class VeRAProjections(nn.Module):
         self.register_buffer("vera_B", kaiming_uniform((out_max, r), g).to(device), persistent=False)
 
 
-class VeRALinear(extras.DeltaMerge, nn.Module):
+class VeRALinear(nn.Module):
     """A frozen linear layer plus b ⊙ B (d ⊙ A x). x [..., in] -> [..., out].
 
     ``vera_lambda_b`` [out] and ``vera_lambda_d`` [r] train; A and B come from the shared
@@ -80,7 +90,7 @@ class VeRALinear(extras.DeltaMerge, nn.Module):
         self.r = cfg.r
         self.__dict__["projections"] = projections  # shared; not registered as a child
         dtype, device = layer_dtype_device(base_layer)
-        dtype = lora.factor_dtype(dtype)
+        dtype = factor_dtype(dtype)
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype))
         self.vera_lambda_d = nn.Parameter(torch.full((cfg.r,), cfg.d_initial, device=device, dtype=dtype))
         self.vera_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -101,6 +111,11 @@ class VeRALinear(extras.DeltaMerge, nn.Module):
         delta = (wide(self.vera_lambda_b)[:, None] * wide(b)) @ (wide(self.vera_lambda_d)[:, None] * wide(a))
         return delta.T if self.fan_in_fan_out else delta
 
+    def merge(self) -> None:
+        merge_delta(self)
+
+    def unmerge(self) -> None:
+        unmerge_delta(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -117,10 +132,7 @@ class VeRALinear(extras.DeltaMerge, nn.Module):
 
 
 def apply(model: nn.Module, cfg: VeRAConfig) -> None:
-    from ..model.params import freeze
-
     freeze(model)
-    extras.merge_adapters_first(model, cfg.merge_first)
     paths = find_targets(model, cfg.targets, kinds=LINEAR_TYPES)
     shapes = [linear_shape(model.get_submodule(p)) for p in paths]
     in_max, out_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
@@ -129,17 +141,12 @@ def apply(model: nn.Module, cfg: VeRAConfig) -> None:
     setattr(model, HOLDER, projections)  # one copy, moved with the model by .to()
 
     for path in paths:
-        extras.replace_module(model, path, VeRALinear(model.get_submodule(path), projections, cfg))
-    extras.add_additional_targets(model, cfg.additional_targets)
+        replace_module(model, path, VeRALinear(model.get_submodule(path), projections, cfg))
+    add_additional_targets(model, cfg.additional_targets)
 
 
 def merge(model: nn.Module) -> None:
-    extras.merge_wrappers(model, (VeRALinear,))
-
-
-def on_train_start(model: nn.Module, cfg, total_steps: int) -> None:
-    if cfg.init_from:
-        extras.init_from_adapter(model, METHOD, cfg.init_from)
+    merge_wrappers(model, (VeRALinear,))
 
 
 def to_peft_config(cfg: VeRAConfig, model: nn.Module) -> dict:
@@ -153,28 +160,27 @@ def to_peft_config(cfg: VeRAConfig, model: nn.Module) -> dict:
         "save_projection": False,
         "vera_dropout": cfg.dropout,
         "d_initial": cfg.d_initial,
-        "fan_in_fan_out": any(m.fan_in_fan_out or getattr(m.base_layer, "from_conv1d", False)
-                              for m in layers.values()),
+        "fan_in_fan_out": peft_format.fan_in_fan_out(layers.values()),
         "bias": "none",
-        "modules_to_save": extras.additional_targets_for_peft(cfg),
+        "modules_to_save": peft_format.additional_targets_for_peft(cfg),
         "inference_mode": True,
     }
 
 
 def from_peft_config(d: dict) -> VeRAConfig:
-    targets = extras.peft_targets(d, "VeRA")
+    targets = peft_format.peft_targets(d, "VeRA")
     return VeRAConfig(
         r=int(d["r"]),
         targets=targets,
         dropout=float(d.get("vera_dropout", 0.0) or 0.0),
         d_initial=float(d.get("d_initial", 0.1)),
         projection_prng_key=int(d.get("projection_prng_key", 0)),
-        additional_targets=list(d["modules_to_save"]) if d.get("modules_to_save") else None,
+        additional_targets=peft_format.additional_targets_from_peft(d),
     )
 
 
 OWN = ("vera_lambda_b", "vera_lambda_d")
-_from_file = extras.make_from_peft_keys(OWN)
+_from_file = peft_format.make_from_peft_keys(OWN)
 
 
 def from_peft_keys(state: dict) -> dict:
@@ -183,18 +189,13 @@ def from_peft_keys(state: dict) -> dict:
     return _from_file({k: v for k, v in state.items() if k not in ("base_model.vera_A", "base_model.vera_B")})
 
 
-METHOD = register(
-    Method(
-        name="vera",
-        config_cls=VeRAConfig,
-        apply=apply,
+register(
+    peft_format.family_method(
+        "vera", VeRAConfig, apply, OWN,
         merge=merge,
         peft_type="VERA",
-        state_prefixes=(*OWN, extras.SAVE),
         to_peft_config=to_peft_config,
         from_peft_config=from_peft_config,
-        to_peft_keys=extras.to_peft_keys,
         from_peft_keys=from_peft_keys,
-        on_train_start=on_train_start,
     )
 )

@@ -194,3 +194,10 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_name, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path``, in the train/eval mode of the module it replaces (a wrapper built
+    in an eval-mode model must not run its dropout)."""
+    new.train(model.get_submodule(path).training)
+    set_submodule(model, path, new)
