@@ -47,6 +47,7 @@ from ..export.adapter import (
     read_adapter_config,
 )
 from ..io import atomic_dir
+from ..methods.lowrank import lora_scaling
 from ..model.params import freeze
 from ..model.targets import is_linear, linear_shape, peft_target_modules, set_submodule
 from ..registry import PEFT_PREFIX
@@ -196,10 +197,6 @@ class AdapterInfo:
     modules: list[str]  # dotted paths of the layers it adapts
     source: str | None = None  # directory it was loaded from
     meta: dict = field(default_factory=dict)
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def _validate_name(name: str) -> str:
@@ -362,20 +359,8 @@ class MultiLoRAModel(nn.Module):
             check_fingerprint(adapter_dir, record, self.model)
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         rslora = bool(config.get("use_rslora", False))
-        return self.add(name, factors, lora_scaling(r, alpha, rslora), alpha=alpha, use_rslora=rslora,
+        return self.add(name, factors, lora_scaling(alpha, r, rslora), alpha=alpha, use_rslora=rslora,
                         source=str(adapter_dir), meta={"target_modules": config.get("target_modules")})
-
-    def add_from_lora_layers(self, name: str, model_with_lora: nn.Module) -> AdapterInfo:
-        """Copy the adapters of a model built with peftlab's LoRA (``LoRALinear``) as ``name``."""
-        from ..methods.lora import LoRALinear
-
-        layers = {n: m for n, m in model_with_lora.named_modules() if isinstance(m, LoRALinear)}
-        if not layers:
-            raise ConfigError("the model has no LoRA layers to copy")
-        factors = {n: (m.lora_A.weight.detach(), m.lora_B.weight.detach()) for n, m in layers.items()}
-        scaling = {n: m.scaling for n, m in layers.items()}
-        first = next(iter(layers.values()))
-        return self.add(name, factors, scaling, alpha=first.alpha)
 
     def delete(self, name: str) -> None:
         info = self._info(name)

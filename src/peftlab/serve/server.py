@@ -20,6 +20,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..data.tokenize import adds_bos
@@ -134,7 +135,211 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+# ---------------------------------------------------------------------------- the two reply shapes
+
+
+def _text_choice(text: str, finish: str | None) -> dict:
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How one endpoint words its answer: the id prefix, the objects' names and the ``choices`` entry
+    of each streamed chunk (an optional opening one, a text piece, the finishing one) and of the
+    whole answer."""
+
+    prefix: str
+    chunk_object: str
+    final_object: str
+    opening: dict | None
+    piece: Callable[[str], dict]
+    finish: Callable[[str], dict]
+    answer: Callable[[Sequence], dict]
+
+
+COMPLETION = Reply("cmpl", "text_completion", "text_completion", None,
+                   piece=lambda text: _text_choice(text or "", None),
+                   finish=lambda reason: _text_choice("", reason),
+                   answer=lambda seq: _text_choice(seq.text, seq.finish_reason))
+CHAT = Reply("chatcmpl", "chat.completion.chunk", "chat.completion",
+             {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+             piece=lambda text: {"index": 0, "delta": {"content": text}, "finish_reason": None},
+             finish=lambda reason: {"index": 0, "delta": {}, "finish_reason": reason},
+             answer=lambda seq: {"index": 0, "message": {"role": "assistant", "content": seq.text},
+                                 "finish_reason": seq.finish_reason})
+
+
+def _usage(seq: Sequence) -> dict:
+    n = len(seq.generated)
+    return {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": n, "total_tokens": len(seq.prompt_ids) + n}
+
+
+def _sse(chunk: dict) -> str:
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
 # ---------------------------------------------------------------------------- the app
+
+
+class Api:
+    """What both completion endpoints do: authenticate, read the body, pick the adapter, check the
+    length, run the sequence on the engine and answer (whole, or streamed as Server-Sent Events)."""
+
+    def __init__(self, engine: Engine, store: AdapterStore, base_name: str, api_key: str | None, limits: Limits):
+        self.engine, self.store, self.base_name, self.api_key, self.limits = engine, store, base_name, api_key, limits
+
+    def check_key(self, request) -> None:
+        if self.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        token = got[7:] if got.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "invalid_api_key",
+                           kind="authentication_error")
+
+    async def read_json(self, request) -> dict:
+        limit = self.limits.max_request_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"the request body is {length} bytes; the limit is {limit}", "request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body is over the limit of {limit} bytes", "request_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+        return body
+
+    def pick_adapter(self, body: dict) -> tuple[str, str | None]:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "'model' is required: the base model's name or an adapter's", "invalid_value", "model")
+        if model == self.base_name:
+            return model, None
+        try:
+            self.store.check(model)
+        except UnknownAdapter as e:
+            raise ApiError(404, str(e), "model_not_found", "model") from None
+        except PeftlabError as e:
+            raise ApiError(400, str(e), "invalid_model", "model") from None
+        return model, model
+
+    async def request(self, request, default_max: int) -> tuple[dict, str, str | None, SamplingParams]:
+        """(body, model, adapter, sampling) of an authenticated completion request."""
+        self.check_key(request)
+        body = await self.read_json(request)
+        model, adapter = self.pick_adapter(body)
+        return body, model, adapter, _sampling(body, self.limits, default_max)
+
+    def check_length(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty", "invalid_value", "prompt")
+        total, context = len(prompt_ids) + params.max_tokens, self.engine.max_context
+        if total > context:
+            raise ApiError(400, f"this model's context is {context} tokens; the prompt has "
+                                f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} ({total} in all). "
+                                "Shorten the prompt or lower max_tokens", "context_length_exceeded", param)
+
+    async def respond(self, reply: Reply, body: dict, model: str, seq: Sequence):
+        """Run ``seq`` and answer in ``reply``'s words: one JSON object, or (``stream: true``) its chunks."""
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        rid, created = f"{reply.prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
+        stream = _field(body, "stream", bool, False)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+
+        def head(obj: str) -> dict:
+            return {"id": rid, "object": obj, "created": created, "model": model}
+
+        def chunks(text: str | None, first: bool = False, finish: str | None = None):
+            if first:
+                if reply.opening is not None:
+                    yield {**head(reply.chunk_object), "choices": [reply.opening]}
+            elif finish:
+                yield {**head(reply.chunk_object), "choices": [reply.finish(finish)]}
+                if include_usage:
+                    yield {**head(reply.chunk_object), "choices": [], "usage": _usage(seq)}
+            else:
+                yield {**head(reply.chunk_object), "choices": [reply.piece(text)]}
+
+        queue = self.submit(seq)
+        if not stream:
+            await self.wait(seq, queue)
+            return JSONResponse({**head(reply.final_object), "choices": [reply.answer(seq)], "usage": _usage(seq)})
+        return StreamingResponse(self.events(seq, queue, chunks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def submit(self, seq: Sequence) -> asyncio.Queue:
+        """Hand ``seq`` to the engine; its events ("text", "error", "done") arrive on the returned queue."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seq.on_event = lambda s, kind, data: loop.call_soon_threadsafe(queue.put_nowait, (kind, data))
+        try:
+            self.engine.submit(seq)
+        except EngineBusy as e:
+            raise ApiError(429, str(e), "server_busy", kind="rate_limit_error") from None
+        except PeftlabError as e:
+            raise ApiError(400, str(e), "invalid_value") from None
+        return queue
+
+    @staticmethod
+    async def wait(seq: Sequence, queue: asyncio.Queue) -> None:
+        try:
+            while True:
+                kind, data = await queue.get()
+                if kind == "error":
+                    raise ApiError(500, f"generation failed: {data}", "generation_error", kind="server_error")
+                if kind == "done":
+                    return
+        finally:
+            if not seq.done:
+                seq.cancel()
+
+    @staticmethod
+    async def events(seq: Sequence, queue: asyncio.Queue, chunks):
+        try:
+            for chunk in chunks(None, first=True):
+                yield _sse(chunk)
+            while True:
+                kind, data = await queue.get()
+                if kind == "text":
+                    for chunk in chunks(data):
+                        yield _sse(chunk)
+                elif kind == "error":
+                    yield _sse(ApiError(500, f"generation failed: {data}", "generation_error",
+                                        kind="server_error").body())
+                    break
+                else:
+                    for chunk in chunks(None, finish=seq.finish_reason):
+                        yield _sse(chunk)
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not seq.done:
+                seq.cancel()  # the client went away: free the row
+
+
+def _prompt_ids(body: dict, tokenizer, bos: bool) -> list[int]:
+    """/v1/completions' ``prompt``: a string, one string in a list, or a list of token ids."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)
+        if max(ids) >= len(tokenizer) or min(ids) < 0:
+            raise ApiError(400, "'prompt' holds token ids outside the vocabulary", "invalid_value", "prompt")
+        return ids
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        return [tokenizer.bos_token_id, *ids] if bos else ids
+    raise ApiError(400, "'prompt' must be a string (or one string in a list, or a list of token ids)",
+                   "invalid_value", "prompt")
 
 
 def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, api_key: str | None = None,
@@ -144,11 +349,11 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
 
     limits = limits or Limits()
-    tokenizer = engine.tokenizer
-    bos = adds_bos(tokenizer)
+    api = Api(engine, store, base_name, api_key, limits)
+    bos = adds_bos(engine.tokenizer)
     started = int(time.time())
 
     @asynccontextmanager
@@ -165,110 +370,6 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
     async def _api_error(request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        token = got[7:] if got.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "invalid_api_key",
-                           kind="authentication_error")
-
-    async def read_json(request: Request) -> dict:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
-            raise ApiError(413, f"the request body is {length} bytes; the limit is {limits.max_request_bytes}",
-                           "request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_request_bytes:
-                raise ApiError(413, f"the request body is over the limit of {limits.max_request_bytes} bytes",
-                               "request_too_large")
-            chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object", "invalid_json")
-        return body
-
-    def pick_adapter(body: dict) -> tuple[str, str | None]:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "'model' is required: the base model's name or an adapter's", "invalid_value", "model")
-        if model == base_name:
-            return model, None
-        try:
-            store.check(model)
-        except UnknownAdapter as e:
-            raise ApiError(404, str(e), "model_not_found", "model") from None
-        except PeftlabError as e:
-            raise ApiError(400, str(e), "invalid_model", "model") from None
-        return model, model
-
-    def check_length(prompt_ids: list[int], params: SamplingParams, param: str) -> None:
-        if not prompt_ids:
-            raise ApiError(400, "the prompt is empty", "invalid_value", "prompt")
-        total = len(prompt_ids) + params.max_tokens
-        if total > engine.max_context:
-            raise ApiError(400, f"this model's context is {engine.max_context} tokens; the prompt has "
-                                f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} ({total} in all). "
-                                "Shorten the prompt or lower max_tokens", "context_length_exceeded", param)
-
-    async def run(seq: Sequence, stream_fn, final_fn, stream: bool):
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        seq.on_event = lambda s, kind, data: loop.call_soon_threadsafe(queue.put_nowait, (kind, data))
-        try:
-            engine.submit(seq)
-        except EngineBusy as e:
-            raise ApiError(429, str(e), "server_busy", kind="rate_limit_error") from None
-        except PeftlabError as e:
-            raise ApiError(400, str(e), "invalid_value") from None
-
-        if not stream:
-            try:
-                while True:
-                    kind, data = await queue.get()
-                    if kind == "error":
-                        raise ApiError(500, f"generation failed: {data}", "generation_error", kind="server_error")
-                    if kind == "done":
-                        return JSONResponse(final_fn(seq))
-            finally:
-                if not seq.done:
-                    seq.cancel()
-
-        async def events():
-            try:
-                for chunk in stream_fn(seq, None, first=True):
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                while True:
-                    kind, data = await queue.get()
-                    if kind == "text":
-                        for chunk in stream_fn(seq, data):
-                            yield f"data: {json.dumps(chunk)}\n\n"
-                    elif kind == "error":
-                        err = ApiError(500, f"generation failed: {data}", "generation_error", kind="server_error")
-                        yield f"data: {json.dumps(err.body())}\n\n"
-                        break
-                    else:
-                        for chunk in stream_fn(seq, None, finish=seq.finish_reason):
-                            yield f"data: {json.dumps(chunk)}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                if not seq.done:
-                    seq.cancel()  # the client went away: free the row
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    def usage(seq: Sequence) -> dict:
-        n = len(seq.generated)
-        return {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": n, "total_tokens": len(seq.prompt_ids) + n}
-
     @app.get("/health")
     async def health():
         return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting),
@@ -276,7 +377,7 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_key(request)
+        api.check_key(request)
         data = [{"id": base_name, "object": "model", "created": started, "owned_by": "peftlab", "root": base_name,
                  "parent": None}]
         for name in store.names():
@@ -286,51 +387,14 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_key(request)
-        body = await read_json(request)
-        model, adapter = pick_adapter(body)
-        params = _sampling(body, limits, limits.default_max_tokens_completion)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-            if max(ids) >= len(tokenizer) or min(ids) < 0:
-                raise ApiError(400, "'prompt' holds token ids outside the vocabulary", "invalid_value", "prompt")
-        elif isinstance(prompt, str):
-            ids = tokenizer(prompt, add_special_tokens=False).input_ids
-            if bos:
-                ids = [tokenizer.bos_token_id, *ids]
-        else:
-            raise ApiError(400, "'prompt' must be a string (or one string in a list, or a list of token ids)",
-                           "invalid_value", "prompt")
-        check_length(ids, params, "prompt")
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        stream = _field(body, "stream", bool, False)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-
-        def chunk(seq, text, first=False, finish=None):
-            if first:
-                return
-            yield {"id": rid, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
-            if finish and include_usage:
-                yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                       "usage": usage(seq)}
-
-        def final(seq):
-            return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": seq.text, "logprobs": None, "finish_reason": seq.finish_reason}],
-                    "usage": usage(seq)}
-
-        return await run(Sequence(ids, adapter, params), chunk, final, stream)
+        body, model, adapter, params = await api.request(request, limits.default_max_tokens_completion)
+        ids = _prompt_ids(body, engine.tokenizer, bos)
+        api.check_length(ids, params, "prompt")
+        return await api.respond(COMPLETION, body, model, Sequence(ids, adapter, params))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        check_key(request)
-        body = await read_json(request)
-        model, adapter = pick_adapter(body)
-        params = _sampling(body, limits, limits.max_tokens)
+        body, model, adapter, params = await api.request(request, limits.max_tokens)
         messages = _messages(body)
         try:
             ids = encoder.prompt_ids(messages)
@@ -338,29 +402,7 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
             raise ApiError(400, str(e), "invalid_value", "messages") from None
         if not body.get("max_tokens") and not body.get("max_completion_tokens"):  # fill the context, up to the limit
             params.max_tokens = max(1, min(params.max_tokens, engine.max_context - len(ids)))
-        check_length(ids, params, "messages")
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        stream = _field(body, "stream", bool, False)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-
-        def chunk(seq, text, first=False, finish=None):
-            base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-            if first:
-                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None}]}
-            elif finish:
-                yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
-                if include_usage:
-                    yield {**base, "choices": [], "usage": usage(seq)}
-            else:
-                yield {**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
-
-        def final(seq):
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": seq.text},
-                                 "finish_reason": seq.finish_reason}],
-                    "usage": usage(seq)}
-
-        return await run(Sequence(ids, adapter, params), chunk, final, stream)
+        api.check_length(ids, params, "messages")
+        return await api.respond(CHAT, body, model, Sequence(ids, adapter, params))
 
     return app
