@@ -17,13 +17,14 @@ from conftest import tiny_model, tiny_overrides
 from peftlab import cli
 from peftlab.config import ModelConfig, load_config
 from peftlab.data.dataset import build_datasets
+from peftlab.data.sampler import BatchSampler
 from peftlab.errors import ConfigError, PeftlabError
 from peftlab.export.adapter import load_adapter, save_adapter
 from peftlab.methods.lora import LoRAConfig
 from peftlab.methods.lora import apply as apply_lora
 from peftlab.model.load import load_model
-from peftlab.train.loop import TrainingDiverged, train
-from peftlab.train.sampler import BatchSampler
+from peftlab.train.loop import train
+from peftlab.train.step import TrainingDiverged
 from peftlab.validate import check_name, check_path
 
 BAD_WORDS = "quagga xylophone zygote"

@@ -20,12 +20,13 @@ from transformers.pytorch_utils import Conv1D
 
 import peftlab
 from conftest import randomize, tiny_model, tiny_model_config, tiny_overrides
-from peftlab import registry
-from peftlab.config import TrainConfig, build_dataclass, load_config
+from peftlab import api, registry
+from peftlab.config import Config, TrainConfig, build_dataclass, load_config
 from peftlab.errors import ConfigError
 from peftlab.export.adapter import load_adapter, save_adapter
 from peftlab.model.load import load_model
 from peftlab.train.optim import build_optimizer
+from peftlab.train.step import start_training, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,22 +48,20 @@ def logits(model, ids):
     return model(ids).logits
 
 
-def step(model, method, cfg, ids, opt, n=1, start=1):
-    """n optimiser steps the way the loop takes them (aux loss, on_step before zero_grad)."""
-    from peftlab.train.loss import causal_lm_loss
+def trainer(model, cfg, total: int = 100):
+    """The loop's own start (on_train_start, init_from, AdamW over the method's groups) at a
+    constant lr of 1e-2, without clipping, in fp32."""
+    train = TrainConfig(lr=1e-2, schedule="constant", warmup=0, max_grad_norm=None, mixed_precision="no")
+    return start_training(model, Config(peft=cfg, train=train), total)
 
+
+def step(state, ids, n=1):
+    """n optimiser steps through the loop's own ``train_step`` (aux loss, on_step and its effects)."""
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    model.train()
-    for s in range(start, start + n):
-        loss_sum, count = causal_lm_loss(model, batch)
-        loss = loss_sum / count
-        extra = method.aux_loss(model, cfg, batch) if method.aux_loss else None
-        (loss + extra if extra is not None else loss).backward()
-        opt.step()
-        if method.on_step:
-            method.on_step(model, cfg, s, opt)
-        opt.zero_grad(set_to_none=True)
-    model.eval()
+    state.model.train()
+    for _ in range(n):
+        assert train_step(state, [batch]) is not None
+    state.model.eval()
 
 
 # ---------------------------------------------------------------------------- LoRA+, LoRA-FA
@@ -84,8 +83,7 @@ def test_loraplus_gives_b_ratio_times_the_lr_and_embeddings_their_own():
 def test_lora_fa_trains_b_only(ids):
     model, method, cfg = applied("gpt2", {"method": "lora", "r": 4, "freeze_a": True})
     a0 = {n: p.clone() for n, p in model.named_parameters() if "lora_A" in n}
-    opt = build_optimizer(model, method, cfg, TrainConfig(lr=1e-2))
-    step(model, method, cfg, ids, opt, n=2)
+    step(trainer(model, cfg), ids, n=2)
     for n, p in model.named_parameters():
         if "lora_A" in n:
             assert torch.equal(p, a0[n]) and not p.requires_grad
@@ -222,7 +220,7 @@ def test_adalora_budget_schedule_masks_and_reports_allocation(ids, capsys):
     model, method, cfg = applied("llama", {"method": "adalora", "init_r": 6, "target_r": 2, "tinit": 2,
                                            "tfinal": 2, "delta_t": 2})
     total, n = 12, len(adalora.layers(model))
-    method.on_train_start(model, cfg, total)
+    run = trainer(model, cfg, total)  # calls on_train_start
     state = adalora.allocator(model)
     assert (state.init_bgt, state.target_bgt) == (6 * n, 2 * n)
     for t in range(0, total + 1):  # the cubic schedule, written out
@@ -233,8 +231,7 @@ def test_adalora_budget_schedule_masks_and_reports_allocation(ids, capsys):
         else:
             want = int((6 * n - 2 * n) * (1 - (t - 2) / (total - 4)) ** 3 + 2 * n)
         assert state.budget(t, cfg)[0] == want
-    opt = build_optimizer(model, method, cfg, TrainConfig(lr=1e-2))
-    step(model, method, cfg, ids, opt, n=total)
+    step(run, ids, n=total)
     ranks = adalora.rank_allocation(model)
     assert sum(ranks.values()) <= 2 * n and set(ranks) == set(adalora.layers(model))
     kept = {p: int((m.lora_E != 0).sum()) for p, m in adalora.layers(model).items()}
@@ -263,14 +260,15 @@ def test_relora_restart_merges_resets_and_rewarms(ids):
 
     model, method, cfg = applied("gpt2", {"method": "relora", "r": 4, "reset_every": 3, "restart_warmup": 2,
                                           "reset_prune": 0.9})
-    opt = build_optimizer(model, method, cfg, TrainConfig(lr=1e-2))
-    step(model, method, cfg, ids, opt, n=2)
+    run = trainer(model, cfg)
+    opt = run.optimizer
+    step(run, ids, n=2)
     before = logits(model, ids)
     layer = next(iter(lora_layers(model).values()))
     w0 = layer.base_layer.weight.clone()
     delta = layer.delta_weight()
-    opt.param_groups[0]["lr"] = 1e-2
-    step(model, method, cfg, ids, opt, n=1, start=3)  # step 3: a restart after the update
+    assert opt.param_groups[0]["lr"] == 1e-2
+    step(run, ids, n=1)  # step 3: a restart after the update
     assert torch.equal(layer.lora_B.weight, torch.zeros_like(layer.lora_B.weight))
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 1 / 2)  # re-warmup: step 4 runs at lr / 2
     assert not torch.equal(layer.base_layer.weight, w0 + delta)  # W absorbed step 3's (newer) delta
@@ -281,7 +279,7 @@ def test_relora_restart_merges_resets_and_rewarms(ids):
     model2, _, cfg2 = applied("gpt2", {"method": "relora", "r": 4})
     randomize(model2)
     ref = logits(model2, ids)
-    relora.restart(model2, cfg2, None)
+    relora.restart(model2, cfg2)
     torch.testing.assert_close(logits(model2, ids), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
     assert before.shape == ref.shape
 
@@ -291,10 +289,10 @@ def test_delta_lora_moves_w_by_lambda_times_the_change_of_ba(ids):
 
     model, method, cfg = applied("llama", {"method": "delta_lora", "r": 4, "delta_lambda": 0.5})
     layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
-    opt = build_optimizer(model, method, cfg, TrainConfig(lr=1e-2))
-    step(model, method, cfg, ids, opt, n=1)
+    run = trainer(model, cfg)
+    step(run, ids, n=1)
     w1, ba1 = layer.base_layer.weight.clone(), (layer.lora_B.weight @ layer.lora_A.weight).detach()
-    step(model, method, cfg, ids, opt, n=1, start=2)
+    step(run, ids, n=1)
     ba2 = (layer.lora_B.weight @ layer.lora_A.weight).detach()
     torch.testing.assert_close(layer.base_layer.weight, w1 + 0.5 * layer.scaling * (ba2 - ba1), atol=1e-6, rtol=0)
 
@@ -353,11 +351,11 @@ def test_init_from_continues_an_adapter_and_checks_its_shape(ids, tmp_path):
     want = logits(model, ids)
     save_adapter(model, cfg, tmp_path / "first")
     cont, method, cfg2 = applied("gpt2", {"method": "lora", "r": 4, "init_from": str(tmp_path / "first")})
-    method.on_train_start(cont, cfg2, 10)
+    trainer(cont, cfg2)  # the loop continues from peft.init_from when it starts training
     assert torch.equal(logits(cont, ids), want)
     bad, method, cfg3 = applied("gpt2", {"method": "lora", "r": 8, "init_from": str(tmp_path / "first")})
     with pytest.raises(ConfigError, match=r"peft\.r"):
-        method.on_train_start(bad, cfg3, 10)
+        trainer(bad, cfg3)
 
 
 def test_merge_first_stacks_a_fresh_adapter_on_the_merged_base(ids, tmp_path):
@@ -412,7 +410,7 @@ def test_loop_runs_adalora_on_an_nf4_base(tmp_path):
         "train.eval_every=0", "train.eval_batches=1", "train.progress=false", "train.threads=1",
         "train.mixed_precision='no'", f"train.output_dir={tmp_path / 'run'}",
     ]
-    result = peftlab.api.train(None, overrides)
+    result = api.train(None, overrides)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all("aux_loss" in r and r["aux_loss"] > 0 for r in records)
     fresh, _ = load_model(dataclasses.replace(tiny_model_config("llama"), quantize="nf4"), seed=42,  # train.seed

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import ConfigError
 
@@ -28,6 +28,29 @@ def add_peft_prefix(state: dict) -> dict:
 
 def strip_peft_prefix(state: dict) -> dict:
     return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+
+
+@dataclass
+class StepEffects:
+    """What a method's ``on_step`` asks the loop to do after optimiser step ``step``.
+
+    The method changes only the model; these are the optimiser's consequences, carried out by
+    the loop (``train/optim.py``), so no method reaches into the optimiser or the scheduler.
+
+    metrics:  added to the step's metrics record (e.g. MoE router statistics).
+    regroup:  the trainable set changed: the optimiser's groups are re-pointed at the parameters
+              that now train (grouped as at the start: the method's ``param_groups`` or the
+              default), and parameters that left lose their AdamW state (LISA).
+    prune:    ``(params, fraction)``: zero this fraction of these parameters' AdamW moments,
+              smallest |m| first, both moments at the same positions (ReLoRA's restart).
+    lr_scale: multiply the learning rate of the next step (ReLoRA's re-warm-up); the schedule
+              sets it afresh the step after.
+    """
+
+    metrics: dict = field(default_factory=dict)
+    regroup: bool = False
+    prune: tuple[list[Tensor], float] | None = None
+    lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,19 +73,21 @@ class Method:
     to_peft_keys / from_peft_keys: rename state-dict keys between peftlab's module names and
                   the adapter file's names (default: PEFT's ``base_model.model.`` prefix).
     param_groups: optional ``param_groups(model, cfg, lr, weight_decay) -> list[dict]`` for
-                  methods that need their own optimizer groups (LoRA+).
-    on_step:      optional ``on_step(model, cfg, step, optimizer) -> dict | None`` called after
-                  every optimizer step (``step`` counts completed steps, from 1), while that step's
+                  methods that need their own optimizer groups (LoRA+); also used when a step
+                  asks for ``StepEffects.regroup``. Default: ``model.params.default_param_groups``.
+    on_step:      optional ``on_step(model, cfg, step) -> StepEffects | None`` called after every
+                  optimizer step (``step`` counts completed steps, from 1), while that step's
                   gradients are still in ``.grad`` (methods whose training procedure changes over
-                  time: AdaLoRA's importance scores read the gradients, ReLoRA restarts, LISA's layer
-                  switch edits the optimizer's param groups). It must bring the model to its state
-                  for ``step`` and be idempotent: on resume the loop calls it once with the
-                  checkpoint's step before loading the checkpoint. A returned dict is added to that
-                  step's metrics record (e.g. MoE router statistics).
+                  time: AdaLoRA's importance scores read the gradients, ReLoRA restarts, LISA
+                  switches layers). It changes the model only; what the optimiser must do about it
+                  it asks for in the returned ``StepEffects`` (the loop does it, train/optim.py).
+                  It must bring the model to its state for ``step`` and be idempotent: on resume
+                  the loop calls it once with the checkpoint's step before loading the checkpoint.
     on_train_start: optional ``on_train_start(model, cfg, total_steps) -> None`` called by the
                   training loop once, after ``apply`` and before the optimiser is built (and
                   before a resumed checkpoint is loaded): things that belong to training only,
-                  not to loading a saved adapter (continuing from an adapter, AdaLoRA's schedule).
+                  not to loading a saved adapter (AdaLoRA's schedule). ``peft.init_from`` (continuing
+                  from a saved adapter) is the loop's, right after this hook.
     saved_config: optional ``saved_config(cfg, model) -> cfg``: the method config a saved adapter
                   is loaded with, when saving rewrites the adapter (PiSSA/OLoRA are saved as a
                   plain LoRA of rank 2r against the untouched base, as PEFT does).
@@ -77,6 +102,9 @@ class Method:
                   training objective for the micro-batch just run forward, as a mean per label token
                   (MoE load balancing, AdaLoRA's orthogonality regulariser). The loop adds ``aux * label_tokens`` to the micro-batch's loss
                   sum, so gradient accumulation stays exact; eval loss never includes it.
+    set_speed:    optional ``set_speed(model, fast_path, cache_weight) -> None``: the loop's speed
+                  levers for the method's layers (LoRA's fused autograd function; keeping a cached
+                  weight, off under FSDP where weights are gathered per step).
     """
 
     name: str
@@ -90,12 +118,13 @@ class Method:
     to_peft_keys: Callable[[dict], dict] = add_peft_prefix
     from_peft_keys: Callable[[dict], dict] = strip_peft_prefix
     param_groups: Callable[..., list[dict]] | None = None
-    on_step: Callable[..., None] | None = None
+    on_step: Callable[..., StepEffects | None] | None = None
     on_train_start: Callable[..., None] | None = None
     saved_config: Callable[..., Any] | None = None
     param_extra: Callable[..., dict] | None = None  # extra figures for `peftlab params` (e.g. LISA)
     finalize: Callable[[nn.Module, Any], None] | None = None
     aux_loss: Callable[..., Any] | None = None
+    set_speed: Callable[[nn.Module, bool, bool], None] | None = None
     aliases: tuple[str, ...] = field(default=())
 
 

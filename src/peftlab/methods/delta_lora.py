@@ -60,7 +60,8 @@ def apply(model: nn.Module, cfg: DeltaLoRAConfig) -> None:
 
 
 @torch.no_grad()
-def on_step(model: nn.Module, cfg: DeltaLoRAConfig, step: int, optimizer=None) -> None:
+def on_step(model: nn.Module, cfg: DeltaLoRAConfig, step: int) -> None:
+    """W follows this step's change of s·BA (after ``delta_start``); A and B are kept for the next."""
     for layer in lora.lora_layers(model).values():
         a, b = layer.lora_A.weight, layer.lora_B.weight
         if step > cfg.delta_start:

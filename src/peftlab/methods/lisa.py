@@ -10,8 +10,8 @@ Fine-Tuning" (2024), arXiv:2403.17919.
 Trainable at any one time: |θ_outside| + Σ_{l∈S} |θ_l| (= |θ_outside| + γ·|θ_layer| for identical
 layers); over a run it cycles through all parameters, so the artifact is a whole model (as full
 fine-tuning) and merging is the identity. The switch happens in ``on_step``: frozen layers lose
-their gradients and optimizer state and newly active layers join the optimizer's param groups, so
-the memory of gradients and AdamW moments scales with γ, not L (benchmarks/methods_beyond.py
+their gradients, and the step asks the loop to regroup the optimiser (frozen layers leave it with
+their AdamW state, newly active layers join its param groups), so the memory of gradients and AdamW moments scales with γ, not L (benchmarks/methods_beyond.py
 measures it against full fine-tuning). The layer sets are a pure function of (seed, step // K),
 so a resumed run continues with the same schedule.
 """
@@ -21,12 +21,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..model.params import unique_parameters
-from ..registry import Method, register
+from ..registry import Method, StepEffects, register
 from .adapter import decoder_layers
 
 
@@ -72,35 +71,14 @@ def apply(model: nn.Module, cfg: LISAConfig) -> None:
     _activate(model, schedule(len(decoder_layers(model)), cfg, 0))
 
 
-def on_step(model: nn.Module, cfg: LISAConfig, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Switch to the layer set of ``step``; re-point the optimizer at the trainable parameters."""
+def on_step(model: nn.Module, cfg: LISAConfig, step: int) -> StepEffects:
+    """Switch to the layer set of ``step``; the loop then re-points the optimiser (``regroup``):
+    frozen layers leave it with their AdamW state, newly active ones join it."""
     active = schedule(len(decoder_layers(model)), cfg, step)
-    record = {"lisa_layers": ",".join(map(str, active))}
-    if active == getattr(model, "_lisa_active", None):
-        return record
-    _activate(model, active)
-    trainable = [p for _, p in unique_parameters(model) if p.requires_grad]
-    keep = {id(p) for p in trainable}
-    placed = set()
-    for group in optimizer.param_groups:  # drop frozen parameters (and their AdamW moments)
-        kept = []
-        for p in group["params"]:
-            if id(p) in keep:
-                kept.append(p)
-                placed.add(id(p))
-            else:
-                optimizer.state.pop(p, None)
-        group["params"] = kept
-    for p in trainable:  # newly active layers: matrices to the first group (decay), vectors to the last
-        if id(p) not in placed:
-            group = optimizer.param_groups[0] if p.ndim >= 2 else optimizer.param_groups[-1]
-            group["params"].append(p)
-    # Model order inside each group: the order then depends on the active set only, so a resumed
-    # run's optimizer state lines up with the checkpoint's.
-    order = {id(p): i for i, p in enumerate(trainable)}
-    for group in optimizer.param_groups:
-        group["params"].sort(key=lambda p: order[id(p)])
-    return record
+    changed = active != getattr(model, "_lisa_active", None)
+    if changed:
+        _activate(model, active)
+    return StepEffects(metrics={"lisa_layers": ",".join(map(str, active))}, regroup=changed)
 
 
 def param_extra(model: nn.Module, cfg: LISAConfig) -> dict:

@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..model.targets import set_weight_matrix, weight_matrix
 from ..quant import is_quantized
+from ..registry import StepEffects
 from . import extras, lora
 from .lora import wide
 
@@ -77,48 +78,26 @@ def fold(layer: nn.Module) -> None:
         w.copy_((wide(w) + delta.to(w.device)).to(w.dtype))
 
 
-@torch.no_grad()
-def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], fraction: float) -> None:
-    """Zero the ``fraction`` of each parameter's Adam state with the smallest first moment |m|.
-
-    Both moments are zeroed at the same positions: a kept m over a zeroed v would make the next
-    update m / (sqrt(v) + eps) explode.
-    """
-    for p in params:
-        state = optimizer.state.get(p, {})
-        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
-        if m is None or m.numel() == 0:
-            continue
-        k = int(fraction * m.numel())
-        if k >= m.numel():
-            drop = torch.ones_like(m, dtype=torch.bool)
-        elif k > 0:
-            drop = m.abs() <= m.abs().flatten().kthvalue(k).values
-        else:
-            continue
-        m.masked_fill_(drop, 0.0)
-        if v is not None:
-            v.masked_fill_(drop, 0.0)
-
-
-def restart(model: nn.Module, cfg: ReLoRAConfig, optimizer: torch.optim.Optimizer | None) -> None:
-    """Merge every adapter into its base, re-initialise A and B, prune the optimiser moments."""
+def restart(model: nn.Module, cfg: ReLoRAConfig) -> list[nn.Parameter]:
+    """Merge every adapter into its base and re-initialise A and B; returns the adapter's
+    trainable parameters (whose optimiser moments the restart prunes)."""
     params = []
     for layer in lora.lora_layers(model).values():
         fold(layer)
         layer.reset_lora(cfg.init)
         params += [p for p in layer.parameters(recurse=True) if p.requires_grad]
-    if optimizer is not None:
-        prune_moments(optimizer, params, cfg.reset_prune)
+    return params
 
 
-def on_step(model: nn.Module, cfg: ReLoRAConfig, step: int, optimizer=None) -> None:
+def on_step(model: nn.Module, cfg: ReLoRAConfig, step: int) -> StepEffects:
+    """A restart every ``reset_every`` steps (moments pruned); the learning rate re-warmed after it."""
     since = step % cfg.reset_every
+    effects = StepEffects()
     if since == 0:
-        restart(model, cfg, optimizer)
-    if optimizer is not None and step >= cfg.reset_every and since < cfg.restart_warmup:
-        for group in optimizer.param_groups:  # the scheduler set this step's lr; scale the next one
-            group["lr"] *= (since + 1) / cfg.restart_warmup
+        effects.prune = (restart(model, cfg), cfg.reset_prune)
+    if step >= cfg.reset_every and since < cfg.restart_warmup:
+        effects.lr_scale = (since + 1) / cfg.restart_warmup  # the schedule set the next step's lr; scale it
+    return effects
 
 
 lora.register_variant("relora", ReLoRAConfig, apply, on_step, ("reset_every",))

@@ -1,6 +1,7 @@
-"""Freezing, counting and reporting parameters.
+"""Freezing, counting, grouping and reporting parameters.
 
-Counts are exact and count a tied weight once (``model.parameters()`` already de-duplicates
+The default optimiser grouping lives here (not in train/) so a method's own ``param_groups``
+(LoRA+) can fall back to it without importing the training loop. Counts are exact and count a tied weight once (``model.parameters()`` already de-duplicates
 shared tensors; we do the same by identity).
 """
 
@@ -29,6 +30,18 @@ def unique_parameters(model: nn.Module):
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, p in unique_parameters(model) if p.requires_grad]
+
+
+def default_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups over the trainable parameters, in model order: weight decay on matrices,
+    none on vectors (biases, norms, scaling vectors). Empty groups are left out."""
+    decay, no_decay = [], []
+    for p in trainable_parameters(model):
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
 
 
 @dataclass

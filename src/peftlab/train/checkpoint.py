@@ -1,4 +1,4 @@
-"""Resumable checkpoints, written atomically, read without pickle.
+"""Resumable checkpoints, written atomically, read without pickle, and resuming a run from them.
 
 ``<output_dir>/checkpoints/step-000100/`` holds
     trainable.safetensors    every trainable tensor and the method's own (frozen) tensors
@@ -19,26 +19,35 @@ Nothing here unpickles: tensors come from safetensors, everything else from JSON
 checkpoint directory holding pickle files (``*.pt``, ``*.bin``, ...) is refused. Under FSDP the
 trainable tensors and optimiser state are sharded; every rank takes part in gathering them
 (``DistContext.gather_full``) and rank 0 writes.
+
+Resuming (``resume``): the newest good checkpoint is loaded into a fresh ``TrainState`` (a
+step-dependent method is first brought to the checkpoint's step, so the tensors and optimiser
+groups it holds have the checkpoint's shape), metrics.jsonl is cut back to that step, and the run
+continues exactly as an uninterrupted one would. ``finished_run`` spots a run already done and
+``resume_notes`` lists what changed in the config since it started.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import Config
 from ..errors import ConfigError, PeftlabError
-from ..io import atomic_dir, sweep_stale, verify_manifest
+from ..io import atomic_dir, atomic_write_text, sweep_stale, verify_manifest
 from .distributed import DistContext
+from .runtime import rng_state, set_rng_state
+from .step import TrainState, run_on_step
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STALE_DIR = re.compile(r"^\.(step-\d+)\.(?:tmp|old)-")
@@ -94,32 +103,6 @@ def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) 
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def rng_state() -> tuple[dict, dict]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    py = random.getstate()
-    np_state = np.random.get_state()
-    meta = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    return tensors, meta
-
-
-def set_rng_state(tensors: dict, meta: dict) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-        if states:
-            torch.cuda.set_rng_state_all(states)
-    v, internal, gauss = meta["python"]
-    random.setstate((v, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict,
@@ -281,3 +264,95 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, prefixes
         raise CheckpointError(f"checkpoint {path} is not a usable peftlab checkpoint ({type(e).__name__}: {e}); "
                               "resume from an earlier one or delete it") from None
     return state
+
+
+# ---------------------------------------------------------------------------- resuming a run
+
+
+def save(state: TrainState, run_dir: Path, sampler, eval_loss: float | None) -> Path:
+    """``save_checkpoint`` of a training state at its step, with the loop's own counters."""
+    trainer = {"sampler": sampler.state_dict(), "skipped_steps": state.skipped, "bad_in_row": state.bad_in_row,
+               "eval_loss": eval_loss}
+    t = state.cfg.train
+    return save_checkpoint(run_dir, state.step, state.model, state.optimizer, state.scheduler, trainer,
+                           state.method.state_prefixes, t.save_total_limit, state.dist)
+
+
+def resume(state: TrainState, sampler, run_dir: Path) -> tuple[list[dict], float | None]:
+    """Bring ``state`` and ``sampler`` to the newest good checkpoint in ``run_dir`` (if any) and
+    cut metrics.jsonl back to its step; returns (the metric records kept, the last eval loss)."""
+    dist, eval_loss = state.dist, None
+    latest = dist.on_main(latest_checkpoint, run_dir)
+    if latest is not None:
+        # a step-dependent method (LISA) first takes the checkpoint's shape, then its values
+        run_on_step(state, int(STEP_DIR.match(latest.name).group(1)))
+        saved = load_checkpoint(latest, state.model, state.optimizer, state.scheduler,
+                                state.method.state_prefixes, dist)
+        state.step, state.skipped = int(saved["step"]), int(saved.get("skipped_steps", 0))
+        state.bad_in_row, eval_loss = int(saved.get("bad_in_row", 0)), saved.get("eval_loss")
+        sampler.load_state_dict(saved["sampler"])
+        if dist.is_main:
+            print(f"resumed from {latest} at step {state.step}", file=sys.stderr)
+    elif dist.is_main:
+        print(f"no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
+    metrics = trim_metrics(Path(run_dir) / "metrics.jsonl", state.step) if dist.is_main else []
+    return metrics, eval_loss
+
+
+def read_metrics(path: Path, step: int | None = None) -> list[dict]:
+    """Metric records from ``path`` (up to ``step``), skipping a line torn by a crash."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and (step is None or rec.get("step", 0) <= step):
+            kept.append(rec)
+    return kept
+
+
+def trim_metrics(path: Path, step: int) -> list[dict]:
+    """Keep the metric lines up to ``step`` (a resumed run rewrites what came after)."""
+    kept = read_metrics(path, step)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def finished_run(cfg: Config, run_dir: Path) -> tuple[dict, Path] | None:
+    """(summary.json, the artifact) when ``--resume`` finds the run already done, else None."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        done, target = int(summary["steps"]), int(summary.get("target_steps", summary["steps"]))
+    except (ValueError, KeyError, TypeError):
+        return None  # a damaged summary: resume normally (the checkpoints decide)
+    wanted = cfg.train.steps if cfg.train.steps is not None else target
+    artifact = run_dir / Path(str(summary.get("artifact") or "")).name  # this run's own adapter/ or model/
+    if done < wanted or artifact.name not in ("adapter", "model") or verify_manifest(artifact, deep=False):
+        return None
+    print(f"{run_dir} already finished at step {done}; nothing to do (raise train.steps to train further)",
+          file=sys.stderr)
+    return summary, artifact
+
+
+def resume_notes(cfg: Config, run_dir: Path) -> list[str]:
+    """Config keys that differ from the run being resumed (informational: extending steps is fine)."""
+    path = run_dir / "config.yaml"
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return [f"{path} is damaged; resuming with the given config"]
+    if not isinstance(old, dict):
+        return []
+    diffs = []
+    for section, values in cfg.to_dict().items():
+        before = old.get(section) if isinstance(old.get(section), dict) else {}
+        for key, value in values.items():
+            if key in before and before[key] != value and key not in ("progress", "threads"):
+                diffs.append(f"{section}.{key}: {before[key]!r} -> {value!r}")
+    return [f"config changed since the run started: {d}" for d in diffs]

@@ -1,8 +1,11 @@
-"""Optimiser and learning-rate schedule.
+"""Optimiser and learning-rate schedule, and what a method's step asks of them.
 
 AdamW over the trainable parameters only, in two groups: weight decay on matrices, none on
-vectors (biases, norms, scaling vectors). A method may supply its own groups (LoRA+).
-The schedule is linear warmup then cosine, linear or constant decay to ``lr * min_lr_ratio``.
+vectors (biases, norms, scaling vectors; ``model.params.default_param_groups``). A method may
+supply its own groups (LoRA+). The schedule is linear warmup then cosine, linear or constant
+decay to ``lr * min_lr_ratio``. A method's ``on_step`` may ask (``registry.StepEffects``) for the
+groups to follow a changed trainable set (``regroup``), for part of the AdamW moments to be
+zeroed (``prune_moments``) or for the next step's learning rate to be scaled (``scale_lr``).
 """
 
 from __future__ import annotations
@@ -12,25 +15,18 @@ import math
 import torch
 from torch import nn
 
-from ..model.params import unique_parameters
+from ..model.params import default_param_groups, trainable_parameters
 
 
-def default_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for _, p in unique_parameters(model):
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
-    return [g for g in groups if g["params"]]
+def param_groups(model: nn.Module, method, peft_cfg, train_cfg) -> list[dict]:
+    """The method's groups (LoRA+) or the default ones, over what trains now."""
+    if method.param_groups is not None:
+        return method.param_groups(model, peft_cfg, train_cfg.lr, train_cfg.weight_decay)
+    return default_param_groups(model, train_cfg.lr, train_cfg.weight_decay)
 
 
 def build_optimizer(model: nn.Module, method, peft_cfg, train_cfg) -> torch.optim.Optimizer:
-    if method.param_groups is not None:
-        groups = method.param_groups(model, peft_cfg, train_cfg.lr, train_cfg.weight_decay)
-    else:
-        groups = default_param_groups(model, train_cfg.lr, train_cfg.weight_decay)
+    groups = param_groups(model, method, peft_cfg, train_cfg)
     if not groups:
         from ..errors import ConfigError
 
@@ -43,6 +39,71 @@ def build_optimizer(model: nn.Module, method, peft_cfg, train_cfg) -> torch.opti
     kwargs = {"fused": True} if fused_ok else {"foreach": True}
     betas = tuple(train_cfg.adam_betas)
     return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=betas, weight_decay=train_cfg.weight_decay, **kwargs)
+
+
+# ---------------------------------------------------------------------------- what a method's step asks for
+
+
+def _same_settings(fresh: dict, group: dict) -> bool:
+    """``fresh`` (a group as built at the start) has ``group``'s settings; the scheduler has
+    rewritten ``group["lr"]``, so its starting lr is ``initial_lr``."""
+    return all(group.get("initial_lr", group["lr"]) == v if k == "lr" else group.get(k) == v
+               for k, v in fresh.items() if k != "params")
+
+
+def regroup(optimizer: torch.optim.Optimizer, model: nn.Module, method, peft_cfg, train_cfg) -> None:
+    """Re-point the optimiser's groups at the parameters that train now (``StepEffects.regroup``).
+
+    Each parameter goes to the group the method's (or the default) grouping puts it in, matched
+    to the optimiser's group of the same settings; parameters that left lose their AdamW state.
+    Inside each group the order is the model's, so the order depends on the trainable set only
+    and a resumed run's optimiser state lines up with the checkpoint's.
+    """
+    fresh = param_groups(model, method, peft_cfg, train_cfg)
+    order = {id(p): i for i, p in enumerate(trainable_parameters(model))}
+    placed: dict[int, list] = {}
+    for want in fresh:
+        free = [i for i, g in enumerate(optimizer.param_groups) if i not in placed and _same_settings(want, g)]
+        if not free:
+            raise RuntimeError(f"regroup: no optimiser group has the settings of "
+                               f"{ {k: v for k, v in want.items() if k != 'params'} }")
+        placed[free[0]] = sorted(want["params"], key=lambda p: order[id(p)])
+    keep = {id(p) for params in placed.values() for p in params}
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) not in keep:
+                optimizer.state.pop(p, None)
+        group["params"] = placed.get(i, [])
+
+
+@torch.no_grad()
+def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], fraction: float) -> None:
+    """Zero the ``fraction`` of each parameter's Adam state with the smallest first moment |m|.
+
+    Both moments are zeroed at the same positions: a kept m over a zeroed v would make the next
+    update m / (sqrt(v) + eps) explode.
+    """
+    for p in params:
+        state = optimizer.state.get(p, {})
+        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+        if m is None or m.numel() == 0:
+            continue
+        k = int(fraction * m.numel())
+        if k >= m.numel():
+            drop = torch.ones_like(m, dtype=torch.bool)
+        elif k > 0:
+            drop = m.abs() <= m.abs().flatten().kthvalue(k).values
+        else:
+            continue
+        m.masked_fill_(drop, 0.0)
+        if v is not None:
+            v.masked_fill_(drop, 0.0)
+
+
+def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Multiply every group's learning rate for the next step (the scheduler resets it after)."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:

@@ -4,6 +4,9 @@ Threads: OpenMP threads that land on a core another process is using stall the w
 (2-8x slower than one thread on this class of machine), so ``threads=0`` counts the cores
 that are actually idle right now (from /proc/stat over 100 ms) instead of all cores.
 
+Random state: ``seed_everything`` seeds Python, NumPy and torch; ``rng_state``/``set_rng_state``
+save and restore all of them (checkpoints, so a resumed run draws what an uninterrupted one would).
+
 Mixed precision: ``auto`` means bf16 autocast where the hardware runs bf16 matmuls natively
 (a CUDA device with bf16, or a CPU with AVX512-BF16 or AMX), fp32 otherwise. Master weights
 and optimiser state stay fp32 either way.
@@ -95,7 +98,38 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(tensors, JSON-able rest) of every random generator a run draws from, for checkpoints."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    v, internal, gauss = meta["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

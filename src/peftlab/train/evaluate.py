@@ -1,0 +1,51 @@
+"""The eval loss a run reports: the objective's mean over the held-out examples (no aux term)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..data.tokenize import Example
+from .distributed import DistContext
+from .objective import CausalLM, Objective
+from .runtime import autocast, to_device
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, collate_fn,
+                  device: torch.device, amp: torch.dtype | None, max_batches: int | None = None,
+                  engine: nn.Module | None = None, dist: DistContext | None = None,
+                  objective: Objective | None = None) -> float:
+    """Unit-weighted (for language modelling: token-weighted) mean loss over ``examples``; the
+    model's mode is restored after.
+
+    With several processes each rank scores every world_size-th batch and the sums are reduced.
+    ``engine`` (from ``DistContext.wrap``) computes the loss where FSDP must gather weights;
+    under FSDP every rank runs the same number of forwards (a rank short of batches repeats its
+    first one with weight 0).
+    """
+    dist, objective = dist or DistContext(), objective or CausalLM()
+    was_training = model.training
+    model.eval()
+    starts = list(range(0, len(examples), batch_size))
+    if max_batches is not None:
+        starts = starts[:max_batches]
+    mine = starts[dist.rank::dist.world_size]
+    rounds = math.ceil(len(starts) / dist.world_size) if dist.mode.startswith("fsdp") else len(mine)
+    total, count = 0.0, 0
+    try:
+        for r in range(rounds):
+            i, weight = (mine[r], 1) if r < len(mine) else (starts[0], 0)
+            batch = collate_fn(examples[i:i + batch_size])
+            n = objective.units(batch)
+            batch = to_device(batch, device)
+            with autocast(device, amp):
+                loss_sum = objective.loss(engine, model, batch)
+            total += weight * float(loss_sum)
+            count += weight * n
+    finally:
+        model.train(was_training)
+    sums = dist.all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=device))
+    return float(sums[0]) / max(float(sums[1]), 1.0)
