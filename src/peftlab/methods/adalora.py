@@ -46,7 +46,7 @@ from ..model.targets import (
 from ..registry import register
 from . import peft_format
 from .adalora_budget import STATE, Allocator, allocator
-from .lowrank import factor_dtype, merge_delta, unmerge_delta, wide
+from .lowrank import factor_dtype, merge_delta, wide
 from .merging import merge_wrappers
 from .modules_to_save import add_additional_targets
 
@@ -122,12 +122,6 @@ class AdaLoRALinear(nn.Module):
         delta = delta * self.scaling / (self.ranknum + 1e-5)
         return delta.T if self.fan_in_fan_out else delta
 
-    def merge(self) -> None:
-        merge_delta(self)
-
-    def unmerge(self) -> None:
-        unmerge_delta(self)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
@@ -163,7 +157,7 @@ def apply(model: nn.Module, cfg: AdaLoRAConfig) -> None:
 
 
 def merge(model: nn.Module) -> None:
-    merge_wrappers(model, (AdaLoRALinear,))
+    merge_wrappers(model, (AdaLoRALinear,), merge_delta)
 
 
 def start(model: nn.Module, cfg: AdaLoRAConfig, total_steps: int) -> Allocator:

@@ -196,7 +196,7 @@ def apply(model: nn.Module, cfg: DoRAConfig) -> None:
 
 
 def merge(model: nn.Module) -> None:
-    merge_wrappers(model, (DoRALinear,))
+    merge_wrappers(model, (DoRALinear,), DoRALinear.merge)
 
 
 register(

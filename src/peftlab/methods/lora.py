@@ -51,7 +51,7 @@ from ..model.params import default_param_groups
 from ..model.targets import peft_target_modules, set_weight_matrix, weight_matrix
 from ..registry import Method, get, register
 from . import peft_format
-from .lowrank import WRAPPERS, LoRAEmbedding, LoRALinear, apply_lora_family
+from .lowrank import WRAPPERS, LoRAEmbedding, LoRALinear, apply_lora_family, merge_delta
 from .merging import merge_wrappers
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
@@ -145,7 +145,7 @@ def apply(model: nn.Module, cfg: LoRAConfig) -> None:
 def merge(model: nn.Module) -> None:
     """Fold every LoRA update into its base weight (a quantised base is dequantised first) and put
     the plain layers back; extra trained modules replace the originals."""
-    merge_wrappers(model, WRAPPERS)
+    merge_wrappers(model, WRAPPERS, merge_delta)
 
 
 def set_speed(model: nn.Module, fast_path: bool, cache_weight: bool) -> None:

@@ -79,12 +79,6 @@ def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return xc
 
 
-def clear_caches() -> None:
-    """Drop the cached weight and input casts (they are rebuilt on the next call)."""
-    _WEIGHT_CACHE.clear()
-    _LAST_CAST[0] = None
-
-
 class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, w, bias, scaling, cdt):

@@ -10,7 +10,7 @@ Merging is explicit and plain functions: ``merge_delta(layer)`` adds ``layer.del
 (the update in the base weight's layout) into W in fp32 (fp64 for fp64 weights) and rounds once,
 after first replacing a quantised base by its dequantised float layer; ``unmerge_delta`` subtracts
 it. LoRA, LoRA on embeddings, AdaLoRA and VeRA merge this way; DoRA's merge is a rescaling.
-``merging.merge_wrappers(model, classes)`` folds a whole model back into plain layers.
+``merging.merge_wrappers(model, classes, merge_delta)`` folds a whole model back into plain layers.
 """
 
 from __future__ import annotations
@@ -232,12 +232,6 @@ class LoRAEmbedding(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s (B A)^T [V, d], fp32."""
         return (wide(self.lora_embedding_B) @ wide(self.lora_embedding_A)).T * self.scaling
-
-    def merge(self) -> None:
-        merge_delta(self)
-
-    def unmerge(self) -> None:
-        unmerge_delta(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

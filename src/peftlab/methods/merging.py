@@ -1,12 +1,15 @@
 """Folding adapted layers back into plain ones, for every method whose update merges.
 
-``merge_wrappers(model, classes)`` merges each wrapper (``layer.merge()``) and puts its base layer
+``merge_wrappers(model, classes, merge_layer)`` merges each wrapper (``lowrank.merge_delta`` for an
+additive update, DoRA's rescaling for DoRA) and puts its base layer
 back, puts the trained copies of extra trained modules in place of the originals, and dequantises
 what is left of a quantised base (a merged model is plain). Embeddings tied to the output head are
 untied first where a merge would otherwise change the shared weight twice.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 
@@ -37,8 +40,8 @@ def untie_base(layer: nn.Module) -> None:
     layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
 
 
-def merge_wrappers(model: nn.Module, classes: tuple[type, ...]) -> None:
-    """Fold every wrapper of ``classes`` into its base and put plain layers back; then the extra
+def merge_wrappers(model: nn.Module, classes: tuple[type, ...], merge_layer: Callable[[nn.Module], None]) -> None:
+    """Fold every wrapper of ``classes`` into its base (``merge_layer(layer)``) and put plain layers back; then the extra
     trained modules; then dequantise what is left of a quantised base (a merged model is plain)."""
     shared = shared_weight_ids(model)
     untied = False
@@ -47,7 +50,7 @@ def merge_wrappers(model: nn.Module, classes: tuple[type, ...]) -> None:
         if id(layer.base_layer.weight) in shared:
             untie_base(layer)
             untied = True
-        layer.merge()
+        merge_layer(layer)
         set_submodule(model, path, layer.base_layer)
     for path, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]:
         set_submodule(model, path, module.modules_to_save)

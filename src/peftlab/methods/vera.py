@@ -34,7 +34,7 @@ from ..model.targets import (
 )
 from ..registry import register
 from . import peft_format
-from .lowrank import factor_dtype, merge_delta, unmerge_delta, wide
+from .lowrank import factor_dtype, merge_delta, wide
 from .merging import merge_wrappers
 from .modules_to_save import add_additional_targets
 
@@ -111,12 +111,6 @@ class VeRALinear(nn.Module):
         delta = (wide(self.vera_lambda_b)[:, None] * wide(b)) @ (wide(self.vera_lambda_d)[:, None] * wide(a))
         return delta.T if self.fan_in_fan_out else delta
 
-    def merge(self) -> None:
-        merge_delta(self)
-
-    def unmerge(self) -> None:
-        unmerge_delta(self)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
@@ -146,7 +140,7 @@ def apply(model: nn.Module, cfg: VeRAConfig) -> None:
 
 
 def merge(model: nn.Module) -> None:
-    merge_wrappers(model, (VeRALinear,))
+    merge_wrappers(model, (VeRALinear,), merge_delta)
 
 
 def to_peft_config(cfg: VeRAConfig, model: nn.Module) -> dict:
