@@ -307,5 +307,3 @@ def register_variant(name: str, config_cls: type, apply_fn, on_step, extra_field
         )
     )
 
-
-from .lowrank import lora_layers, wide  # noqa: E402, F401  TEMPORARY (helper B): relora/delta_lora's old imports
