@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..quant import model_is_quantized
 from . import lora, relora
-from .lora import wide
+from .lowrank import LoRALinear, lora_layers, wide
 
 
 @dataclass
@@ -51,8 +51,8 @@ def apply(model: nn.Module, cfg: DeltaLoRAConfig) -> None:
         raise ConfigError("delta_lora updates the base weights every step by tiny amounts that a 4/8-bit base "
                           "rounds away; use model.quantize=none (or peft.method=relora, which merges every K steps)")
     lora.apply(model, cfg)
-    for path, layer in lora.lora_layers(model).items():
-        if not isinstance(layer, lora.LoRALinear):
+    for path, layer in lora_layers(model).items():
+        if not isinstance(layer, LoRALinear):
             raise ConfigError(f"delta_lora adapts linear layers; {path!r} is an embedding — remove it from peft.targets")
         layer.register_buffer("lora_A_prev", layer.lora_A.weight.detach().clone())
         layer.register_buffer("lora_B_prev", layer.lora_B.weight.detach().clone())
@@ -62,7 +62,7 @@ def apply(model: nn.Module, cfg: DeltaLoRAConfig) -> None:
 @torch.no_grad()
 def on_step(model: nn.Module, cfg: DeltaLoRAConfig, step: int) -> None:
     """W follows this step's change of s·BA (after ``delta_start``); A and B are kept for the next."""
-    for layer in lora.lora_layers(model).values():
+    for layer in lora_layers(model).values():
         a, b = layer.lora_A.weight, layer.lora_B.weight
         if step > cfg.delta_start:
             change = (wide(b) @ wide(a) - wide(layer.lora_B_prev) @ wide(layer.lora_A_prev))

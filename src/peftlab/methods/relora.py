@@ -26,8 +26,9 @@ from ..errors import ConfigError
 from ..model.targets import set_weight_matrix, weight_matrix
 from ..quant import is_quantized
 from ..registry import StepEffects
-from . import extras, lora
-from .lora import wide
+from . import lora
+from .lowrank import lora_layers, wide
+from .merging import shared_weight_ids, untie_base
 
 
 @dataclass
@@ -50,12 +51,12 @@ class ReLoRAConfig(lora.LoRAConfig):
 
 def untie_adapted(model: nn.Module) -> None:
     """Methods that write into W during training give tied weights (embeddings) their own copy."""
-    shared = extras.shared_weight_ids(model)
+    shared = shared_weight_ids(model)
     untied = False
-    for layer in lora.lora_layers(model).values():
+    for layer in lora_layers(model).values():
         base = layer.base_layer
         if not is_quantized(base) and id(base.weight) in shared:
-            extras.untie_base(layer)
+            untie_base(layer)
             untied = True
     if untied and getattr(model, "config", None) is not None:
         model.config.tie_word_embeddings = False
@@ -82,7 +83,7 @@ def restart(model: nn.Module, cfg: ReLoRAConfig) -> list[nn.Parameter]:
     """Merge every adapter into its base and re-initialise A and B; returns the adapter's
     trainable parameters (whose optimiser moments the restart prunes)."""
     params = []
-    for layer in lora.lora_layers(model).values():
+    for layer in lora_layers(model).values():
         fold(layer)
         layer.reset_lora(cfg.init)
         params += [p for p in layer.parameters(recurse=True) if p.requires_grad]

@@ -37,14 +37,14 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import rundir
 from ..config import Config
 from ..errors import ConfigError, PeftlabError
-from ..io import atomic_dir, atomic_write_text, sweep_stale, verify_manifest
+from ..io import atomic_dir, sweep_stale, verify_manifest
 from .distributed import DistContext
 from .runtime import rng_state, set_rng_state
 from .step import TrainState, run_on_step
@@ -295,45 +295,22 @@ def resume(state: TrainState, sampler, run_dir: Path) -> tuple[list[dict], float
             print(f"resumed from {latest} at step {state.step}", file=sys.stderr)
     elif dist.is_main:
         print(f"no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
-    metrics = trim_metrics(Path(run_dir) / "metrics.jsonl", state.step) if dist.is_main else []
+    metrics = rundir.trim_metrics(run_dir, state.step) if dist.is_main else []
     return metrics, eval_loss
-
-
-def read_metrics(path: Path, step: int | None = None) -> list[dict]:
-    """Metric records from ``path`` (up to ``step``), skipping a line torn by a crash."""
-    if not path.exists():
-        return []
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and (step is None or rec.get("step", 0) <= step):
-            kept.append(rec)
-    return kept
-
-
-def trim_metrics(path: Path, step: int) -> list[dict]:
-    """Keep the metric lines up to ``step`` (a resumed run rewrites what came after)."""
-    kept = read_metrics(path, step)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
 
 
 def finished_run(cfg: Config, run_dir: Path) -> tuple[dict, Path] | None:
     """(summary.json, the artifact) when ``--resume`` finds the run already done, else None."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
+    summary = rundir.read_summary(run_dir)
+    if summary is None:
         return None
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
         done, target = int(summary["steps"]), int(summary.get("target_steps", summary["steps"]))
     except (ValueError, KeyError, TypeError):
         return None  # a damaged summary: resume normally (the checkpoints decide)
     wanted = cfg.train.steps if cfg.train.steps is not None else target
     artifact = run_dir / Path(str(summary.get("artifact") or "")).name  # this run's own adapter/ or model/
-    if done < wanted or artifact.name not in ("adapter", "model") or verify_manifest(artifact, deep=False):
+    if done < wanted or artifact.name not in rundir.ARTIFACTS or verify_manifest(artifact, deep=False):
         return None
     print(f"{run_dir} already finished at step {done}; nothing to do (raise train.steps to train further)",
           file=sys.stderr)
@@ -342,12 +319,11 @@ def finished_run(cfg: Config, run_dir: Path) -> tuple[dict, Path] | None:
 
 def resume_notes(cfg: Config, run_dir: Path) -> list[str]:
     """Config keys that differ from the run being resumed (informational: extending steps is fine)."""
-    path = run_dir / "config.yaml"
     try:
-        old = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return [f"{path} is damaged; resuming with the given config"]
-    if not isinstance(old, dict):
+        old = rundir.saved_config(run_dir)
+    except ConfigError:
+        return [f"{run_dir / rundir.CONFIG} is damaged; resuming with the given config"]
+    if old is None:
         return []
     diffs = []
     for section, values in cfg.to_dict().items():

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import registry
+from .. import registry, rundir
 from ..config import Config
 from ..export.adapter import save_adapter
 from ..io import atomic_dir, atomic_write_text, verify_manifest
@@ -83,7 +83,7 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
     run_dir = Path(t.output_dir)
     if resume and (done := ckpt.finished_run(cfg, run_dir)) is not None:
         summary, artifact = done
-        return RunResult(run_dir, int(summary["steps"]), ckpt.read_metrics(run_dir / "metrics.jsonl"),
+        return RunResult(run_dir, int(summary["steps"]), rundir.read_metrics(run_dir),
                          summary.get("eval_loss"), artifact, wall_time=0.0)
     dist = dist_context()
     try:
@@ -113,7 +113,7 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
         notes += ckpt.resume_notes(cfg, run_dir)
         metrics, eval_loss = ckpt.resume(state, sampler, run_dir)
     if dist.is_main:
-        cfg.save(run_dir / "config.yaml")
+        cfg.save(run_dir / rundir.CONFIG)
         _announce(run, notes, threads)
     with _Log(run, metrics, callbacks) as log:
         eval_loss = _loop(run, log, eval_loss)
@@ -166,7 +166,7 @@ def _finish(run: _Run, eval_loss: float | None) -> Path | None:
                    "data": run.data.stats.summary(), "world_size": dist.world_size,
                    "wall_time_s": round(time.time() - run.started, 2), "artifact": str(artifact),
                    **peak_memory(state.device)}
-        atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(run.run_dir / rundir.SUMMARY, json.dumps(summary, indent=2))
     dist.barrier()
     model.eval()
     return artifact
@@ -179,7 +179,7 @@ class _Log:
     def __init__(self, run: _Run, metrics: list[dict], callbacks: list | None):
         self.metrics, self.callbacks = metrics, callbacks or []
         main = run.dist.is_main
-        self.file = (run.run_dir / "metrics.jsonl").open("a") if main else None
+        self.file = (run.run_dir / rundir.METRICS).open("a") if main else None
         self.progress = None
         if run.cfg.train.progress and main:
             from tqdm.auto import tqdm

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import registry
+from .. import registry, rundir
 from ..config import Config
 from ..data.dataset import build_datasets
 from ..errors import ConfigError, DataError, PeftlabError
@@ -42,14 +42,14 @@ def prepared_model(cfg: Config, model: nn.Module | None, tokenizer) -> tuple[nn.
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to train over an existing run unless resuming it or told to overwrite (then clear it)."""
-    has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    has_run = (run_dir / rundir.METRICS).exists() or (run_dir / "checkpoints").exists()
     if has_run and not resume:
         if not overwrite:
             raise ConfigError(
                 f"train.output_dir {str(run_dir)!r} already holds a run; pass --resume to continue it, "
                 "choose another train.output_dir, or set train.overwrite=true to replace it"
             )
-        for name in ("checkpoints", "metrics.jsonl", "adapter", "model", "summary.json"):
+        for name in ("checkpoints", rundir.METRICS, *rundir.ARTIFACTS, rundir.SUMMARY):
             p = run_dir / name
             if p.is_dir():
                 shutil.rmtree(p)
