@@ -14,7 +14,7 @@ import pytest
 import peftlab
 from conftest import tiny_overrides, tokenizer_for
 from peftlab.cli import main
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.data.dataset import build_datasets
 from peftlab.errors import ConfigError
 from peftlab.train.loop import train

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from conftest import tokenizer_for
-from peftlab.config import DataConfig, load_config
+from peftlab.config import DataConfig
+from peftlab.configure import load_config
 from peftlab.data.catalog import load_registry
 from peftlab.data.dataset import build_datasets
 from peftlab.data.formats import BadRecords, Conversation, PreferencePair, parse_record, read_records

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_overrides
 from peftlab import cli
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.eval import metrics as M
 from peftlab.eval.harness import EvalConfig, generate_answers, split_prompt
 from peftlab.train.loop import train

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import tokenizer_for
 from peftlab import registry
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.errors import ConfigError
 from peftlab.export import merge as merge_mod
 from peftlab.export.adapter import load_adapter, save_adapter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.errors import ConfigError
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import peftlab
 from peftlab import registry
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.model.load import load_model
 from peftlab.model.params import param_report
 

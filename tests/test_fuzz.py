@@ -29,7 +29,8 @@ import pytest
 import yaml
 
 from conftest import tokenizer_for
-from peftlab.config import DataConfig, TrainConfig, load_config
+from peftlab.config import DataConfig, TrainConfig
+from peftlab.configure import load_config
 from peftlab.errors import PeftlabError
 from peftlab.train.loop import _check_inputs, _load_data
 

@@ -17,6 +17,8 @@ or any other light module does not pull in the training loop through this file.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __all__ = [
     "__version__",
@@ -46,3 +48,14 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """``peftlab.train`` is the API's function, though ``peftlab/train/`` is also a subpackage: the
+    import system's record of the subpackage as an attribute here is dropped (``sys.modules`` keeps
+    it), whatever was imported first."""
+
+    train = property(lambda self: __getattr__("train"), lambda self, value: None)
+
+
+sys.modules[__name__].__class__ = _Package

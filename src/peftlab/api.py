@@ -7,7 +7,8 @@ from pathlib import Path
 from torch import nn
 
 from . import registry
-from .config import Config, load_config
+from .config import Config
+from .configure import load_config
 from .eval.generate import generate
 from .export.adapter import load_adapter, save_adapter
 from .model.load import load_model as _load_model

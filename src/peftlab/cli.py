@@ -12,8 +12,8 @@ import os
 import pkgutil
 import sys
 
-from .version import __version__
 from .errors import PeftlabError
+from .version import __version__
 
 
 def _commands() -> dict:

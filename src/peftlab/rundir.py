@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, load_config
+from .config import Config
+from .configure import load_config
 from .errors import ConfigError
 from .io import atomic_write_text
 
@@ -74,6 +75,12 @@ def trim_metrics(path: str | Path, step: int) -> list[dict]:
 def read_summary(run_dir: str | Path) -> dict | None:
     """``summary.json`` (present once the run finished); None when missing or damaged."""
     return read_json(Path(run_dir) / SUMMARY)
+
+
+def peak_memory_bytes(summary: dict) -> int | None:
+    """The training process's peak memory in bytes (CUDA allocated, else CPU peak RSS) from a summary."""
+    mb = summary.get("peak_cuda_mb") or summary.get("peak_rss_mb")
+    return int(mb * 2**20) if mb else None
 
 
 def saved_config(run_dir: str | Path) -> dict | None:

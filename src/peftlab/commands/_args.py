@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import Config, load_config, split_config_args
+from ..config import Config, split_config_args
+from ..configure import load_config
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:

@@ -296,11 +296,16 @@ def _sharegpt_messages(f: Fields, key: str = "conversations") -> list[dict]:
     return messages
 
 
-def from_sharegpt(rec: dict, where: str, columns: dict | None = None) -> Conversation:
+def _conversation(rec: dict, where: str, columns: dict | None, read_messages, field: str) -> Conversation:
+    """A checked Conversation from the messages ``read_messages`` finds in the record's ``field``."""
     f = Fields(rec, where, columns)
-    messages = _sharegpt_messages(f)
-    check_turns(messages, where, name=f.name("conversations"))
+    messages = read_messages(f)
+    check_turns(messages, where, name=f.name(field))
     return Conversation(messages, where, tools=tools_field(f.get("tools"), where, f.name("tools")))
+
+
+def from_sharegpt(rec: dict, where: str, columns: dict | None = None) -> Conversation:
+    return _conversation(rec, where, columns, _sharegpt_messages, "conversations")
 
 
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -354,10 +359,7 @@ def _openai_messages(f: Fields, key: str = "messages") -> list[dict]:
 
 
 def from_messages(rec: dict, where: str, columns: dict | None = None) -> Conversation:
-    f = Fields(rec, where, columns)
-    messages = _openai_messages(f)
-    check_turns(messages, where, name=f.name("messages"))
-    return Conversation(messages, where, tools=tools_field(f.get("tools"), where, f.name("tools")))
+    return _conversation(rec, where, columns, _openai_messages, "messages")
 
 
 def from_text(rec: dict, where: str, columns: dict | None = None) -> Conversation:

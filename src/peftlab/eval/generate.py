@@ -22,7 +22,8 @@ def load_for_generation(run: str | None, adapter: str | None, cfg_args: list[str
 
     ``cfg_args`` is the command line's ``[CONFIG] [key=value ...]``; with a run, its config.yaml
     replaces CONFIG and the overrides apply on top."""
-    from ..config import load_config, split_config_args
+    from ..config import split_config_args
+    from ..configure import load_config
     from ..data.tokenize import Encoder
     from ..export.adapter import load_adapter
     from ..model.load import load_model

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..config import ModelConfig, load_config
+from ..config import ModelConfig
+from ..configure import load_config
 from ..errors import ConfigError
 from ..io import atomic_dir
 from ..model.load import DTYPES, asset_dir, is_config_name, resolve_dtype

@@ -31,6 +31,7 @@ from ..io import atomic_write_text
 from ..rundir import (
     artifact_size,
     is_run_dir,
+    peak_memory_bytes,
     read_json,
     read_metrics,
     read_summary,
@@ -117,10 +118,7 @@ def load_run(run_dir: Path, name: str | None = None) -> RunView:
     view.train_cpu = train_info.get("train_cpu_s")
     view.total_cpu = run_info.get("process_cpu_s")
     mem = train_info.get("peak_memory_bytes")
-    if mem is None:
-        mb = summary.get("peak_cuda_mb") or summary.get("peak_rss_mb")
-        mem = int(mb * 2**20) if mb else None
-    view.peak_memory = mem
+    view.peak_memory = mem if mem is not None else peak_memory_bytes(summary)
     view.process_peak = train_info.get("process_peak_rss_bytes")
     view.file_size = train_info.get("file_size") or artifact_size(run_dir)
     view.samples = result.get("samples") or (read_json(run_dir / "samples.json") or {}).get("samples") or []

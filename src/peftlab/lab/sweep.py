@@ -51,7 +51,8 @@ from pathlib import Path
 import yaml
 
 from .. import registry
-from ..config import DEFAULT_METHOD, apply_overrides, build_dataclass, config_from_dict, read_yaml
+from ..config import DEFAULT_METHOD, apply_overrides, build_dataclass, read_yaml
+from ..configure import config_from_dict
 from ..errors import ConfigError
 from ..eval.harness import EvalConfig
 from ..io import atomic_write_text

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from ..io import atomic_write_text
-from ..rundir import artifact_size, read_metrics, read_summary
+from ..rundir import artifact_size, peak_memory_bytes, read_metrics, read_summary
 
 
 def _die_with_parent() -> None:
@@ -63,12 +63,62 @@ def _meta(device, amp, threads: int) -> dict:
             "device": str(device), "precision": str(amp or "float32").replace("torch.", ""), "threads": threads}
 
 
+def _config(spec: dict, run_dir: Path):
+    """(Config, resume) of the sweep point: its config, trained into RUN_DIR."""
+    from ..configure import config_from_dict
+
+    raw = json.loads(json.dumps(spec["config"]))
+    train_raw = raw.setdefault("train", {})
+    train_raw["output_dir"] = str(run_dir)
+    train_raw.setdefault("progress", False)  # a log file, not a terminal
+    if spec.get("threads") and not train_raw.get("threads"):
+        train_raw["threads"] = spec["threads"]
+    resume = bool(spec.get("resume"))
+    if not resume:
+        train_raw["overwrite"] = True
+    return config_from_dict(raw), resume
+
+
+def _step_logger(steps_total: int | None, say):
+    def log_step(rec: dict) -> None:
+        if rec["step"] % 10 == 0 or "eval_loss" in rec or rec["step"] == steps_total:
+            say(f"step {rec['step']}" + (f"/{steps_total}" if steps_total else "")
+                + f" loss {rec['loss']:.4f}" + (f" eval_loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else "")
+                + f" lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s")
+
+    return log_step
+
+
+def _score(res, cfg, ecfg, amp, run_dir: Path, spec: dict, say) -> tuple[dict, list[dict]]:
+    """(held-out scores, side-by-side samples) of the trained model."""
+    from ..eval.harness import evaluate, generate_answers, write_eval
+
+    # the loop's last eval loss is the same number when it covered the same batches: reuse it
+    same_loss = (ecfg.loss and res.eval_loss is not None and ecfg.batch_size == cfg.train.batch_size
+                 and ecfg.loss_batches == cfg.train.eval_batches)
+    if same_loss:
+        ecfg.loss = False
+    ev = evaluate(res.model, res.tokenizer, res.encoder, res.data.eval_records, res.data.eval,
+                  res.data.collate, ecfg, amp, log=say)
+    if same_loss:
+        ev.metrics.update(eval_loss=res.eval_loss, perplexity=math.exp(min(res.eval_loss, 700.0)))
+    if ev.predictions:
+        write_eval(run_dir / "eval", ev, {"eval": spec["eval"]})
+    samples = []
+    if ecfg.prompts:
+        t0 = time.perf_counter()
+        answers = generate_answers(res.model, res.tokenizer, res.encoder, list(ecfg.prompts), ecfg, amp,
+                                   max_new_tokens=ecfg.sample_max_new_tokens)
+        samples = [{"prompt": p, "answer": a} for p, a in zip(ecfg.prompts, answers)]
+        say(f"samples: {len(samples)} prompts in {time.perf_counter() - t0:.1f}s")
+    return ev.metrics, samples
+
+
 def run(run_dir: Path) -> int:
     import torch
 
-    from ..config import config_from_dict
     from ..errors import PeftlabError
-    from ..eval.harness import EvalConfig, evaluate, generate_answers
+    from ..eval.harness import EvalConfig
     from ..train.loop import train
     from ..train.runtime import resolve_precision
 
@@ -81,28 +131,11 @@ def run(run_dir: Path) -> int:
               "train_info": {"status": "failed"}}
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     try:
-        raw = json.loads(json.dumps(spec["config"]))
-        train_raw = raw.setdefault("train", {})
-        train_raw["output_dir"] = str(run_dir)
-        train_raw.setdefault("progress", False)  # a log file, not a terminal
-        if spec.get("threads") and not train_raw.get("threads"):
-            train_raw["threads"] = spec["threads"]
-        resume = bool(spec.get("resume"))
-        if not resume:
-            train_raw["overwrite"] = True
-        cfg = config_from_dict(raw)
+        cfg, resume = _config(spec, run_dir)
         ecfg = EvalConfig(**spec["eval"])
         result["run_info"]["train_config"] = cfg.to_dict()  # resolved: every default filled in
         result["run_info"]["peft_config"] = None if cfg.peft.method == "full" else cfg.to_dict()["peft"]
-        steps_total = cfg.train.steps
-
-        def log_step(rec: dict) -> None:
-            if rec["step"] % 10 == 0 or "eval_loss" in rec or rec["step"] == steps_total:
-                say(f"step {rec['step']}" + (f"/{steps_total}" if steps_total else "")
-                    + f" loss {rec['loss']:.4f}" + (f" eval_loss {rec['eval_loss']:.4f}" if "eval_loss" in rec else "")
-                    + f" lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s")
-
-        res = train(cfg, resume=resume, callbacks=[log_step])
+        res = train(cfg, resume=resume, callbacks=[_step_logger(cfg.train.steps, say)])
         train_cpu = _cpu_seconds()
         summary = read_summary(run_dir)
         if summary is None:
@@ -110,41 +143,20 @@ def run(run_dir: Path) -> int:
         device = next(res.model.parameters()).device
         amp = resolve_precision(cfg.train.mixed_precision, device)
         say(f"trained {res.steps} steps in {summary['wall_time_s']:.1f}s; scoring the held-out split")
-        # the loop's last eval loss is the same number when it covered the same batches: reuse it
-        same_loss = (ecfg.loss and res.eval_loss is not None and ecfg.batch_size == cfg.train.batch_size
-                     and ecfg.loss_batches == cfg.train.eval_batches)
-        if same_loss:
-            ecfg.loss = False
-        ev = evaluate(res.model, res.tokenizer, res.encoder, res.data.eval_records, res.data.eval,
-                      res.data.collate, ecfg, amp, log=say)
-        if same_loss:
-            ev.metrics.update(eval_loss=res.eval_loss, perplexity=math.exp(min(res.eval_loss, 700.0)))
-        if ev.predictions:
-            from ..eval.harness import write_eval
-
-            write_eval(run_dir / "eval", ev, {"eval": spec["eval"]})
-        samples = []
-        if ecfg.prompts:
-            t0 = time.perf_counter()
-            answers = generate_answers(res.model, res.tokenizer, res.encoder, list(ecfg.prompts), ecfg, amp,
-                                       max_new_tokens=ecfg.sample_max_new_tokens)
-            samples = [{"prompt": p, "answer": a} for p, a in zip(ecfg.prompts, answers)]
-            say(f"samples: {len(samples)} prompts in {time.perf_counter() - t0:.1f}s")
-        metrics = read_metrics(run_dir)
-        mem_mb = summary.get("peak_cuda_mb") or summary.get("peak_rss_mb")
+        scores, samples = _score(res, cfg, ecfg, amp, run_dir, spec, say)
         result["train_info"] = {
             "status": "success",
             "train_time": summary["wall_time_s"],
             "train_cpu_s": train_cpu,  # CPU seconds of this process up to the end of training
             "steps": res.steps,
-            "peak_memory_bytes": int(mem_mb * 2**20) if mem_mb else None,
+            "peak_memory_bytes": peak_memory_bytes(summary),
             "memory_kind": "cuda_allocated" if summary.get("peak_cuda_mb") else "cpu_peak_rss",
             "file_size": artifact_size(run_dir) or 0,
             "num_trainable_params": summary["trainable"],
             "num_total_params": summary["total"],
             "data": summary.get("data"),
-            "metrics": metrics,
-            "eval": ev.metrics,
+            "metrics": read_metrics(run_dir),
+            "eval": scores,
         }
         result["samples"] = samples
         result["meta_info"] = _meta(device, amp, torch.get_num_threads())

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, load_config, split_config_args
+from ..config import Config, split_config_args
+from ..configure import load_config
 from ..errors import ConfigError
 from ..rundir import is_run_dir, run_config
 from .engine import Engine
