@@ -5,10 +5,11 @@
     data   -> DataConfig         where the examples come from and how they become tokens
     train  -> TrainConfig        the loop: optimiser, schedule, batches, checkpoints
 
-``load_config(path, ["train.lr=1e-3", ...])`` reads an optional YAML file, applies overrides,
-and validates every key: an unknown key is an error that lists the valid keys of its section.
-A method's own options live only in its config class, so ``peft.r`` is valid for LoRA and an
-error for full fine-tuning.
+Every key is validated: an unknown key is an error that lists the valid keys of its section. A
+method's own options live only in its config class, so ``peft.r`` is valid for LoRA and an error for
+full fine-tuning. This module knows no method (it stands below the registry);
+``configure.load_config(path, ["train.lr=1e-3", ...])`` reads an optional YAML file, applies the
+overrides and builds the ``peft`` section with the class the registry names.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 
 import yaml
 
-from . import registry
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -332,26 +332,6 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def config_from_dict(raw: dict) -> Config:
-    unknown = [k for k in raw if k not in (*SECTIONS, "peft")]
-    if unknown:
-        raise ConfigError(
-            f"unknown config section {unknown[0]!r}; valid sections: model, peft, data, train"
-        )
-    for name in (*SECTIONS, "peft"):
-        if raw.get(name) is not None and not isinstance(raw[name], dict):
-            raise ConfigError(f"config section {name!r} must be a mapping of keys, got {raw[name]!r}")
-    peft_raw = dict(raw.get("peft") or {})
-    method = registry.get(str(peft_raw.get("method", DEFAULT_METHOD)))
-    peft_raw["method"] = method.name
-    return Config(
-        model=build_dataclass(ModelConfig, raw.get("model"), "model"),
-        peft=build_dataclass(method.config_cls, peft_raw, "peft"),
-        data=build_dataclass(DataConfig, raw.get("data"), "data"),
-        train=build_dataclass(TrainConfig, raw.get("train"), "train"),
-    )
-
-
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     """Command-line ``[CONFIG] [key=value ...]`` -> (config file or None, overrides)."""
     path, overrides = None, []
@@ -363,10 +343,3 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
         else:
             raise ConfigError(f"unexpected argument {a!r}: after the config file give key=value overrides")
     return path, overrides
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read an optional YAML file, apply ``key=value`` overrides, validate everything."""
-    raw = read_yaml(path) if path else {}
-    raw = apply_overrides(raw, list(overrides or []))
-    return config_from_dict(raw)
