@@ -1,31 +1,47 @@
-"""The contract every peftlab method keeps: one parametrised suite, run for every entry of CASES.
+"""The contract every peftlab method keeps: one suite, one ``Case`` type, one entry per registered method.
 
-HOW TO JOIN (another method family): append a ``Case`` to ``CASES`` at the bottom of the list —
-nothing else. A Case names the method's peft.* settings and a few facts about it:
+``CONTRACT`` maps every name of ``registry.names()`` (``full`` included) to the configurations its
+contract runs with; a meta-test fails when a registered method has no entry, when an entry names
+no registered method, or when a method has no section in docs/methods.md.
 
-    Case("ia3", {"method": "ia3"},
-         expected=ia3_expected,          # (base model, cfg) -> {trainable tensor name: numel}, a
-                                         # closed-form formula over the BASE model's layer shapes,
-                                         # written in the test file (never by calling the method)
-         randomize=("ia3_l",),           # tensors that start at a no-op value; given random values
-                                         # before the merge test so it tests something
-         identity_atol=0.0,              # None: the method does not promise identity at init
-         mergeable=True,                 # False: merge must raise ConfigError (prompt/prefix/...)
-         lr=1e-2, steps=30)              # how it overfits one batch
+HOW TO JOIN (a new method): add ``"name": [Case(...)]`` to ``CONTRACT`` and a section to
+docs/methods.md — nothing else. A Case names the method's peft.* settings and a few facts:
+
+    Case("ia3", {},                      # id, peft.* settings (the method is the entry's key)
+         expected=...,                   # (base model, cfg) -> {tensor name or regex: numel}: a
+                                         # closed-form formula over the BASE model's shapes, written
+                                         # here (never by calling the method); a regex key counts
+                                         # every trainable tensor it matches
+         randomize=None,                 # tensors that start at a no-op value, given random values
+                                         # before the merge test (None: every trainable tensor moves)
+         identity_atol=0.0,              # None: not the identity at init (the output must change)
+         mergeable=True,                 # False: merge must raise ConfigError ("cannot be merged")
+         lr=1e-2, steps=30,              # how it overfits one batch
+         peft_config=...)                # PEFT's config of the same adapter: logit parity both ways
 
 Helpers for formulas: ``linear_targets(model, targets)`` resolves peft.targets on the base model
-(own code, not peftlab's), ``shape(module)`` gives (in, out). ``train_steps`` drives a method the
-way the training loop does (on_train_start, param_groups, aux_loss, on_step before zero_grad).
+(own code, not peftlab's), ``shape(module)`` gives (in, out), ``dims(model)`` the sizes in the
+HF config. Every training here goes through the real loop step (``conftest.train_steps`` ->
+``peftlab.train.step.train_step``).
 
-For every case and both tiny architectures (GPT-2 with Conv1D, Llama; tests/conftest.py):
-  1. identity at init, where promised (logits equal the base model's within ``identity_atol``);
-  2. the exact set of trainable tensor names and their sizes equal ``expected``;
+For every case and its tiny architectures (GPT-2 with Conv1D, Llama; tests/conftest.py):
+  1. identity at init where promised (logits equal the base model's within ``identity_atol``),
+     a visible change where not;
+  2. the trainable tensors and their sizes equal ``expected`` (and ``param_report`` agrees);
   3. save -> load into a fresh base gives bit-identical logits (``roundtrip_atol`` where saving
-     re-expresses the adapter, e.g. PiSSA saved as a rank-2r delta against the original W);
-  4. merge == unmerged within ``merge_atol`` (fp32) after ``randomize``; ``.eval()``/``.train()``
-     never merge; after merge only plain transformers/torch modules remain;
+     re-expresses the adapter, e.g. PiSSA saved as a rank-2r delta against the original W), in
+     PEFT's layout (``peft_type``, key names); a method without ``peft_type`` saves a whole model;
+  4. merge == unmerged within ``merge_atol`` (fp32; fp64 within 1e-9) after ``randomize``;
+     ``.eval()``/``.train()`` never merge; after merge only plain transformers/torch modules remain
+     and the model saves and reloads as a plain HF model; a method that cannot merge says so;
   5. it learns: the loss on one small batch falls below ``overfit_ratio`` x its start;
-  6. ``peftlab params --json`` reports the same trainable count.
+  6. ``peftlab params --json`` reports the same trainable count;
+  7. greedy generation of a batched, left-padded prompt set with the KV cache equals generation
+     without the cache and each prompt generated alone;
+  8. where PEFT has the method (``peft_config``): PEFT loads our adapter and we load PEFT's, with
+     equal logits.
+Method-specific behaviour (initialisations, packing, router formulas, ...) is tested in
+tests/test_method_specifics.py.
 """
 
 from __future__ import annotations
@@ -35,8 +51,11 @@ import copy
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,16 +63,29 @@ import yaml
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import randomize, tiny_model_config, tiny_overrides
-from peftlab import registry
-from peftlab.config import TrainConfig, build_dataclass
+from conftest import (
+    SMALL_VOCAB,
+    batch_logits,
+    batch_of,
+    perturb,
+    randomize,
+    small_vocab,
+    tiny_model_config,
+    tiny_overrides,
+    train_steps,
+)
+from peftlab import api, registry
+from peftlab.config import build_dataclass
 from peftlab.errors import ConfigError
-from peftlab.export.adapter import load_adapter, save_adapter
+from peftlab.export.adapter import WEIGHTS_NAME, load_adapter, save_adapter
 from peftlab.model.load import load_model
-from peftlab.train.loss import causal_lm_loss
-from peftlab.train.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+N = 3  # virtual tokens in the prompt/prefix cases
+H = 16  # encoder hidden size in the reparameterised cases
+B = 8  # adapter bottleneck
+R = 4  # MoE expert rank
 
 
 # ---------------------------------------------------------------------------- formula helpers
@@ -126,90 +158,253 @@ def adalora_expected(model: nn.Module, cfg) -> dict[str, int]:
     return {**out, **extra_expected(model, cfg)}
 
 
+def dims(model: nn.Module) -> dict:
+    """The facts the size formulas need, read from the HF config (not from peftlab)."""
+    c = model.config
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    hd = c.hidden_size // heads
+    ff = getattr(c, "intermediate_size", None) or (c.n_inner or 4 * c.hidden_size)
+    return {"d": c.hidden_size, "L": c.num_hidden_layers, "t": kv * hd, "ff": ff, "V": c.vocab_size,
+            "P": getattr(c, "n_positions", 0), "llama": c.model_type == "llama"}
+
+
+def linears(D: dict) -> list[tuple[int, int]]:
+    """(in, out) of the linear layers of one decoder layer."""
+    d, t, ff = D["d"], D["t"], D["ff"]
+    if D["llama"]:
+        return [(d, d), (d, t), (d, t), (d, d), (d, ff), (d, ff), (ff, d)]
+    return [(d, 3 * d), (d, d), (d, ff), (ff, d)]
+
+
+def prefix_count(D: dict, h: int | None) -> int:
+    t, L = D["t"], D["L"]
+    return N * 2 * L * t if h is None else N * t + t * h + h + h * 2 * L * t + 2 * L * t
+
+
+def adapter_count(D: dict, sites: int) -> int:
+    d = D["d"]
+    return D["L"] * sites * (2 * d * B + B + d)
+
+
+def lstm_count(D: dict) -> int:
+    d, h = D["d"], H
+    lstm = 2 * (4 * h * d + 4 * h * h + 8 * h) + 2 * (4 * h * 2 * h + 4 * h * h + 8 * h)
+    return N * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+
+
+def layer_count(D: dict) -> int:
+    d = D["d"]
+    norms = 2 * d if D["llama"] else 4 * d
+    biases = 0 if D["llama"] else sum(o for _, o in linears(D))
+    return sum(i * o for i, o in linears(D)) + biases + norms
+
+
+def outside_count(D: dict) -> int:  # tied embeddings/head, final norm, (GPT-2) position embeddings
+    return D["V"] * D["d"] + (D["d"] if D["llama"] else D["P"] * D["d"] + 2 * D["d"])
+
+
+def moe_count(D: dict, experts: list[int]) -> int:
+    return sum(n * (R * (i + o) + i) for n in experts for i, o in linears(D))
+
+
+def ia3_count(D: dict) -> int:
+    return D["L"] * ((2 * D["t"] if D["llama"] else 3 * D["d"]) + D["ff"])
+
+
+def bitfit_count(D: dict) -> int:
+    if D["llama"]:  # zero biases added to every linear layer
+        return D["L"] * sum(o for _, o in linears(D))
+    return D["L"] * (sum(o for _, o in linears(D)) + 2 * D["d"]) + D["d"]
+
+
+def sized(formula: Callable[[dict], dict[str, int]]) -> Callable[[nn.Module, Any], dict[str, int]]:
+    """An ``expected`` from {regex: count} over ``dims(model)``."""
+    return lambda model, cfg: formula(dims(model))
+
+
+LAYER = r".+\.(layers|h)\.{active}\..+"  # LISA: {active} is the one layer that trains now
+OUTSIDE = r"(?!.*\.(layers|h)\.\d+\.).+"  # everything outside the decoder layers
+PROMPT = r"prompt_encoder\..+"
+ADAPTER = r".+\.adapter_(down|up)\.(weight|bias)"
+MOE = r".+\.moe_(A|B|router)\.weight"
+
+
 # ---------------------------------------------------------------------------- the cases
 
 
-@dataclass
+@dataclass(frozen=True)
 class Case:
     id: str
-    peft: dict
-    expected: Callable[[nn.Module, object], dict[str, int]]
-    randomize: tuple[str, ...] = ("lora_B", "lora_embedding_A")
+    peft: dict  # peft.* settings besides the method (the CONTRACT key)
+    expected: Callable[[nn.Module, Any], dict[str, int]]
+    randomize: tuple[str, ...] | None = ("lora_B", "lora_embedding_A")  # None: perturb every trainable tensor
     archs: tuple[str, ...] = ("gpt2", "llama")
     model: dict = field(default_factory=dict)  # model.* settings, e.g. {"quantize": "nf4"}
-    identity_atol: float | None = 0.0
+    vocab: int | None = None  # the tiny model's vocabulary (None: the real tokenizers', conftest)
+    merge_init: float | None = None  # initializer_range of the merge/parity base (well-conditioned)
+    identity_atol: float | None = 0.0  # None: not the identity at init
     roundtrip_atol: float = 0.0
     merge_atol: float = 1e-5  # fp32, relative to the largest logit (the fp64 run checks 1e-9)
+    fp64: bool = True  # False: the method computes in fp32 inside an fp64 model, so the fp64 merge run is moot
     mergeable: bool = True
     lr: float = 1e-2
     steps: int = 25
     overfit_ratio: float = 0.5
+    peft_config: Callable[[], Any] | None = None  # PEFT's config of the same adapter
+    method: str = ""  # filled from the CONTRACT key
 
 
-def _targets(arch: str, gpt2: list[str], llama: list[str]) -> dict:
-    return {"gpt2": gpt2, "llama": llama}[arch]
+def beyond(id: str, peft: dict, expected, **kw) -> Case:
+    """A case on the 1,024-vocabulary base with the well-conditioned merge base (methods beyond LoRA)."""
+    kw = {"randomize": None, "vocab": SMALL_VOCAB, "merge_init": 0.02, "steps": 20, **kw}
+    return Case(id, peft, sized(expected), **kw)
+
+
+def peft_configs():
+    import peft
+
+    c = "CAUSAL_LM"
+    return {
+        "prompt_tuning": lambda: peft.PromptTuningConfig(task_type=c, num_virtual_tokens=N),
+        "p_tuning_mlp": lambda: peft.PromptEncoderConfig(task_type=c, num_virtual_tokens=N),
+        "p_tuning_lstm": lambda: peft.PromptEncoderConfig(task_type=c, num_virtual_tokens=N, encoder_hidden_size=H,
+                                                          encoder_reparameterization_type="LSTM"),
+        "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type=c, num_virtual_tokens=N, prefix_projection=True,
+                                                         encoder_hidden_size=H),
+        "p_tuning_v2": lambda: peft.PrefixTuningConfig(task_type=c, num_virtual_tokens=N),
+        "ia3": lambda: peft.IA3Config(task_type=c),
+    }
+
+
+def parity(name: str) -> Callable[[], Any]:
+    return lambda: peft_configs()[name]()
 
 
 SMALL = {"r": 4, "alpha": 8}
-CASES = [
-    Case("lora", {"method": "lora", **SMALL}, lora_expected),
-    Case("rslora", {"method": "lora", **SMALL, "use_rslora": True}, lora_expected),
-    Case("lora_gaussian", {"method": "lora", **SMALL, "init": "gaussian"}, lora_expected),
-    # PiSSA/OLoRA factors are large (sqrt of singular values): fp32 rounding, amplified by the tiny
-    # models' large init, reaches ~1.3e-5 of the logits' scale; the fp64 merge run proves exactness
-    Case("pissa", {"method": "lora", **SMALL, "init": "pissa"}, lora_expected, randomize=("lora_A", "lora_B"),
-         identity_atol=2e-4, roundtrip_atol=2e-4, merge_atol=2e-5),
-    Case("pissa_fast", {"method": "lora", **SMALL, "init": "pissa", "pissa_niter": 4}, lora_expected,
-         randomize=("lora_A", "lora_B"), identity_atol=2e-4, roundtrip_atol=2e-4, archs=("llama",)),
-    Case("olora", {"method": "lora", **SMALL, "init": "olora"}, lora_expected, randomize=("lora_A", "lora_B"),
-         identity_atol=2e-4, roundtrip_atol=2e-4),
-    Case("lora_fa", {"method": "lora", **SMALL, "freeze_a": True}, lora_expected),
-    Case("loraplus", {"method": "lora", **SMALL, "loraplus_lr_ratio": 16}, lora_expected, lr=2e-3),
-    Case("lora_sparsity_dropout", {"method": "lora", **SMALL, "sparsity_dropout": 0.1}, lora_expected),
-    Case("lora_embeddings", {"method": "lora", **SMALL, "targets": "EMB"}, lora_expected),
-    Case("lora_fused_qv", {"method": "lora", **SMALL, "targets": ["c_attn"],
-                           "enable_lora": {"c_attn": [True, False, True]}}, lora_expected, archs=("gpt2",), lr=2e-2),
-    Case("lora_extra_modules", {"method": "lora", **SMALL, "additional_targets": ["lm_head"]}, lora_expected,
-         randomize=("lora_B", "modules_to_save"), lr=3e-3),
-    Case("dora", {"method": "dora", **SMALL}, lora_expected),
-    Case("dora_exact_norm", {"method": "dora", **SMALL, "exact_norm": True}, lora_expected, archs=("llama",)),
-    Case("vera", {"method": "vera", "r": 16}, vera_expected, randomize=("vera_lambda_b",), lr=5e-2, steps=30,
-         overfit_ratio=0.8, merge_atol=2e-5),
-    Case("adalora", {"method": "adalora", "init_r": 4, "target_r": 2}, adalora_expected, randomize=("lora_E",),
-         lr=3e-2),
-    Case("relora", {"method": "relora", **SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30),
-    Case("delta_lora", {"method": "delta_lora", **SMALL}, lora_expected, lr=5e-3),
-    Case("qlora_nf4", {"method": "lora", **SMALL}, lora_expected, model={"quantize": "nf4"}),
-    Case("lora_int8", {"method": "lora", **SMALL}, lora_expected, model={"quantize": "int8"}, archs=("llama",)),
-    Case("dora_nf4", {"method": "dora", **SMALL}, lora_expected, model={"quantize": "nf4"}, archs=("gpt2",)),
-    Case("adalora_nf4", {"method": "adalora", "init_r": 4, "target_r": 2}, adalora_expected, randomize=("lora_E",),
-         model={"quantize": "nf4"}, archs=("llama",), lr=3e-2),
-]
+VIRTUAL = {"identity_atol": None, "mergeable": False, "overfit_ratio": 0.8}
+CONTRACT: dict[str, list[Case]] = {
+    "lora": [
+        Case("lora", SMALL, lora_expected),
+        Case("rslora", {**SMALL, "use_rslora": True}, lora_expected),
+        Case("lora_gaussian", {**SMALL, "init": "gaussian"}, lora_expected),
+        # PiSSA/OLoRA factors are large (sqrt of singular values): fp32 rounding, amplified by the tiny
+        # models' large init, reaches ~1.3e-5 of the logits' scale; the fp64 merge run proves exactness
+        Case("pissa", {**SMALL, "init": "pissa"}, lora_expected, randomize=("lora_A", "lora_B"),
+             identity_atol=2e-4, roundtrip_atol=2e-4, merge_atol=2e-5),
+        Case("pissa_fast", {**SMALL, "init": "pissa", "pissa_niter": 4}, lora_expected,
+             randomize=("lora_A", "lora_B"), identity_atol=2e-4, roundtrip_atol=2e-4, archs=("llama",)),
+        Case("olora", {**SMALL, "init": "olora"}, lora_expected, randomize=("lora_A", "lora_B"),
+             identity_atol=2e-4, roundtrip_atol=2e-4),
+        Case("lora_fa", {**SMALL, "freeze_a": True}, lora_expected),
+        Case("loraplus", {**SMALL, "loraplus_lr_ratio": 16}, lora_expected, lr=2e-3),
+        Case("lora_sparsity_dropout", {**SMALL, "sparsity_dropout": 0.1}, lora_expected),
+        Case("lora_embeddings", {**SMALL, "targets": "EMB"}, lora_expected),
+        Case("lora_fused_qv", {**SMALL, "targets": ["c_attn"], "enable_lora": {"c_attn": [True, False, True]}},
+             lora_expected, archs=("gpt2",), lr=2e-2),
+        Case("lora_extra_modules", {**SMALL, "additional_targets": ["lm_head"]}, lora_expected,
+             randomize=("lora_B", "modules_to_save"), lr=3e-3),
+        Case("qlora_nf4", SMALL, lora_expected, model={"quantize": "nf4"}),
+        Case("lora_int8", SMALL, lora_expected, model={"quantize": "int8"}, archs=("llama",)),
+    ],
+    "dora": [
+        Case("dora", SMALL, lora_expected),
+        Case("dora_exact_norm", {**SMALL, "exact_norm": True}, lora_expected, archs=("llama",)),
+        Case("dora_nf4", SMALL, lora_expected, model={"quantize": "nf4"}, archs=("gpt2",)),
+    ],
+    "vera": [Case("vera", {"r": 16}, vera_expected, randomize=("vera_lambda_b",), lr=5e-2, steps=30,
+                  overfit_ratio=0.8, merge_atol=2e-5)],
+    "adalora": [
+        Case("adalora", {"init_r": 4, "target_r": 2}, adalora_expected, randomize=("lora_E",), lr=3e-2),
+        Case("adalora_nf4", {"init_r": 4, "target_r": 2}, adalora_expected, randomize=("lora_E",),
+             model={"quantize": "nf4"}, archs=("llama",), lr=3e-2),
+    ],
+    "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
+    "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
+    "prompt_tuning": [beyond("prompt_tuning", {"num_virtual_tokens": N}, lambda D: {PROMPT: N * D["d"]},
+                             lr=0.3, peft_config=parity("prompt_tuning"), **VIRTUAL)],
+    "p_tuning": [
+        beyond("p_tuning_mlp", {"num_virtual_tokens": N}, lambda D: {PROMPT: N * D["d"] + 3 * (D["d"] ** 2 + D["d"])},
+               peft_config=parity("p_tuning_mlp"), **VIRTUAL),
+        beyond("p_tuning_lstm", {"num_virtual_tokens": N, "encoder": "lstm", "encoder_hidden_size": H},
+               lambda D: {PROMPT: lstm_count(D)}, peft_config=parity("p_tuning_lstm"), **VIRTUAL),
+    ],
+    "prefix_tuning": [
+        beyond("prefix_tuning", {"num_virtual_tokens": N, "encoder_hidden_size": H},
+               lambda D: {PROMPT: prefix_count(D, H)}, lr=5e-2, peft_config=parity("prefix_tuning"), **VIRTUAL),
+        beyond("prefix_tuning_vocab_init", {"num_virtual_tokens": N, "encoder_hidden_size": H, "init": "vocab"},
+               lambda D: {PROMPT: prefix_count(D, H)}, lr=5e-2, archs=("llama",), **VIRTUAL),
+    ],
+    "p_tuning_v2": [beyond("p_tuning_v2", {"num_virtual_tokens": N}, lambda D: {PROMPT: prefix_count(D, None)},
+                           lr=0.1, peft_config=parity("p_tuning_v2"), **VIRTUAL)],
+    "adapter": [
+        beyond("adapter_serial", {"bottleneck": B}, lambda D: {ADAPTER: adapter_count(D, 2)}, mergeable=False),
+        beyond("adapter_parallel", {"bottleneck": B, "placement": "parallel", "scaling": 4.0},
+               lambda D: {ADAPTER: adapter_count(D, 2)}, mergeable=False),
+    ],
+    "mam": [beyond("mam", {"num_virtual_tokens": N, "encoder_hidden_size": H, "bottleneck": B},
+                   lambda D: {PROMPT: prefix_count(D, H), r".+\.mlp\.adapter_(down|up)\..+": adapter_count(D, 1)},
+                   lr=5e-2, **{**VIRTUAL, "overfit_ratio": 0.6})],
+    # (IA)3 scales in fp32 (PEFT's dtype for ia3_l), also inside an fp64 model
+    "ia3": [beyond("ia3", {}, lambda D: {r".+\.ia3_l": ia3_count(D)}, lr=0.1, overfit_ratio=0.6, fp64=False,
+                   peft_config=parity("ia3"))],
+    "bitfit": [beyond("bitfit", {"add_biases": True}, lambda D: {r".+\.bias": bitfit_count(D)}, lr=0.1,
+                      overfit_ratio=0.7)],
+    "lisa": [beyond("lisa", {"layers": 1, "interval": 2}, lambda D: {OUTSIDE: outside_count(D),
+                                                                     LAYER: layer_count(D)},
+                    lr=3e-3, overfit_ratio=0.3)],
+    "moe_lora": [
+        beyond("moe_lora_soft", {"r": R, "num_experts": 3}, lambda D: {MOE: moe_count(D, [3] * D["L"])},
+               mergeable=False, overfit_ratio=0.1),
+        beyond("moe_lora_top2", {"r": R, "num_experts": [2, 3], "top_k": 2}, lambda D: {MOE: moe_count(D, [2, 3])},
+               mergeable=False, overfit_ratio=0.1),
+    ],
+    "full": [beyond("full", {}, lambda D: {OUTSIDE: outside_count(D), r".+\.(layers|h)\.\d+\..+": D["L"] * layer_count(D)},
+                    lr=1e-3)],
+}
+CASES = [dataclasses.replace(c, method=m) for m, cases in CONTRACT.items() for c in cases]
 PARAMS = [pytest.param(c, a, id=f"{c.id}-{a}") for c in CASES for a in c.archs]
+PARITY = [p for p in PARAMS if p.values[0].peft_config is not None]
 
 
 # ---------------------------------------------------------------------------- plumbing
 
 
 def peft_settings(case: Case, arch: str) -> dict:
-    raw = dict(case.peft)
+    raw = {"method": case.method, **case.peft}
     if raw.get("targets") == "EMB":
-        raw["targets"] = _targets(arch, ["c_attn", "wte"], ["q_proj", "v_proj", "embed_tokens"])
+        raw["targets"] = {"gpt2": ["c_attn", "wte"], "llama": ["q_proj", "v_proj", "embed_tokens"]}[arch]
     return raw
+
+
+def base_overrides(case: Case, arch: str, precise: bool = False) -> dict:
+    """config_overrides of the case's tiny base on top of conftest's."""
+    out = small_vocab(arch) if case.vocab else {}
+    return {**out, "initializer_range": case.merge_init} if precise and case.merge_init else out
 
 
 _BASES: dict[tuple, nn.Module] = {}
 
 
-def make(case: Case, arch: str, seed: int = 0):
+def make(case: Case, arch: str, precise: bool = False, seed: int = 0):
     """(fresh base model, method, cfg) for a case (a copy of a cached base: building one costs 10x more)."""
-    method = registry.get(case.peft["method"])
+    method = registry.get(case.method)
     cfg = build_dataclass(method.config_cls, peft_settings(case, arch), "peft")
-    key = (arch, seed, tuple(sorted(case.model.items())))
+    extra = base_overrides(case, arch, precise)
+    key = (arch, seed, tuple(sorted(case.model.items())), tuple(sorted(extra.items())))
     if key not in _BASES:
-        mcfg = dataclasses.replace(tiny_model_config(arch), **case.model)
+        mcfg = dataclasses.replace(tiny_model_config(arch, **extra), **case.model)
         _BASES[key], _ = load_model(mcfg, seed=seed, with_tokenizer=False)
     return copy.deepcopy(_BASES[key]), method, cfg
+
+
+def applied(case: Case, arch: str, precise: bool = False, dtype: torch.dtype | None = None):
+    model, method, cfg = make(case, arch, precise)
+    if dtype is not None:
+        model.to(dtype)
+    torch.manual_seed(0)
+    method.apply(model, cfg)
+    return model, method, cfg
 
 
 def expected(case: Case, arch: str) -> dict[str, int]:
@@ -219,44 +414,43 @@ def expected(case: Case, arch: str) -> dict[str, int]:
     return case.expected(model, cfg)
 
 
-def batch() -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (2, 12), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+def case_batch(case: Case, seed: int = 0) -> dict:
+    """The case's batch: ids below 1,000 on the real tokenizers' vocabularies (the LoRA family's
+    tolerances were set on it), 3..1,023 on the small vocabulary."""
+    return batch_of(seed) if case.vocab else batch_of(seed, low=0, high=1000)
 
 
-@torch.no_grad()
-def logits(model: nn.Module) -> torch.Tensor:
-    return model(batch()["input_ids"]).logits
-
-
-def train_steps(model: nn.Module, method, cfg, steps: int, lr: float) -> list[float]:
-    """Drive the method as peftlab's loop does; returns the loss before each step."""
-    if method.on_train_start is not None:
-        method.on_train_start(model, cfg, steps)
-    opt = build_optimizer(model, method, cfg, TrainConfig(lr=lr, weight_decay=0.0))
-    data, losses = batch(), []
-    model.train()
-    for step in range(1, steps + 1):
-        loss_sum, n = causal_lm_loss(model, data)
-        loss = loss_sum / n
-        extra = method.aux_loss(model, cfg, data) if method.aux_loss is not None else None
-        (loss + extra if extra is not None else loss).backward()
-        opt.step()
-        if method.on_step is not None:
-            method.on_step(model, cfg, step, opt)
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
+def train(model: nn.Module, case: Case, cfg, steps: int) -> list[float]:
+    return train_steps(model, cfg, case_batch(case), steps=steps, lr=case.lr)
 
 
 def trainable(model: nn.Module) -> dict[str, int]:
     return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def grouped(got: dict[str, int], want: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """Sum the trainable sizes per key of ``want`` (an exact name, else a regex it fully matches);
+    returns (sums, names no key matches)."""
+    sums, stray = dict.fromkeys(want, 0), []
+    for name, n in got.items():
+        key = name if name in want else next((k for k in want if re.fullmatch(k, name)), None)
+        if key is None:
+            stray.append(name)
+        else:
+            sums[key] += n
+    return sums, stray
+
+
 def is_plain(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] in ("torch", "transformers")
+
+
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, atol: float) -> None:
+    """Equal when ``atol`` is 0, else within ``atol`` x the largest logit."""
+    if atol == 0.0:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=atol * want.abs().max().item(), rtol=0)
 
 
 # ---------------------------------------------------------------------------- the contract
@@ -264,78 +458,127 @@ def is_plain(module: nn.Module) -> bool:
 
 @pytest.mark.parametrize("case,arch", PARAMS)
 def test_identity_at_init(case: Case, arch: str):
-    if case.identity_atol is None:
-        pytest.skip(f"{case.id} does not promise identity at init")
     model, method, cfg = make(case, arch)
-    before = logits(model)
+    batch = case_batch(case)
+    before = batch_logits(model, batch)
+    torch.manual_seed(0)
     method.apply(model, cfg)
-    after = logits(model)
-    if case.identity_atol == 0.0:
-        assert torch.equal(before, after)
+    after = batch_logits(model, batch)
+    if case.identity_atol is None:
+        assert not torch.equal(after, before), "virtual tokens must change the output"
     else:
-        torch.testing.assert_close(after, before, atol=case.identity_atol * before.abs().max().item(), rtol=0)
+        assert_close_scaled(after, before, case.identity_atol)
+
+
+def lisa_active_layer(model: nn.Module, got: dict[str, int], want: dict[str, int], case: Case) -> dict[str, int]:
+    """LISA: exactly ``layers`` decoder layers train, besides everything outside the layers."""
+    active = {m.group(2) for n in got if (m := re.match(r".*\.(layers|h)\.(\d+)\.", n))}
+    assert len(active) == case.peft["layers"]
+    frozen_outside = [n for n, p in model.named_parameters()
+                      if not p.requires_grad and not re.match(r".*\.(layers|h)\.\d+\.", n)]
+    assert not frozen_outside
+    layer = active.pop()
+    return {k.replace("{active}", layer): v for k, v in want.items()}
 
 
 @pytest.mark.parametrize("case,arch", PARAMS)
 def test_trainable_names_and_counts(case: Case, arch: str):
     want = expected(case, arch)
-    model, method, cfg = make(case, arch)
-    method.apply(model, cfg)
+    model, _, _ = applied(case, arch)
     got = trainable(model)
-    assert got == want
+    if any("{active}" in k for k in want):
+        want = lisa_active_layer(model, got, want, case)
+    sums, stray = grouped(got, want)
+    assert not stray, f"unexpected trainable tensors: {stray[:5]}"
+    assert sums == want
     assert sum(got.values()) == sum(want.values()) > 0
+    assert api.param_report(model).trainable == sum(want.values())
+
+
+def saved_and_loaded(model: nn.Module, method, cfg, case: Case, arch: str, out: Path) -> nn.Module:
+    """The model saved as the run saves it and loaded into a fresh base (or as a whole model)."""
+    if method.peft_type is None:  # LISA, full: a whole model
+        from peftlab.config import Config, ModelConfig
+        from peftlab.train.loop import save_artifact
+
+        path = save_artifact(model, None, Config(peft=cfg), out)
+        return load_model(ModelConfig(name=str(path)), with_tokenizer=False)[0]
+    save_adapter(model, cfg, out / "adapter")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == method.peft_type
+    keys = set(safe_open_keys(out / "adapter" / WEIGHTS_NAME))
+    prompt_keys = {"prompt_embeddings"} if hasattr(model, "prompt_encoder") else set()
+    assert prompt_keys <= keys  # PEFT's names: the folded virtual tokens, the rest under PEFT's prefix
+    assert all(k.startswith("base_model.model.") for k in keys - prompt_keys)
+    fresh, _, _ = make(case, arch)  # the same base; the method's tensors can only come from the file
+    load_adapter(fresh, out / "adapter")
+    return fresh
+
+
+def safe_open_keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
 
 
 @pytest.mark.parametrize("case,arch", PARAMS)
 def test_save_load_roundtrip(case: Case, arch: str, tmp_path):
-    model, method, cfg = make(case, arch)
-    method.apply(model, cfg)
-    train_steps(model, method, cfg, steps=6, lr=case.lr)  # trained tensors (and AdaLoRA masks, ReLoRA restarts)
-    want = logits(model)
-    save_adapter(model, cfg, tmp_path / "adapter")
-    fresh, _, _ = make(case, arch)
-    load_adapter(fresh, tmp_path / "adapter")
-    got = logits(fresh)
-    if case.roundtrip_atol == 0.0:
-        assert torch.equal(got, want)
-    else:
-        torch.testing.assert_close(got, want, atol=case.roundtrip_atol * want.abs().max().item(), rtol=0)
+    model, method, cfg = applied(case, arch)
+    train(model, case, cfg, steps=6)  # trained tensors (and AdaLoRA masks, ReLoRA restarts, LISA switches)
+    if method.finalize is not None:
+        before = batch_logits(model, case_batch(case))
+        method.finalize(model, cfg)
+        assert torch.equal(batch_logits(model, case_batch(case)), before), "folding the encoder changed the output"
+    batch = case_batch(case, seed=3)
+    want = batch_logits(model, batch)
+    fresh = saved_and_loaded(model, method, cfg, case, arch, tmp_path)
+    assert_close_scaled(batch_logits(fresh, batch), want, case.roundtrip_atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case,arch", PARAMS)
-def test_merge_equals_unmerged_and_is_explicit(case: Case, arch: str, dtype: torch.dtype):
+def test_merge_equals_unmerged_and_is_explicit(case: Case, arch: str, dtype: torch.dtype, tmp_path):
     """fp32 within ``merge_atol`` x the logits' scale; fp64 within 1e-9 x scale (exact up to rounding)."""
     if dtype == torch.float64 and case.model.get("quantize"):
         pytest.skip("a quantised base computes in the dtype it was loaded in (fp32 here)")
-    model, method, cfg = make(case, arch)
-    model.to(dtype)
-    method.apply(model, cfg)
-    randomize(model, names=case.randomize)
-    ref = logits(model)
+    if dtype == torch.float64 and not case.mergeable:
+        pytest.skip("nothing to merge: the fp32 run checks the refusal")
+    if dtype == torch.float64 and not case.fp64:
+        pytest.skip("the method computes in fp32 even in an fp64 model")
+    model, _, cfg = applied(case, arch, precise=True, dtype=dtype)
+    if case.randomize is None:
+        perturb(model)
+    else:
+        randomize(model, names=case.randomize)
+    batch = case_batch(case)
+    ref = batch_logits(model, batch)
     model.train()
     model.eval()
     assert not any(getattr(m, "merged", False) for m in model.modules()), ".eval()/.train() must never merge"
-    assert torch.equal(logits(model), ref)
+    assert torch.equal(batch_logits(model, batch), ref)
     if not case.mergeable:
-        from peftlab.api import merge
-
-        with pytest.raises(ConfigError):
-            merge(model, cfg)
+        with pytest.raises(ConfigError, match="cannot be merged"):
+            api.merge(model, cfg)
         return
-    method.merge(model)
+    api.merge(model, cfg)
     odd = sorted({type(m).__name__ for m in model.modules() if not is_plain(m)})
     assert not odd, f"merge left non-plain modules: {odd}"
     atol = (case.merge_atol if dtype == torch.float32 else 1e-9) * max(1.0, ref.abs().max().item())
-    torch.testing.assert_close(logits(model), ref, atol=atol, rtol=0)
+    torch.testing.assert_close(batch_logits(model, batch), ref, atol=atol, rtol=0)
+    if dtype == torch.float32:  # the merged model is a plain HF model: it saves and reloads as one
+        from transformers import AutoModelForCausalLM
+
+        model.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+        torch.testing.assert_close(batch_logits(reloaded, batch), ref, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("case,arch", PARAMS)
 def test_overfits_one_batch(case: Case, arch: str):
-    model, method, cfg = make(case, arch)
-    method.apply(model, cfg)
+    model, _, cfg = applied(case, arch)
     torch.manual_seed(0)
-    losses = train_steps(model, method, cfg, steps=case.steps, lr=case.lr)
+    losses = train(model, case, cfg, steps=case.steps)
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < case.overfit_ratio * losses[0], f"{case.id}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
@@ -344,16 +587,142 @@ def test_overfits_one_batch(case: Case, arch: str):
 def test_params_json(case: Case, arch: str, capsys):
     from peftlab.commands import params
 
-    overrides = tiny_overrides(arch)
-    for k, v in {**peft_settings(case, arch)}.items():
+    overrides = tiny_overrides(arch, **base_overrides(case, arch))
+    for k, v in peft_settings(case, arch).items():
         text = yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
         overrides.append(f"peft.{k}={text}")
     overrides += [f"model.{k}={v}" for k, v in case.model.items()]
     assert params.run(argparse.Namespace(args=overrides, json=True)) == 0
     report = json.loads(capsys.readouterr().out)
-    model, method, cfg = make(case, arch)
-    method.apply(model, cfg)
+    model, _, _ = applied(case, arch)
     total = sum(p.numel() for p in model.parameters()) + sum(
         getattr(m, "quantized_numel", 0) for m in model.modules())
     assert report["trainable"] == sum(expected(case, arch).values())
     assert report["total"] == total  # the base (a quantised weight counted as its elements) + the adapter
+
+
+def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("case,arch", PARAMS)
+def test_generation_cache_padding(case: Case, arch: str):
+    model, _, _ = applied(case, arch)
+    perturb(model, std=0.2)
+    model.eval()
+    prompts = [[11, 12, 13, 14, 15, 16], [21, 22, 23], [31, 32, 33, 34]]
+    ids, mask = left_padded(prompts)
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+        uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)[:, ids.shape[1]:]
+        alone = [model.generate(input_ids=torch.tensor([p]), **kw)[0, len(p):].tolist() for p in prompts]
+    assert cached.tolist() == uncached.tolist() == alone
+
+
+# ---------------------------------------------------------------------------- parity with HF PEFT
+
+
+def real_token_logits(out: torch.Tensor, t: int) -> torch.Tensor:
+    return out[:, -t:]  # PEFT's prompt tuning returns logits for the virtual positions too
+
+
+def peft_logits(theirs, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return real_token_logits(out, batch["input_ids"].shape[1])
+
+
+@pytest.mark.parametrize("case,arch", PARITY)
+def test_peft_loads_our_adapter(case: Case, arch: str, tmp_path):
+    from peft import PeftModel
+
+    model, method, cfg = applied(case, arch, precise=True)  # well-conditioned: 1e-5 is meaningful
+    perturb(model)
+    if method.finalize is not None:
+        method.finalize(model, cfg)
+    save_adapter(model, cfg, tmp_path)
+    theirs = PeftModel.from_pretrained(make(case, arch, precise=True)[0], tmp_path)
+    batch = case_batch(case)
+    batch["attention_mask"][1, 8:] = 0  # right padding, as in training
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(batch_logits(model, batch)[keep], peft_logits(theirs, batch)[keep], atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("case,arch", PARITY)
+def test_we_load_peft_adapter(case: Case, arch: str, tmp_path):
+    from peft import get_peft_model
+
+    theirs = get_peft_model(make(case, arch, precise=True)[0], case.peft_config())
+    perturb(theirs)  # PEFT initialises (IA)3 at ones; move everything off its init
+    theirs.save_pretrained(tmp_path)
+    ours = make(case, arch, precise=True)[0]
+    cfg = load_adapter(ours, tmp_path)
+    assert cfg.method == case.method
+    batch = case_batch(case, seed=5)
+    theirs.eval()
+    torch.testing.assert_close(batch_logits(ours, batch), peft_logits(theirs, batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning"])
+def test_generate_matches_peft(name, tmp_path):
+    """Greedy generation (KV cache on) equals PEFT's for an unpadded prompt."""
+    from peft import PeftModel
+
+    case = next(c for c in CASES if c.id == name)
+    model, method, cfg = applied(case, "llama")
+    perturb(model, std=0.2)
+    if method.finalize is not None:
+        method.finalize(model, cfg)
+    save_adapter(model, cfg, tmp_path)
+    theirs = PeftModel.from_pretrained(make(case, "llama")[0], tmp_path).eval()
+    ids = torch.tensor([[11, 12, 13, 14, 15]])
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad():
+        ref = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        out = model.eval().generate(input_ids=ids, **kw)
+    assert out[0, 5:].tolist() == ref[0, -6:].tolist()
+
+
+# ---------------------------------------------------------------------------- every method is in, and documented
+
+
+def contract_gaps(registered: list[str], contract: dict[str, list]) -> list[str]:
+    """What keeps the contract from covering exactly the registered methods."""
+    gaps = [f"registered method {m!r} has no contract entry" for m in sorted(set(registered) - set(contract))]
+    gaps += [f"contract entry {m!r} names no registered method" for m in sorted(set(contract) - set(registered))]
+    return gaps + [f"contract entry {m!r} has no case" for m, cases in contract.items() if not cases]
+
+
+DOC_NAME = re.compile(r"`(?:peft\.method=)?([a-z0-9_]+)`")
+
+
+def undocumented(registered: list[str], doc: str) -> list[str]:
+    """Methods with no section: a heading of docs/methods.md that names the method in backticks,
+    as `peft.method=NAME` or `NAME` (e.g. "## LoRA — `peft.method=lora`", "### BitFit (`bitfit`)")."""
+    documented = {name for line in doc.splitlines() if line.startswith("#") for name in DOC_NAME.findall(line)}
+    return sorted(set(registered) - documented)
+
+
+def test_every_registered_method_has_one_contract_entry():
+    assert contract_gaps(registry.names(), CONTRACT) == []
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)), "case ids must be unique"
+    # the check itself: a missing entry and an entry for no registered method both fail
+    assert contract_gaps(["lora", "new"], {"lora": [1], "gone": [1]}) == [
+        "registered method 'new' has no contract entry", "contract entry 'gone' names no registered method"]
+
+
+def test_every_registered_method_has_a_docs_section():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    assert undocumented(registry.names(), doc) == []
+    # the check itself: a name only in the prose (not in a heading) is not a section
+    assert undocumented(["lora", "bitfit", "new"], "## LoRA — `peft.method=lora`\n### BitFit (`bitfit`)\n`new`") == [
+        "new"]
