@@ -230,6 +230,15 @@ class Api:
             raise ApiError(400, str(e), "invalid_model", "model") from None
         return model, model
 
+    def models(self, created: int) -> dict:
+        """/v1/models: the base model, then every adapter (its parent is the base)."""
+        data = [{"id": self.base_name, "object": "model", "created": created, "owned_by": "peftlab",
+                 "root": self.base_name, "parent": None}]
+        for name in self.store.names():
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "peftlab", "root": name,
+                         "parent": self.base_name})
+        return {"object": "list", "data": data}
+
     async def request(self, request, default_max: int) -> tuple[dict, str, str | None, SamplingParams]:
         """(body, model, adapter, sampling) of an authenticated completion request."""
         self.check_key(request)
@@ -378,12 +387,7 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
     @app.get("/v1/models")
     async def models(request: Request):
         api.check_key(request)
-        data = [{"id": base_name, "object": "model", "created": started, "owned_by": "peftlab", "root": base_name,
-                 "parent": None}]
-        for name in store.names():
-            data.append({"id": name, "object": "model", "created": started, "owned_by": "peftlab", "root": name,
-                         "parent": base_name})
-        return {"object": "list", "data": data}
+        return api.models(started)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
