@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import peftlab
 from conftest import tiny_overrides
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.errors import ConfigError
 from peftlab.train.distributed import DistContext, LossModule
 from peftlab.train.loop import train

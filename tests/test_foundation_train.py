@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import peftlab
 from conftest import tiny_model, tiny_overrides, tokenizer_for
-from peftlab.config import DataConfig, load_config
+from peftlab.config import DataConfig
+from peftlab.configure import load_config
 from peftlab.data.dataset import build_datasets
 from peftlab.train.loop import train
 from peftlab.train.loss import causal_lm_loss

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model, tiny_overrides
 from peftlab import cli
-from peftlab.config import ModelConfig, load_config
+from peftlab.config import ModelConfig
+from peftlab.configure import load_config
 from peftlab.data.dataset import build_datasets
 from peftlab.data.sampler import BatchSampler
 from peftlab.errors import ConfigError, PeftlabError

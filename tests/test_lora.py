@@ -21,9 +21,10 @@ from transformers.pytorch_utils import Conv1D
 import peftlab
 from conftest import randomize, tiny_model, tiny_model_config, tiny_overrides
 from peftlab import api, registry
-from peftlab.config import Config, TrainConfig, build_dataclass, load_config
+from peftlab.config import Config, TrainConfig, build_dataclass
+from peftlab.configure import load_config
 from peftlab.errors import ConfigError
-from peftlab.export.adapter import load_adapter, save_adapter
+from peftlab.export.adapter import load_adapter, merge_adapters_first, save_adapter
 from peftlab.model.load import load_model
 from peftlab.train.optim import build_optimizer
 from peftlab.train.step import start_training, train_step
@@ -39,6 +40,7 @@ def applied(arch: str, raw: dict, seed: int = 0, **model_fields):
                               with_tokenizer=False)
     else:
         model, _ = tiny_model(arch, seed=seed)
+    merge_adapters_first(model, getattr(cfg, "merge_first", None))  # as the loop applies a method
     method.apply(model, cfg)
     return model, method, cfg
 
@@ -113,7 +115,7 @@ def test_fused_c_attn_adapts_q_and_v_slices_only(ids):
 
 def test_sparsity_dropout_drops_rows_of_b_and_columns_of_a():
     base = nn.Linear(32, 48)
-    from peftlab.methods.lora import LoRALinear
+    from peftlab.methods.lowrank import LoRALinear
 
     layer = LoRALinear(base, r=4, alpha=8, sparsity_dropout=0.25)
     nn.init.normal_(layer.lora_B.weight)
@@ -256,7 +258,7 @@ def test_adalora_orthogonality_penalty_formula():
 
 def test_relora_restart_merges_resets_and_rewarms(ids):
     from peftlab.methods import relora
-    from peftlab.methods.lora import lora_layers
+    from peftlab.methods.lowrank import lora_layers
 
     model, method, cfg = applied("gpt2", {"method": "relora", "r": 4, "reset_every": 3, "restart_warmup": 2,
                                           "reset_prune": 0.9})
@@ -285,7 +287,7 @@ def test_relora_restart_merges_resets_and_rewarms(ids):
 
 
 def test_delta_lora_moves_w_by_lambda_times_the_change_of_ba(ids):
-    from peftlab.methods.lora import lora_layers
+    from peftlab.methods.lowrank import lora_layers
 
     model, method, cfg = applied("llama", {"method": "delta_lora", "r": 4, "delta_lambda": 0.5})
     layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]

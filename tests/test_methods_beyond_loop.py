@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_methods_beyond import CASES, VOCAB, dims, small_model
 
 import peftlab
 from conftest import tiny_overrides
 from peftlab import cli
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.train.loop import train
-from test_methods_beyond import CASES, VOCAB, dims, small_model
 
 SRC = str(Path(peftlab.__file__).resolve().parents[1])
 RECORDS = [
@@ -81,8 +81,9 @@ def test_lisa_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_moe_aux_loss_reaches_router_and_metrics(tmp_path):
-    from peftlab.train.loss import causal_lm_loss
     from test_methods_beyond import applied, batch_of
+
+    from peftlab.train.loss import causal_lm_loss
 
     case = next(c for c in CASES if c.id == "moe_lora_top2")
     for coef, moves in ((0.0, False), (0.1, True)):

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 import peftlab
 from conftest import tiny_overrides
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.io import atomic_dir, sweep_stale
 from peftlab.train import checkpoint as ckpt
 from peftlab.train.loop import train
@@ -62,7 +62,7 @@ KILLER = textwrap.dedent("""
     import json, os, signal, sys
     import torch
     torch.set_num_threads(1)
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
     from peftlab.train.loop import train
     mode, k, args = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
     callbacks = []

@@ -17,6 +17,7 @@ from .. import registry, rundir
 from ..config import Config
 from ..data.dataset import build_datasets
 from ..errors import ConfigError, DataError, PeftlabError
+from ..export.adapter import merge_adapters_first
 from ..model.load import is_config_name, load_model
 from ..validate import check_data_settings, check_output_dir, check_path, refuse_pickled_model
 from .runtime import seed_everything
@@ -76,7 +77,9 @@ def total_steps(cfg: Config, n_train: int, world_size: int) -> int:
 
 
 def apply_method(method, model: nn.Module, cfg: Config) -> None:
-    """``method.apply``, with anything but a PeftlabError reported as an incompatibility."""
+    """``method.apply`` (after ``peft.merge_first``'s adapters are merged into the base), with
+    anything but a PeftlabError reported as an incompatibility."""
+    merge_adapters_first(model, getattr(cfg.peft, "merge_first", None))
     try:
         method.apply(model, cfg.peft)
     except PeftlabError:
