@@ -56,6 +56,7 @@ from ..configure import config_from_dict
 from ..errors import ConfigError
 from ..eval.harness import EvalConfig
 from ..io import atomic_write_text
+from ..rundir import read_json
 
 SWEEP_KEYS = ("name", "output_dir", "base", "config", "variants", "grid", "parallel", "eval")
 RUN_SPEC = "run.json"
@@ -264,10 +265,7 @@ def _set(raw: dict, dotted: str, value) -> None:
 
 
 def read_result(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / RESULT).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(run_dir / RESULT)
 
 
 def run_spec(sweep: Sweep, p: Point) -> dict:
@@ -280,9 +278,8 @@ def is_done(run_dir: Path, spec: dict) -> bool:
     res = read_result(run_dir)
     if not res or res.get("train_info", {}).get("status") != "success":
         return False
-    try:
-        old = json.loads((run_dir / RUN_SPEC).read_text())
-    except (OSError, ValueError):
+    old = read_json(run_dir / RUN_SPEC)
+    if old is None:
         return False
     return old.get("config") == spec["config"] and old.get("eval") == spec["eval"]
 
@@ -316,10 +313,7 @@ def _start(sweep: Sweep, p: Point, threads: int | None) -> _Running:
     run_dir = sweep.run_dir(p)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = run_spec(sweep, p)
-    try:
-        old = json.loads((run_dir / RUN_SPEC).read_text())
-    except (OSError, ValueError):
-        old = None
+    old = read_json(run_dir / RUN_SPEC)
     # a run killed half-way continues from its newest checkpoint, if it has one for this config
     spec["resume"] = old is not None and old.get("config") == spec["config"] and (run_dir / "checkpoints").is_dir()
     spec["threads"] = threads  # with N runs at a time each gets cores // N (unless train.threads is set)
