@@ -10,7 +10,7 @@ ways, within a time limit:
   suffixes may be other formats: .txt is plain text), and a config that loads has the values the
   loop relies on in range.
 
-Data goes through ``build_datasets`` behind the loop's guard (``peftlab.train.loop._load_data``,
+Data goes through ``build_datasets`` behind the loop's guard (``peftlab.train.setup.load_data``,
 exactly what ``peftlab train`` runs); configs through ``load_config`` and the loop's input
 checks. Cases that failed for reasons found along the way are pinned at the bottom.
 """
@@ -32,7 +32,7 @@ from conftest import tokenizer_for
 from peftlab.config import DataConfig, TrainConfig
 from peftlab.configure import load_config
 from peftlab.errors import PeftlabError
-from peftlab.train.loop import _check_inputs, _load_data
+from peftlab.train.setup import check_inputs, load_data
 
 N_DATA, N_CONFIG = 600, 600
 
@@ -181,7 +181,7 @@ def test_fuzz_data_files_fail_cleanly(tmp_path):
         shim = type("Cfg", (), {"data": cfg})()
         try:
             with time_limit(10, path.name):
-                data = _load_data(shim, tok, 0)
+                data = load_data(shim, tok, 0)
         except PeftlabError as e:
             assert str(path) in str(e) or path.name in str(e), f"{path.name}: error does not name the file: {e}"
             outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
@@ -244,7 +244,7 @@ def load_one(load) -> str:
     try:
         with time_limit(10, "config"):
             cfg = load()
-            _check_inputs(cfg)
+            check_inputs(cfg)
     except PeftlabError as e:
         return type(e).__name__
     except Exception as e:  # noqa: BLE001
@@ -290,7 +290,7 @@ def test_pinned_configs(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_bytes(text)
     with pytest.raises(PeftlabError):
-        _check_inputs(load_config(path))
+        check_inputs(load_config(path))
 
 
 def test_trailing_data_after_a_json_array_is_an_error(tmp_path):
@@ -300,10 +300,10 @@ def test_trailing_data_after_a_json_array_is_an_error(tmp_path):
     path.write_text(json.dumps([rec] * 4) + "\n" + json.dumps([rec] * 4) + "\n")
     shim = type("Cfg", (), {"data": DataConfig(path=str(path), eval_split=0, max_length=64, template="alpaca")})()
     with pytest.raises(PeftlabError, match=r"two.json line 2 column 1: .*extra data after the array"):
-        _load_data(shim, tok, 0)
+        load_data(shim, tok, 0)
 
 
 def test_yaml_no_is_a_word_for_string_keys(tmp_path):
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
-    _check_inputs(load_config(tmp_path / "c.yaml"))  # YAML 1.1 reads `no` as false; it still means no
+    check_inputs(load_config(tmp_path / "c.yaml"))  # YAML 1.1 reads `no` as false; it still means no
