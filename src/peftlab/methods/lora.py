@@ -32,9 +32,10 @@ init, scaling or optimiser groups are fields here:
 - LoRA on embeddings: name the embedding in ``targets``. E [V, d]: h = E[x] + s (A^T[x]) B^T
   with A [r, V] zero-initialised and B [d, r] normal, PEFT's layout (lora_embedding_A/B).
 
-Merging is explicit: ``LoRALinear.merge()`` adds s·BA into W, ``unmerge()`` subtracts it, and
-neither ``.eval()`` nor ``.train()`` touches it. ``merge(model)`` folds every LoRA layer into
-its base (dequantising a quantised base first) and puts plain layers back.
+The layers (``LoRALinear``, ``LoRAEmbedding``) and what the LoRA family shares live in
+``methods/lowrank.py``. Merging is explicit: ``LoRALinear.merge()`` adds s·BA into W,
+``unmerge()`` subtracts it, and neither ``.eval()`` nor ``.train()`` touches it. ``merge(model)``
+folds every LoRA layer into its base (dequantising a quantised base first) and puts plain layers back.
 """
 
 from __future__ import annotations

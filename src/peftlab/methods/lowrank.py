@@ -29,6 +29,7 @@ from ..model.targets import (
     find_targets,
     layer_dtype_device,
     linear_shape,
+    name_matches,
     replace_module,
 )
 from . import lora_kernels
@@ -265,9 +266,9 @@ def wrap_targets(model: nn.Module, cfg, make_linear, make_embedding=None) -> lis
         if isinstance(base, nn.Embedding):
             replace_module(model, path, make_embedding(base))
             continue
-        mask = next((m for name, m in enable.items() if path == name or path.endswith("." + name)), None)
+        mask = next((m for name, m in enable.items() if name_matches(path, name)), None)
         if mask is not None:
-            used.update(name for name in enable if path == name or path.endswith("." + name))
+            used.update(name for name in enable if name_matches(path, name))
         replace_module(model, path, make_linear(base, mask))
     unused = sorted(set(enable) - used)
     if unused:

@@ -88,50 +88,15 @@ class VirtualTokenBackbone(nn.Module):
         batch, q_len, device = ref.shape[0], ref.shape[1], ref.device
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         fresh = past_len == 0  # the first call of a sequence: the virtual tokens go in now
-        block_mask = attention_mask is not None and attention_mask.dim() == 4  # packed rows
-        if block_mask and not fresh:
-            raise ConfigError("a 4-D attention mask with a KV cache is not supported by prompt and prefix methods")
-        if fresh and position_ids is not None and attention_mask is None and q_len > 1 and _is_packed(position_ids):
-            raise ConfigError(
-                "prompt and prefix methods need the block mask of packed rows to give every packed sequence "
-                "the virtual tokens; the mask-free (flash/varlen) path cannot: use attn_implementation=sdpa "
-                "or eager, or data.packing=false"
-            )
+        self._check_call(attention_mask, position_ids, fresh, q_len)
         cache = past_key_values
-        if self.prefix is not None and self.training and any(
-                getattr(m, "gradient_checkpointing", False) for m in self.base.modules()):
-            raise ConfigError(
-                "prefix methods (prefix_tuning, p_tuning_v2, mam) put their prefixes in the KV cache, which "
-                "gradient checkpointing drops inside every layer; set model.gradient_checkpointing=false"
-            )
         if self.prefix is not None and fresh:
-            if cache is None:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=self.base.config)
-            param_dtype = next(self.base.parameters()).dtype
-            for layer, (k, v) in enumerate(self.prefix(batch, _compute_dtype(device, param_dtype))):
-                cache.update(k, v, layer)
+            cache = self._fill_prefix(cache, batch, device)
             past_len = n
         new = n if (self.prompts is not None and fresh) else 0  # virtual positions this call adds
         kv_len = past_len + new + q_len
-        if block_mask:
-            attention_mask = _block_mask_with_virtual(attention_mask, n, bool(new))
-        elif attention_mask is not None:
-            if attention_mask.shape[1] == kv_len - n:  # the caller's mask counts real tokens only
-                attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
-            elif attention_mask.shape[1] != kv_len:
-                raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns; expected "
-                                 f"{kv_len - n} (real tokens) or {kv_len} (with the virtual tokens)")
-        if position_ids is not None:  # counted over real tokens by the caller: shift past the virtual ones
-            position_ids = position_ids.expand(batch, -1) + n
-            if new:
-                virtual = torch.arange(n, device=device, dtype=position_ids.dtype).expand(batch, n)
-                position_ids = torch.cat([virtual, position_ids], dim=1)
-        elif attention_mask is not None:  # a token's position = how many unmasked tokens precede it
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -(new + q_len):]
-        else:
-            position_ids = torch.arange(past_len, kv_len, device=device).unsqueeze(0)
+        attention_mask = _mask_with_virtual(attention_mask, n, new, kv_len, batch)
+        position_ids = _positions(position_ids, attention_mask, n, new, past_len, kv_len, batch, device)
         if new:
             embeds = inputs_embeds if inputs_embeds is not None else self.base.get_input_embeddings()(input_ids)
             virtual = self.prompts(batch).to(device=embeds.device, dtype=embeds.dtype)
@@ -150,6 +115,63 @@ class VirtualTokenBackbone(nn.Module):
             if getattr(out, "hidden_states", None) is not None:
                 out.hidden_states = tuple(h[:, n:] for h in out.hidden_states)
         return out
+
+    def _check_call(self, attention_mask, position_ids, fresh: bool, q_len: int) -> None:
+        """Clear errors for what the virtual tokens cannot support."""
+        if attention_mask is not None and attention_mask.dim() == 4 and not fresh:
+            raise ConfigError("a 4-D attention mask with a KV cache is not supported by prompt and prefix methods")
+        if fresh and position_ids is not None and attention_mask is None and q_len > 1 and _is_packed(position_ids):
+            raise ConfigError(
+                "prompt and prefix methods need the block mask of packed rows to give every packed sequence "
+                "the virtual tokens; the mask-free (flash/varlen) path cannot: use attn_implementation=sdpa "
+                "or eager, or data.packing=false"
+            )
+        if self.prefix is not None and self.training and any(
+                getattr(m, "gradient_checkpointing", False) for m in self.base.modules()):
+            raise ConfigError(
+                "prefix methods (prefix_tuning, p_tuning_v2, mam) put their prefixes in the KV cache, which "
+                "gradient checkpointing drops inside every layer; set model.gradient_checkpointing=false"
+            )
+
+    def _fill_prefix(self, cache, batch: int, device: torch.device):
+        """The KV cache (a new ``DynamicCache`` when there is none) holding every layer's prefix."""
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.base.config)
+        param_dtype = next(self.base.parameters()).dtype
+        for layer, (k, v) in enumerate(self.prefix(batch, _compute_dtype(device, param_dtype))):
+            cache.update(k, v, layer)
+        return cache
+
+
+def _mask_with_virtual(mask: torch.Tensor | None, n: int, new: int, kv_len: int, batch: int) -> torch.Tensor | None:
+    """The attention mask with columns for the n virtual tokens: a packed row's 4-D block mask, or a
+    2-D mask [B, real tokens] given ones in front (a mask that already counts them is kept)."""
+    if mask is None:
+        return None
+    if mask.dim() == 4:
+        return _block_mask_with_virtual(mask, n, bool(new))
+    if mask.shape[1] == kv_len - n:  # the caller's mask counts real tokens only
+        return torch.cat([mask.new_ones(batch, n), mask], dim=1)
+    if mask.shape[1] != kv_len:
+        raise ValueError(f"attention_mask has {mask.shape[1]} columns; expected "
+                         f"{kv_len - n} (real tokens) or {kv_len} (with the virtual tokens)")
+    return mask
+
+
+def _positions(position_ids, mask, n: int, new: int, past_len: int, kv_len: int, batch: int,
+               device: torch.device) -> torch.Tensor:
+    """Positions of this call's inputs [B, new + T]: real tokens at n + i, virtual ones at 0..n-1."""
+    if position_ids is not None:  # counted over real tokens by the caller: shift past the virtual ones
+        position_ids = position_ids.expand(batch, -1) + n
+        if new:
+            virtual = torch.arange(n, device=device, dtype=position_ids.dtype).expand(batch, n)
+            position_ids = torch.cat([virtual, position_ids], dim=1)
+        return position_ids
+    if mask is not None:  # a token's position = how many unmasked tokens precede it
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -(kv_len - past_len):]
+    return torch.arange(past_len, kv_len, device=device).unsqueeze(0)
 
 
 def _block_mask_with_virtual(mask: torch.Tensor, n: int, as_inputs: bool) -> torch.Tensor:
