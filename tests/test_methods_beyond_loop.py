@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_methods_beyond import CASES, VOCAB, dims, small_model
 
 import peftlab
 from conftest import tiny_overrides
 from peftlab import cli
 from peftlab.configure import load_config
 from peftlab.train.loop import train
+from test_contract import CASES, base_overrides, expected, peft_settings
 
 SRC = str(Path(peftlab.__file__).resolve().parents[1])
 RECORDS = [
@@ -81,9 +81,9 @@ def test_lisa_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_moe_aux_loss_reaches_router_and_metrics(tmp_path):
-    from test_methods_beyond import applied, batch_of
-
+    from conftest import batch_of
     from peftlab.train.loss import causal_lm_loss
+    from test_contract import applied
 
     case = next(c for c in CASES if c.id == "moe_lora_top2")
     for coef, moves in ((0.0, False), (0.1, True)):
@@ -105,7 +105,7 @@ def test_moe_aux_loss_reaches_router_and_metrics(tmp_path):
     assert 0.5 - 1e-6 <= rec["moe_load_max"] <= 1.0  # 2-expert routers: the busier one has at least half
 
 
-PARAMS_CASES = [pytest.param(c, a, id=f"{c.id}-{a}") for c in CASES for a in c.archs]
+PARAMS_CASES = [pytest.param(c, a, id=f"{c.id}-{a}") for c in CASES if c.vocab for a in c.archs]  # beyond LoRA
 
 
 def _value(v) -> str:
@@ -114,14 +114,14 @@ def _value(v) -> str:
 
 @pytest.mark.parametrize("case,arch", PARAMS_CASES)
 def test_params_json_matches_formula(case, arch, capsys):
-    args = [*tiny_overrides(arch), f"model.config_overrides.vocab={VOCAB}", f"peft.method={case.method}",
-            *[f"peft.{k}={_value(v)}" for k, v in case.options.items()]]
+    args = [*tiny_overrides(arch, **base_overrides(case, arch)),
+            *[f"peft.{k}={_value(v)}" for k, v in peft_settings(case, arch).items()]]
     assert cli.main(["params", *args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    D = dims(small_model(arch))
-    assert report["trainable"] == case.count(D)
+    count = sum(expected(case, arch).values())
+    assert report["trainable"] == count
     if case.method == "lisa":
-        assert report["lisa_trainable_at_once"] == case.count(D)
+        assert report["lisa_trainable_at_once"] == count
         assert report["lisa_cycled_total"] == report["total"]
 
 
