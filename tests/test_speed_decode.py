@@ -10,6 +10,7 @@ from conftest import randomize, tiny_model
 from peftlab.eval import decode
 from peftlab.methods import lora as lora_mod
 from peftlab.methods.lora import LoRAConfig
+from peftlab.methods.lowrank import lora_layers
 
 
 def _prompts(b: int, seed: int = 0):
@@ -59,7 +60,7 @@ def test_lean_greedy_with_lora_unmerged_and_merged_equals_hf():
     ids, mask = _prompts(2, seed=7)
     ref = _hf(model, ids, mask, 16, [10_000])
     assert torch.equal(decode.lean_greedy(model, ids, mask, 16, [10_000], 0), ref)
-    for layer in lora_mod.lora_layers(model).values():
+    for layer in lora_layers(model).values():
         layer.merge()  # the cached fused weights are rebuilt (the base weights changed)
     assert torch.equal(decode.lean_greedy(model, ids, mask, 16, [10_000], 0), ref)
     plain = tiny_model("llama")[0]
