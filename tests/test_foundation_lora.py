@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import randomize, tiny_model
 from peftlab import registry
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.errors import ConfigError
 from peftlab.export.adapter import load_adapter, save_adapter
 from peftlab.methods.lora import LoRAConfig
