@@ -35,6 +35,7 @@ def _setup(spec):
     from peftlab.config import ModelConfig
     from peftlab.data.tokenize import Encoder
     from peftlab.methods import lora
+    from peftlab.methods.lowrank import lora_layers
     from peftlab.model.load import load_model
 
     torch.set_num_threads(spec["threads"])
@@ -43,7 +44,7 @@ def _setup(spec):
     lora.apply(model, lora.LoRAConfig(r=8, alpha=16, targets="all-linear"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for m in lora.lora_layers(model).values():
+        for m in lora_layers(model).values():
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.02)
             m.fast_path = False  # HF generate runs the adapter as a plain (PEFT-like) module
     if spec["merged"]:

@@ -61,7 +61,7 @@ def run_one(name: str, steps: int, out_dir: str) -> dict:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
     from peftlab.train.loop import train
 
     peak_state = [0]
@@ -88,10 +88,10 @@ def run_one(name: str, steps: int, out_dir: str) -> dict:
 
 def base_eval_loss(out_dir: str) -> float:
     """Eval loss of the untouched base model on the same held-out examples."""
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
     from peftlab.data.dataset import build_datasets
     from peftlab.model.load import load_model
-    from peftlab.train.loop import evaluate_loss
+    from peftlab.train.evaluate import evaluate_loss
     from peftlab.train.runtime import resolve_precision
 
     cfg = load_config(None, [*common(1, out_dir), "peft.method=full"])

@@ -40,12 +40,12 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from train_throughput import MODEL, sft_data
 
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
     from peftlab.data.dataset import build_datasets
+    from peftlab.data.sampler import BatchSampler
     from peftlab.model.load import load_model
-    from peftlab.train.loop import apply_speed_options
     from peftlab.train.loss import causal_lm_loss
-    from peftlab.train.sampler import BatchSampler
+    from peftlab.train.step import apply_speed_options
 
     torch.set_num_threads(args.threads)
     ov = [f"data.{k}={v}" for k, v in sft_data().items()] + ["data.eval_split=0", f"model.name={MODEL}"]
@@ -67,10 +67,11 @@ def main() -> None:
                 loss = model(**b).loss
             loss.backward()
     else:
+        from peftlab import registry
         from peftlab.methods import lora
 
         lora.apply(model, cfg.peft)
-        apply_speed_options(model, cfg.train)
+        apply_speed_options(model, registry.get("lora"), cfg.train)
 
         def step(b):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):

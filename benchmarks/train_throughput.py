@@ -116,9 +116,9 @@ def useful_flops(shapes: dict, method: str, lora_params: int, tokens: int, label
 
 def _examples_and_batches(spec: dict, tokenizer):
     """The batches every side trains on, in order (peftlab's data pipeline and sampler)."""
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
     from peftlab.data.dataset import build_datasets
-    from peftlab.train.sampler import BatchSampler
+    from peftlab.data.sampler import BatchSampler
 
     cfg = load_config(None, data_overrides(spec["data"]) + [f"data.packing={spec.get('packing', False)}"])
     data = build_datasets(cfg.data, tokenizer, spec["seed"])
@@ -152,7 +152,7 @@ def _peftlab_overrides(spec: dict, out_dir: str) -> list[str]:
 
 
 def worker_peftlab(spec: dict) -> dict:
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
     from peftlab.model.load import load_tokenizer
     from peftlab.train.loop import train
 
@@ -301,6 +301,7 @@ def make_init_file(path: Path, seed: int) -> None:
 
     from peftlab.config import ModelConfig
     from peftlab.methods import lora
+    from peftlab.methods.lowrank import lora_layers
     from peftlab.model.load import load_model
     from peftlab.train.runtime import seed_everything
 
@@ -308,7 +309,7 @@ def make_init_file(path: Path, seed: int) -> None:
     model, _ = load_model(ModelConfig(name=MODEL), seed=seed, with_tokenizer=False)
     seed_everything(seed)
     lora.apply(model, lora.LoRAConfig(r=8, alpha=16, dropout=0.0, targets="all-linear"))
-    save_file({p: m.lora_A.weight.detach().contiguous() for p, m in lora.lora_layers(model).items()}, str(path))
+    save_file({p: m.lora_A.weight.detach().contiguous() for p, m in lora_layers(model).items()}, str(path))
     del model
 
 

@@ -10,7 +10,7 @@ from . import registry
 from .config import Config
 from .configure import load_config
 from .eval.generate import generate
-from .export.adapter import load_adapter, save_adapter
+from .export.adapter import load_adapter, merge_adapters_first, save_adapter
 from .model.load import load_model as _load_model
 from .model.params import ParamReport
 from .model.params import param_report as _param_report
@@ -29,7 +29,9 @@ def load_model(model_cfg, **kwargs):
 
 
 def apply_method(model: nn.Module, peft_cfg) -> nn.Module:
-    """Freeze the base and insert the method's modules, in place; returns the model."""
+    """Freeze the base and insert the method's modules, in place (after merging ``peft.merge_first``'s
+    adapters into the base, as training does); returns the model."""
+    merge_adapters_first(model, getattr(peft_cfg, "merge_first", None))
     registry.get(peft_cfg.method).apply(model, peft_cfg)
     return model
 

@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..model.params import freeze
 from ..model.targets import find_targets, linear_shape, peft_target_modules, set_submodule
-from ..registry import Method, register
+from ..registry import Method, StepEffects, register
 from .adapter import decoder_layers
 
 
@@ -191,7 +191,7 @@ def aux_loss(model: nn.Module, cfg: MoELoRAConfig, batch: dict) -> torch.Tensor 
     return cfg.aux_loss_coef * aux if cfg.aux_loss_coef else None
 
 
-def on_step(model: nn.Module, cfg: MoELoRAConfig, step: int, optimizer) -> dict | None:
+def on_step(model: nn.Module, cfg: MoELoRAConfig, step: int) -> StepEffects | None:
     """Router statistics of the step just taken: L_aux (before coef), expert load, router entropy."""
     stats = model.__dict__.pop("_moe_stats", None)
     if not stats or not stats["load"]:
@@ -203,7 +203,7 @@ def on_step(model: nn.Module, cfg: MoELoRAConfig, step: int, optimizer) -> dict 
            "moe_router_entropy": round(sum(stats["entropy"]) / len(stats["entropy"]), 4)}  # 1 = uniform
     if len({f.numel() for f in loads}) == 1:
         out["moe_expert_load"] = [round(float(v), 4) for v in torch.stack(loads).mean(0)]
-    return out
+    return StepEffects(metrics=out)
 
 
 def to_peft_config(cfg: MoELoRAConfig, model: nn.Module) -> dict:

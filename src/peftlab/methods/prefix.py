@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..model.kv_cache import output_cache
 from ..model.params import freeze
 from ..registry import Method, register
 from .virtual_tokens import (
@@ -154,7 +155,7 @@ def real_token_prefix(model: nn.Module, ids: list[int]) -> torch.Tensor:
     model.eval()
     try:
         device = model.get_input_embeddings().weight.device
-        cache = model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+        cache = output_cache(model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True))
     finally:
         model.train(was_training)
     kv = [t for layer in cache.layers for t in (layer.keys[0], layer.values[0])]  # 2L x [H_kv, n, d_h]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..model.kv_cache import cache_arg, drop_output_cache
 from ..registry import add_peft_prefix, strip_peft_prefix
 
 ENCODER_KEY = "prompt_encoder"  # the top-level module holding the method's tensors
@@ -80,8 +81,9 @@ class VirtualTokenBackbone(nn.Module):
         return self.base.get_input_embeddings()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+                inputs_embeds=None, use_cache=None, cache=None, **kwargs):
         n = self.num_virtual_tokens
+        past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.25: ``cache``
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("give input_ids or inputs_embeds")
@@ -104,10 +106,10 @@ class VirtualTokenBackbone(nn.Module):
         if "cache_position" in kwargs:  # older model code: positions in the cache, virtual tokens included
             kwargs["cache_position"] = torch.arange(past_len, kv_len, device=device)
         out = self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                        position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **kwargs)
+                        position_ids=position_ids, use_cache=use_cache, **{cache_arg(self.base): cache}, **kwargs)
         wants_cache = use_cache if use_cache is not None else getattr(self.base.config, "use_cache", False)
         if past_key_values is None and not wants_cache and not isinstance(out, tuple):
-            out.past_key_values = None  # the prefix cache was only a vehicle for this forward
+            drop_output_cache(out)  # the prefix cache was only a vehicle for this forward
         if new:
             if isinstance(out, tuple):
                 return (out[0][:, n:], *out[1:])

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, PeftlabError
+from ..model.kv_cache import cache_arg, output_cache
 from .multi_lora import MultiLoRAModel
 
 
@@ -255,8 +256,8 @@ class Engine:
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters):
         with self.mm.route(adapters):
             out = self.mm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True)
-        return out.logits[:, -1, :].float(), out.past_key_values
+                          use_cache=True, **{cache_arg(self.mm.model): cache})
+        return out.logits[:, -1, :].float(), output_cache(out)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         from transformers import DynamicCache
