@@ -18,18 +18,22 @@ PKG = "peftlab"
 
 # (importer room, imported room): forbidden edges. A "room" is the first component below peftlab
 # (``methods``, ``train``, ...); top-level files are rooms of their own (``registry``, ``config``).
+HIGH = {"train", "export", "serve", "lab", "eval", "commands", "api", "cli", "configure", "rundir"}
 FORBIDDEN: dict[str, set[str]] = {
-    "methods": {"train", "data", "export", "serve", "lab", "eval", "commands", "api", "cli"},
-    "data": {"train", "methods", "export", "serve", "lab", "eval", "commands", "api", "cli"},
-    "model": {"methods", "train", "data", "export", "serve", "lab", "eval", "commands", "api", "cli"},
-    "quant": {"methods", "train", "data", "export", "serve", "lab", "eval", "commands", "api", "cli"},
+    "methods": HIGH | {"data"},
+    "data": HIGH | {"methods"},
+    "model": HIGH | {"methods", "data"},
+    "quant": HIGH | {"methods", "data"},
     "train": {"commands", "lab", "serve", "api", "cli"},
     "serve": {"train", "lab", "commands", "api", "cli"},
     "eval": {"lab", "commands", "serve", "api", "cli"},
     "export": {"train", "lab", "serve", "commands", "api", "cli"},
     "lab": {"commands", "serve", "api", "cli"},
-    "registry": {"train", "data", "export", "serve", "lab", "eval", "commands", "api", "cli", "config"},
-    "config": {"methods", "registry", "train", "data", "export", "serve", "lab", "eval", "commands", "api"},
+    "registry": HIGH | {"data", "config"},
+    "config": HIGH | {"methods", "registry", "data", "model", "quant"},
+    "configure": HIGH - {"configure"} | {"data", "model", "quant"},
+    "rundir": HIGH - {"configure", "rundir"} | {"methods", "data", "model", "quant"},
+    "validate": {"train", "export", "serve", "lab", "commands", "api", "cli"},
     "errors": {"*"},
     "version": {"*"},
     "io": {"*"},
