@@ -283,3 +283,35 @@ def test_a_kill_between_the_two_renames_of_a_rewrite_is_recovered(tmp_path):
     sweep_stale(target)
     assert (target / "a.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000005"]
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_a_manifest_naming_a_file_outside_its_checkpoint_is_damaged(tmp_path, monkeypatch, where):
+    """A manifest entry "../x" or "/abs/x" makes the checkpoint torn, even when the file it names
+    exists with exactly the listed size and hash, and nothing outside the folder is ever read."""
+    import hashlib
+
+    from peftlab import io as pio
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        with atomic_dir(root / f"step-{step:06d}") as d:
+            (d / "trainer_state.json").write_text(json.dumps({"step": step}))
+    outside = tmp_path / "run" / "outside.json"  # beside the checkpoints, what "../../outside.json" reaches
+    outside.write_text('{"step": 99}')
+    rel = "../../outside.json" if where == "parent" else str(outside)
+    newest = root / "step-000002"
+    manifest = json.loads((newest / "MANIFEST.json").read_text())
+    manifest["files"][rel] = {"size": outside.stat().st_size,
+                              "sha256": hashlib.sha256(outside.read_bytes()).hexdigest()}
+    (newest / "MANIFEST.json").write_text(json.dumps(manifest))
+    hashed = []
+    original = pio.sha256_file
+    monkeypatch.setattr(pio, "sha256_file", lambda p: hashed.append(Path(p).resolve()) or original(p))
+
+    problem = pio.verify_manifest(newest)
+    assert problem is not None and "outside the directory" in problem and repr(rel) in problem
+    assert pio.verify_manifest(newest, deep=False) is not None  # rotation's cheap check agrees
+    with pytest.warns(UserWarning, match="skipping torn checkpoint.*outside the directory"):
+        assert ckpt.latest_checkpoint(tmp_path / "run") == root / "step-000001"
+    assert hashed and all(p.is_relative_to(root.resolve()) for p in hashed), hashed
