@@ -444,4 +444,16 @@ def test_config_errors_are_clear():
     with pytest.raises(ConfigError, match="unknown config key peft.exact_norm"):
         load_config(None, ["peft.exact_norm=true"])
     assert isinstance(load_config(None, ["peft.method=dora", "peft.exact_norm=true"]).peft.exact_norm, bool)
-    assert Conv1D  # GPT-2's layer type is what fan_in_fan_out refers to
+
+
+@pytest.mark.parametrize("arch, conv1d", [("gpt2", True), ("llama", False)])
+def test_fan_in_fan_out_follows_the_base_layer_type(arch, conv1d, tmp_path):
+    """GPT-2's Conv1D stores its weight [in, out]: each wrapper says so, and the adapter file records it
+    (PEFT and vLLM read ``fan_in_fan_out`` to know the layout)."""
+    model, _, cfg = applied(arch, {"method": "lora", "r": 2, "targets": "all-linear"})
+    layers = [m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    assert layers
+    for m in layers:
+        assert isinstance(m.base_layer, Conv1D) is conv1d and m.fan_in_fan_out is conv1d
+    save_adapter(model, cfg, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["fan_in_fan_out"] is conv1d
