@@ -65,3 +65,36 @@ def test_shipped_recipes_load_and_mean_what_they_say():
     assert (lora.peft.method, lora.peft.r, lora.peft.targets, lora.data.packing) == ("lora", 8, "all-linear", True)
     qlora = load_config(root / "qlora.yaml", ["train.steps=5"])
     assert (qlora.model.quantize, qlora.peft.r, qlora.train.steps) == ("nf4", 16, 5)
+
+
+# ---------------------------------------------------------------------------- likely mistakes (issue 15)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=0", "train.lr"), ("train.lr=-0.001", "train.lr"),
+    ("peft.alpha=-1", "peft.alpha"), ("peft.alpha=0", "peft.alpha"), ("peft.alpha=nan", "peft.alpha"),
+    ("data.eval_split=1.5", "data.eval_split"), ("data.eval_split=-0.1", "data.eval_split"),
+    ("data.eval_split=2.25", "data.eval_split"),
+])
+def test_almost_surely_a_mistake_is_refused_naming_key_and_value(override, key):
+    """lr 0 trains nothing; alpha <= 0 scales the update to zero or flips it; eval_split 1.5 is
+    neither a fraction nor a count (it used to hold out one record)."""
+    value = override.split("=", 1)[1]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert key in msg and value.lstrip("-").rstrip("0").rstrip(".") in msg, msg
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "delta_lora", "relora", "adalora", "moe_lora"])
+def test_alpha_must_be_positive_for_every_lora_family_method(method):
+    with pytest.raises(ConfigError, match=r"peft.alpha must be > 0.*-2"):
+        load_config(None, [f"peft.method={method}", "peft.alpha=-2"])
+    assert load_config(None, [f"peft.method={method}", "peft.alpha=0.5"]).peft.alpha == 0.5
+
+
+def test_valid_eval_splits_keep_working():
+    """A fraction in [0, 1) or a whole count; 1 and 1.0 are a count of one (as before)."""
+    for value, expected in (("0", 0.0), ("0.05", 0.05), ("0.999", 0.999), ("1", 1.0), ("1.0", 1.0), ("96", 96.0)):
+        assert load_config(None, [f"data.eval_split={value}"]).data.eval_split == expected
+    assert load_config(None, ["train.lr=1e-6"]).train.lr == 1e-6

@@ -75,6 +75,11 @@ class DataConfig:
     group_by_length: bool = False  # batches of similar length (the non-packed way to cut padding)
     streaming: bool = False  # read the training data as a stream (one window in memory; needs eval_path)
 
+    def validate(self) -> None:
+        from .validate import check_data_settings
+
+        check_data_settings(self)
+
 
 @dataclass
 class TrainConfig:
@@ -123,7 +128,8 @@ class TrainConfig:
             raise ConfigError(f"train.steps must be >= 1 (or none to train by epochs), got {self.steps}")
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ConfigError(f"train.eval_batches must be >= 1 (or none for all), got {self.eval_batches}")
-        finite(self.lr, "train.lr", 0.0)
+        finite(self.lr, "train.lr", 0.0, low_open=True,
+               hint="a learning rate of 0 trains nothing; LoRA usually takes 1e-4 to 1e-3")
         finite(self.epochs, "train.epochs", 0.0, low_open=True)
         finite(self.warmup, "train.warmup", 0.0)
         finite(self.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0)

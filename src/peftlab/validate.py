@@ -67,22 +67,31 @@ def check_output_dir(path: str | Path, key: str = "train.output_dir") -> Path:
 
 
 def finite(value: float, key: str, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False) -> float:
-    """A finite number within bounds (``low_open``: strictly above ``low``)."""
+           low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
+    """A finite number within bounds (``low_open``: strictly above ``low``); ``hint`` says what to do."""
+    tail = f"; {hint}" if hint else ""
     if not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        raise ConfigError(f"{key} must be a finite number, got {value!r}{tail}")
     if low is not None and (value <= low if low_open else value < low):
-        raise ConfigError(f"{key} must be {'>' if low_open else '>='} {low}, got {value!r}")
+        raise ConfigError(f"{key} must be {'>' if low_open else '>='} {low}, got {value!r}{tail}")
     if high is not None and (value >= high if high_open else value > high):
-        raise ConfigError(f"{key} must be {'<' if high_open else '<='} {high}, got {value!r}")
+        raise ConfigError(f"{key} must be {'<' if high_open else '<='} {high}, got {value!r}{tail}")
     return value
 
 
 def check_data_settings(data_cfg) -> None:
-    """The numeric ``data.*`` values the loop and the encoder rely on."""
+    """The numeric ``data.*`` values the loop and the encoder rely on.
+
+    ``data.eval_split`` is a fraction in [0, 1) or a whole count of records (1 and 1.0 are a count
+    of one); 1.5 is neither, and used to hold out a single record.
+    """
     if data_cfg.max_length < 2:
         raise ConfigError(f"data.max_length must be >= 2 tokens, got {data_cfg.max_length}")
-    finite(data_cfg.eval_split, "data.eval_split", 0.0)
+    split = finite(data_cfg.eval_split, "data.eval_split", 0.0,
+                   hint="give a fraction below 1 (0.05 holds out 5%) or a count of records (50)")
+    if split >= 1 and not float(split).is_integer():
+        raise ConfigError(f"data.eval_split={split} is neither a fraction below 1 (0.05 holds out 5%) nor a whole "
+                          "count of records (50); give one of the two")
 
 
 def refuse_pickled_model(directory: str | Path) -> None:

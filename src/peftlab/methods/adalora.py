@@ -46,6 +46,7 @@ from ..model.targets import (
 from ..registry import register
 from . import peft_format
 from .adalora_budget import STATE, Allocator, allocator
+from .lora import check_alpha
 from .lowrank import factor_dtype, merge_delta, wide
 from .merging import merge_wrappers
 from .modules_to_save import add_additional_targets
@@ -81,6 +82,7 @@ class AdaLoRAConfig:
             raise ConfigError("peft.orth_reg_weight, peft.tinit and peft.tfinal must be >= 0 and peft.delta_t >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
+        check_alpha(self.alpha)
 
 
 class AdaLoRALinear(nn.Module):

@@ -81,6 +81,7 @@ class LoRAConfig:
     def validate(self) -> None:
         if self.r < 1:
             raise ConfigError(f"peft.r must be >= 1, got {self.r}")
+        check_alpha(self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.sparsity_dropout < 1.0:
@@ -97,6 +98,14 @@ class LoRAConfig:
                                   f"(one per equal output slice, e.g. [true, false, true] for q,k,v), got {mask!r}")
         if self.enable_lora and self.init in ("pissa", "olora"):
             raise ConfigError(f"peft.init={self.init} initialises whole layers; it cannot combine with peft.enable_lora")
+
+
+def check_alpha(alpha: float) -> None:
+    """The LoRA family's ``peft.alpha``: the update is scaled by alpha / r, so 0 switches it off and a
+    negative value flips its sign; both are almost surely a mistake."""
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"peft.alpha must be > 0 (the update is scaled by alpha / r), got {alpha}; "
+                          "the usual choice is alpha = 2 * r")
 
 
 @torch.no_grad()

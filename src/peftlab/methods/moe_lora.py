@@ -35,6 +35,7 @@ from ..model.params import freeze
 from ..model.targets import find_targets, linear_shape, peft_target_modules, set_submodule
 from ..registry import Method, StepEffects, register
 from .adapter import decoder_layers
+from .lora import check_alpha
 
 
 @dataclass
@@ -54,6 +55,7 @@ class MoELoRAConfig:
             raise ConfigError(f"peft.num_experts must be >= 1 (or a list of such counts), got {self.num_experts}")
         if self.r < 1:
             raise ConfigError(f"peft.r must be >= 1, got {self.r}")
+        check_alpha(self.alpha)
         if self.top_k < 0 or self.top_k > min(counts):
             raise ConfigError(f"peft.top_k={self.top_k} must be 0 (soft) or between 1 and the smallest "
                               f"expert count {min(counts)}")
