@@ -1,31 +1,44 @@
 """Will vLLM load this LoRA adapter? The rules of vLLM's LoRA loader, applied offline.
 
-vLLM is not a dependency (it needs a GPU build); this module restates what its loader checks
-(``vllm/lora/peft_helper.py`` ``PEFTHelper``, ``vllm/lora/models.py``
-``LoRAModel.from_local_checkpoint``, ``vllm/lora/utils.py`` ``parse_fine_tuned_lora_name``) so an
-adapter can be checked where it is made:
+vLLM is not a dependency (it needs a GPU build); this module restates what the loader of vLLM
+0.34.0 checks (``vllm/lora/peft_helper.py`` ``PEFTHelper``, ``vllm/lora/lora_model.py``
+``LoRAModel.from_local_checkpoint``, ``vllm/lora/utils.py`` ``parse_fine_tuned_lora_name``, and
+the model classes' ``packed_modules_mapping``/``embedding_modules``) so an adapter can be checked
+where it is made. ``tests/test_export_vllm.py`` runs those vLLM 0.34.0 files themselves (copied
+verbatim from the wheel into ``tests/vllm_0_34_0``) on a set of adapters and requires this check
+to agree with them; other vLLM releases differ (noted below where known).
 
-1. ``adapter_config.json`` exists and has ``r``, ``lora_alpha`` and ``target_modules``
-   (``PEFTHelper`` requires them); unknown keys are dropped by vLLM (older vLLM and PEFT releases
-   fail on them, so they are reported as warnings).
-2. ``modules_to_save`` must be empty ("vLLM only supports modules_to_save being None") unless the
-   caller allows it; ``use_dora`` must be false ("vLLM does not yet support DoRA").
-3. ``bias`` must be ``"none"`` (recent vLLM: "Adapter bias is not supported"; older releases
-   accepted it only with ``--enable-lora-bias``).
-4. ``r`` must not exceed the server's ``--max-lora-rank`` (vLLM's default is 16).
+1. ``adapter_config.json`` exists and has ``r`` (> 0), ``lora_alpha`` and ``target_modules``
+   (``PEFTHelper`` requires them); other unknown keys are dropped by vLLM (older vLLM and PEFT
+   releases fail on some, so they are reported as warnings).
+2. ``PEFTHelper._validate_features`` refuses: ``modules_to_save`` other than a classification
+   head (``classifier``/``score``) unless the caller allows it; ``use_dora``; ``lora_bias``;
+   ``init_lora_weights`` naming an init that changes the base when PEFT loads the adapter
+   (``pissa``, ``olora``, ``corda``, ``loftq``...; ``gaussian``, ``eva``, ``orthogonal``, ``mica``,
+   ``lora_ga`` and booleans are fine); ``alora_invocation_tokens``; ``layer_replication``;
+   ``use_bdlora``; ``use_qalora``.
+3. ``bias`` must be ``"none"`` ("Adapter bias is not supported").
+4. The largest of ``r`` and the ``rank_pattern`` ranks must not exceed the server's
+   ``--max-lora-rank`` (vLLM's default is 16).
 5. Weights come from ``adapter_model.safetensors`` (``.bin``/``.pt`` only as a fallback; peftlab
    never writes or reads those). Every tensor name must parse: ``<module>.lora_A.weight``,
-   ``<module>.lora_B.weight``, ``<module>.lora_embedding_A|B`` or ``<module>.bias``, after the
-   optional ``base_model.model.`` prefix. Anything else ("lora_magnitude_vector", an adapter name
-   such as ``lora_A.default.weight``, VeRA/IA3 vectors) is "unsupported LoRA weight".
+   ``<module>.lora_B.weight`` or ``<module>.lora_embedding_A|B`` after the optional
+   ``base_model.model.`` prefix (``...embed_tokens.base_layer.weight``/``...lm_head.base_layer.weight``
+   are skipped). Anything else (``lora_magnitude_vector``, ``lora_B.bias``, an adapter name such as
+   ``lora_A.default.weight``, VeRA/IA3 vectors) is "unsupported LoRA weight".
 6. The last component of every module name must be one of the model's LoRA-capable modules
-   (vLLM's ``supported_lora_modules`` expanded through ``packed_modules_mapping``: q/k/v_proj
-   are packed into ``qkv_proj``, gate/up_proj into ``gate_up_proj``); otherwise "expected target
-   modules in [...] but received [...]". The table below lists the architectures checked.
-7. Silent differences (warnings, not errors): vLLM ignores ``rank_pattern``/``alpha_pattern``
-   (per-layer ranks load but take the global scaling alpha/r: wrong outputs),
-   ``layers_to_transform`` (it loads whatever tensors the file has) and ``fan_in_fan_out``
-   (it assumes [r, in] / [out, r] tensors, which is what PEFT files hold).
+   (vLLM's linear layers expanded through ``packed_modules_mapping`` — q/k/v_proj are packed into
+   ``qkv_proj``, gate/up_proj into ``gate_up_proj`` — plus the model's ``embedding_modules``);
+   otherwise "expected target modules in [...] but received [...]". The table below lists the
+   architectures checked (from vLLM 0.34.0's model files).
+7. Warnings, not errors: ``rank_pattern``/``alpha_pattern`` are applied by vLLM 0.34 but ignored
+   by older releases (per-layer ranks then take the global scaling alpha/r: wrong outputs);
+   ``layers_to_transform`` is not read (vLLM loads whichever tensors the file has);
+   ``fan_in_fan_out`` is not read (vLLM assumes [r, in] / [out, r] tensors, which is what PEFT
+   files hold).
+
+What is not checked against vLLM's code: the per-architecture module table and the
+architectures without LoRA support (the engine refuses those at start-up, outside the loader).
 
 ``check_vllm_compatible(dir)`` returns a ``VLLMReport``; ``python -m peftlab.export.vllm DIR``
 prints it.
@@ -44,25 +57,34 @@ from .adapter import CONFIG_NAME, PEFTLAB_NAME, PICKLE_NAMES, WEIGHTS_NAME
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 
+VLLM_VERSION = "0.34.0"  # the release whose loader this module restates (and the tests run)
+
 _LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# model_type -> leaf module names vLLM accepts LoRA weights for (packed modules expanded).
+_EMBEDDINGS = ("embed_tokens", "lm_head")  # the class's embedding_modules
+# model_type -> leaf module names vLLM 0.34.0 accepts LoRA weights for (packed modules expanded,
+# embedding_modules added), read from vllm/model_executor/models/<arch>.py.
 SUPPORTED_MODULES: dict[str, tuple[str, ...]] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
+    "llama": _LLAMA_LIKE + _EMBEDDINGS,
+    "mistral": _LLAMA_LIKE,  # MistralForCausalLM sets embedding_modules = {}
     "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE + _EMBEDDINGS,
     "gemma2": _LLAMA_LIKE,
     "gemma3": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
-    "granite": _LLAMA_LIKE,
-    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "granite": _LLAMA_LIKE + _EMBEDDINGS,
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") + _EMBEDDINGS,  # a LlamaForCausalLM subclass
 }
+# init_lora_weights values PEFTHelper accepts (strings; booleans always pass)
+VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+# modules_to_save entries vLLM accepts (a classification head)
+VLLM_HEADS = ("classifier", "score")
 # Architectures whose vLLM implementation has no LoRA support at all.
 NO_LORA = {"gpt2": "GPT2LMHeadModel"}
 
 # PEFTHelper's fields: the keys vLLM reads from adapter_config.json.
-VLLM_KEYS = {"r", "lora_alpha", "target_modules", "bias", "modules_to_save", "use_rslora", "use_dora"}
+VLLM_KEYS = {"r", "lora_alpha", "target_modules", "bias", "modules_to_save", "task_type", "use_rslora", "use_dora",
+             "lora_bias", "init_lora_weights", "alora_invocation_tokens", "layer_replication", "use_bdlora",
+             "use_qalora", "rank_pattern", "alpha_pattern"}
 # Keys PEFT itself writes for LoRA that vLLM drops without harm.
 HARMLESS_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "lora_dropout",
@@ -108,17 +130,23 @@ def _model_type(d: Path, config: dict) -> str | None:
 
 
 def parse_lora_name(name: str) -> str | None:
-    """The module path vLLM derives from a tensor name, or None when vLLM cannot parse it."""
+    """The module path vLLM derives from a tensor name, or None when vLLM cannot parse it
+    (``parse_fine_tuned_lora_name``: "unsupported LoRA weight")."""
     if name.startswith("base_model.model."):
         name = name[len("base_model.model."):]
     parts = name.split(".")
     if len(parts) >= 3 and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B"):
         return ".".join(parts[:-2])
+    if len(parts) >= 2 and parts[-1] in ("weight", "bias") and parts[-2] in VLLM_HEADS:
+        return parts[-2]  # a classification head's modules_to_save tensors
     if len(parts) >= 2 and parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
         return ".".join(parts[:-1])
-    if len(parts) >= 3 and parts[-1] == "bias":
-        return ".".join(parts[:-2])
     return None
+
+
+def _is_base_embedding(name: str) -> bool:
+    """Tensors vLLM skips without parsing (``is_base_embedding_weights``)."""
+    return name.endswith((".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight"))
 
 
 def check_vllm_compatible(adapter_dir: str | Path, *, model_type: str | None = None,
@@ -146,21 +174,39 @@ def check_vllm_compatible(adapter_dir: str | Path, *, model_type: str | None = N
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             report.problems.append(f"{CONFIG_NAME} has no {key!r} (a required field of vLLM's PEFTHelper)")
-    if config.get("modules_to_save") and not allow_modules_to_save:
+    heads = [m for m in config.get("modules_to_save") or [] if m not in VLLM_HEADS]
+    if heads and not allow_modules_to_save:
         report.problems.append(
             f"modules_to_save={config['modules_to_save']!r}: vLLM only supports modules_to_save being None "
-            "(save the adapter without modules_to_save, or merge it: peftlab merge)")
+            "(or a classification head) (save the adapter without modules_to_save, or merge it: peftlab merge)")
     if config.get("use_dora"):
         report.problems.append("use_dora=true: vLLM does not support DoRA (merge it instead: peftlab merge)")
+    if config.get("lora_bias"):
+        report.problems.append("lora_bias=true: vLLM does not support LoRA bias (merge it instead: peftlab merge)")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in VLLM_INITS:
+        report.problems.append(
+            f"init_lora_weights={init!r}: PEFT changes the base weights when it loads this adapter and vLLM "
+            "does not (convert it to a plain LoRA delta with PEFT's path_initial_model_for_weight_conversion)")
+    for key, what in (("alora_invocation_tokens", "Activated LoRA (aLoRA)"), ("layer_replication", "layer_replication"),
+                      ("use_bdlora", "block-diagonal LoRA"), ("use_qalora", "QALoRA")):
+        if config.get(key):
+            report.problems.append(f"{key} is set: vLLM does not support {what}")
     if config.get("bias", "none") not in ("none", None):
         report.problems.append(f"bias={config['bias']!r}: vLLM does not load adapter biases (train with bias=none)")
     r = config.get("r")
-    if isinstance(r, int) and r > max_lora_rank:
-        report.problems.append(f"r={r} is greater than the server's max_lora_rank {max_lora_rank} "
-                               f"(start vLLM with --max-lora-rank {_next_rank(r)})")
+    ranks = [v for v in (config.get("rank_pattern") or {}).values()]
+    if "r" in config and (not isinstance(r, int) or r <= 0):
+        report.problems.append(f"r={r!r}: vLLM needs a positive integer rank")
+    if any(not isinstance(v, int) or v <= 0 for v in ranks):
+        report.problems.append(f"rank_pattern={config['rank_pattern']!r}: vLLM needs positive integer ranks")
+    largest = max([v for v in [r, *ranks] if isinstance(v, int)], default=0)
+    if largest > max_lora_rank:
+        report.problems.append(f"rank {largest} is greater than the server's max_lora_rank {max_lora_rank} "
+                               f"(start vLLM with --max-lora-rank {_next_rank(largest)})")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        report.warnings.append("rank_pattern/alpha_pattern are ignored by vLLM: layers with another rank or "
-                               "alpha get the global scaling lora_alpha/r (outputs differ from PEFT's)")
+        report.warnings.append("rank_pattern/alpha_pattern: vLLM 0.34 applies them, older vLLM releases ignore "
+                               "them (layers with another rank or alpha then get lora_alpha/r: wrong outputs)")
     if config.get("layers_to_transform") is not None:
         report.warnings.append("layers_to_transform is ignored by vLLM (it loads whichever tensors the file has)")
     if config.get("fan_in_fan_out"):
@@ -181,6 +227,8 @@ def check_vllm_compatible(adapter_dir: str | Path, *, model_type: str | None = N
         report.problems.append(f"{WEIGHTS_NAME} holds no tensors")
     modules, unparsable = [], []
     for n in names:
+        if _is_base_embedding(n):
+            continue
         module = parse_lora_name(n)
         (unparsable.append(n) if module is None else modules.append(module))
     if unparsable:
@@ -190,7 +238,8 @@ def check_vllm_compatible(adapter_dir: str | Path, *, model_type: str | None = N
         report.problems.append(f"vLLM's {NO_LORA[model_type]} ({model_type}) does not support LoRA adapters")
     elif model_type in SUPPORTED_MODULES:
         allowed = SUPPORTED_MODULES[model_type]
-        bad = sorted({m for m in modules if m.split(".")[-1] not in allowed})
+        saved = tuple(config.get("modules_to_save") or ())
+        bad = sorted({m for m in modules if m.split(".")[-1] not in allowed + saved})
         if bad:
             report.problems.append(
                 f"target modules vLLM does not adapt for {model_type}: {', '.join(sorted({b.split('.')[-1] for b in bad}))} "
