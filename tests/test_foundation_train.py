@@ -47,15 +47,22 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     small = train(run_cfg("llama", tmp_path / "small", *common, "train.batch_size=1", "train.grad_accum=4"))
     # The gradient (its norm, before clipping) and the loss of every step agree to fp32 rounding;
     # dividing each micro-batch by its own token count instead would change both by percents.
+    # Measured (seeds 42, 1-5): loss 1.7e-7 relative (metrics.jsonl keeps 6 decimals), grad norm
+    # 2.7e-6 relative; the tolerances are ~10x that.
     for ma, mb in zip(big.metrics, small.metrics, strict=True):
-        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
-        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=2e-6)
+        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=3e-5)
         assert ma["label_tokens"] == mb["label_tokens"]
     a = load_file(str(big.artifact / "adapter_model.safetensors"))
     b = load_file(str(small.artifact / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
-    for k in a:  # AdamW's g/sqrt(v) amplifies rounding of near-zero gradients: allow 10% of one lr step
-        assert torch.allclose(a[k], b[k], atol=1e-3), k
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    # Nearly every weight agrees to fp32 round-off (99.9% within 3e-7, measured). AdamW's g/sqrt(v)
+    # turns round-off in a near-zero gradient element into a visible update, so a handful of
+    # elements differ more (2-4 of 16,384 beyond 1e-6, the largest 6.3e-5 at seed 42 and 7.6e-5
+    # over seeds 1-5): at most 0.1% may pass 1e-6, and none 6e-4 (6% of one lr step of 1e-2).
+    assert (diff > 1e-6).sum() <= diff.numel() // 1000, (diff > 1e-6).sum()
+    assert diff.max() <= 6e-4, diff.max()
 
 
 def test_token_weighting_matters_for_this_data():
