@@ -91,3 +91,60 @@ def test_cli_bad_input_is_a_clear_error():
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "'attn_q' matches no layer" in out.stderr and "c_attn" in out.stderr
+
+
+# ---------------------------------------------------------------------------- config_overrides (issue 15)
+
+TINY_LLAMA = ["model.name=config:llama", "model.config_overrides.layers=2", "model.config_overrides.hidden=64",
+              "model.config_overrides.heads=4", "model.config_overrides.intermediate=128",
+              "model.config_overrides.vocab=1024"]
+
+
+def test_misspelt_override_is_an_error_with_did_you_mean():
+    """`hiden=64` used to be kept as an unused attribute: a 366M-parameter default model instead of 4M."""
+    cfg = load_config(None, [*TINY_LLAMA, "model.config_overrides.hiden=96"])
+    with pytest.raises(peftlab.errors.ConfigError) as e:
+        load_model(cfg.model, with_tokenizer=False, device="meta")
+    msg = str(e.value)
+    assert "model.config_overrides.hiden" in msg and "did you mean 'hidden'" in msg, msg
+    assert "hidden_size" in msg and "num_key_value_heads" in msg and "kv_heads" in msg, msg  # the valid names
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("hidden=abc", r"model.config_overrides.hidden.*integer.*'abc'"),
+    ("heads=5", r"model.config_overrides.*hidden size \(64\) is not a multiple of the number of attention heads \(5\)"),
+    ("rope_theta=abc", r"model.config_overrides.rope_theta.*number.*'abc'"),
+    ("kv_heads=3", r"model.config_overrides.kv_heads=3.*heads=4.*multiple"),
+    ("vocab=0", r"model.config_overrides.vocab must be >= 1, got 0"),
+    ("layers=-1", r"model.config_overrides.layers must be >= 1, got -1"),
+    ("initializer_range=nan", r"model.config_overrides.initializer_range must be a finite number"),
+    ("rms_norm_eps=-inf", r"model.config_overrides.rms_norm_eps must be a finite number"),
+    ("hidden=1e30", r"model.config_overrides.hidden.*too large"),
+    ("tie_word_embeddings=maybe", r"model.config_overrides.tie_word_embeddings.*true or false"),
+])
+def test_bad_override_values_are_clean_named_errors(override, expect):
+    """Refused before the model is built, so `peftlab params` and `peftlab train` both stop."""
+    cfg = load_config(None, [*TINY_LLAMA, f"model.config_overrides.{override}"])
+    with pytest.raises(peftlab.errors.ConfigError, match=expect):
+        load_model(cfg.model, with_tokenizer=False, device="meta")
+
+
+def test_params_cli_refuses_a_bad_override_without_a_traceback(capsys):
+    from peftlab import cli
+
+    assert cli.main(["params", *TINY_LLAMA, "model.config_overrides.kv_heads=3"]) == 2
+    err = capsys.readouterr().err
+    assert "kv_heads=3" in err and "Traceback" not in err
+
+
+def test_valid_overrides_of_every_spelling_still_apply():
+    cfg = load_config(None, [*TINY_LLAMA, "model.config_overrides.kv_heads=2", "model.config_overrides.rope_theta=5e4",
+                             "model.config_overrides.num_attention_heads=8", "model.config_overrides.attention_dropout=0"])
+    model, _ = load_model(cfg.model, with_tokenizer=False, device="meta")
+    c = model.config
+    assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (64, 8, 2, 1024)
+    assert c.rope_parameters["rope_theta"] == 5e4
+    gpt2 = load_config(None, ["model.name=config:gpt2", "model.config_overrides.n_embd=64",
+                              "model.config_overrides.heads=2", "model.config_overrides.layers=1"])
+    model, _ = load_model(gpt2.model, with_tokenizer=False, device="meta")
+    assert (model.config.n_embd, model.config.n_head, model.config.n_layer) == (64, 2, 1)

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,8 +215,118 @@ def load_tokenizer(name: str):
 # ---------------------------------------------------------------------------- models
 
 
+# Legacy RoPE keys that transformers still takes and folds into ``rope_parameters``.
+ROPE_KEYS = {"rope_theta": float, "partial_rotary_factor": float, "rope_scaling": dict}
+# Keys every config takes through its keyword arguments (PretrainedConfig pops them).
+BASE_KEYS = {"attn_implementation": str, "experts_implementation": str, "output_attentions": bool,
+             "num_labels": int, "torch_dtype": str}
+# Shapes (transformers' standard names): whole numbers >= 1. 2**31 - 1 keeps every count in int64.
+SIZE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "intermediate_size", "head_dim", "max_position_embeddings", "n_inner")
+MAX_SIZE = 2**31 - 1
+POSITIVE_KEYS = ("initializer_range", "rope_theta", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon",
+                 "norm_eps", "partial_rotary_factor")
+
+
+def override_fields(cls) -> dict[str, object]:
+    """Every keyword the architecture's config class takes (attribute-map aliases and peftlab's short
+    names included) -> its annotated type (``object`` when it has none)."""
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(cls, localns={"torch": torch})
+    params = inspect.signature(cls.__init__).parameters.values()
+    fields = {p.name: hints.get(p.name, object) for p in params
+              if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    fields.update({k: t for k, t in BASE_KEYS.items() if k not in fields})
+    if "rope_parameters" in fields:
+        fields.update(ROPE_KEYS)
+    amap = getattr(cls, "attribute_map", {}) or {}
+    aliases = {**SHORT_KEYS, **{k: v for k, v in amap.items()}}
+    for alias, target in aliases.items():
+        target = amap.get(target, target)
+        if target in fields and alias not in fields:
+            fields[alias] = fields[target]
+    return fields
+
+
+def _unknown_override(key: str, arch: str, fields: dict) -> ConfigError:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    short = [k for k in SHORT_KEYS if k in fields]
+    return ConfigError(
+        f"unknown model.config_overrides.{key} for config:{arch} (it would be ignored and the default shape "
+        f"built); {hint}valid names: {', '.join(short)} (short), {', '.join(sorted(set(fields) - set(short)))}"
+    )
+
+
+def _coerce_override(label: str, value, tp):
+    """``value`` as the annotated type when that is a plain scalar (int, float, bool, str, or a union of
+    them with None); other types (lists, dicts, typed dicts) go to transformers as they are."""
+    import typing
+
+    from ..config import coerce
+
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in args:
+            return None
+    scalars = [a for a in args if a in (int, float, bool, str)]
+    errors = []
+    for arg in scalars:
+        try:
+            return coerce(value, arg, label)
+        except ConfigError as e:
+            errors.append(e)
+    if errors and len(scalars) == len([a for a in args if a is not type(None)]):
+        raise errors[0]
+    return value
+
+
+def _check_override_value(label: str, std: str, value) -> None:
+    """Numbers that are certainly wrong: non-finite, a shape below 1 or too large, a scale <= 0."""
+    from ..validate import finite
+
+    if isinstance(value, float):
+        finite(value, label)
+    if std in SIZE_KEYS and isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ConfigError(f"{label} must be >= 1, got {value}")
+        if value > MAX_SIZE:
+            raise ConfigError(f"{label}={value} is too large (at most {MAX_SIZE:,}); check the value")
+    if std in POSITIVE_KEYS and isinstance(value, (int, float)) and value <= 0:
+        raise ConfigError(f"{label} must be > 0, got {value}")
+    if ("dropout" in std or "pdrop" in std) and isinstance(value, (int, float)) and not 0 <= value < 1:
+        raise ConfigError(f"{label} must be in [0, 1), got {value}")
+
+
+def _check_heads(conf, given: dict[str, str]) -> None:
+    """Attention heads against the width and the key/value heads (transformers checks only some)."""
+    hidden = getattr(conf, "hidden_size", None)
+    heads = getattr(conf, "num_attention_heads", None)
+    kv = getattr(conf, "num_key_value_heads", None)
+    name = {std: f"model.config_overrides.{key}" for std, key in given.items()}
+    if isinstance(kv, int) and isinstance(heads, int) and kv > 0 and heads % kv:
+        raise ConfigError(
+            f"{name.get('num_key_value_heads', 'model.config_overrides.kv_heads')}={kv} with heads={heads}: the "
+            "query heads are shared out in groups, so heads must be a multiple of kv_heads; choose kv_heads "
+            f"among {[d for d in range(1, heads + 1) if heads % d == 0]}"
+        )
+    if getattr(conf, "head_dim", None) is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        if hidden % heads:
+            raise ConfigError(f"model.config_overrides: hidden={hidden} is not a multiple of heads={heads}; "
+                              "each head takes hidden / heads dimensions")
+
+
 def model_config_from_name(name: str, overrides: dict | None = None):
-    """The transformers config for ``config:<arch>`` with overrides applied."""
+    """The transformers config for ``config:<arch>`` with overrides applied.
+
+    Every override is checked against the architecture's config class before anything is built:
+    an unknown name (``hiden``) is an error with a did-you-mean, a value of the wrong type or out of
+    range (``hidden=abc``, ``vocab=0``, ``kv_heads=3`` with ``heads=4``) is an error naming the key.
+    """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -226,11 +337,35 @@ def model_config_from_name(name: str, overrides: dict | None = None):
         )
     cls = CONFIG_MAPPING[arch]
     amap = getattr(cls, "attribute_map", {}) or {}
-    kwargs = {}
+    standard = {v: k for k, v in amap.items()}
+    fields = override_fields(cls)
+    kwargs, given = {}, {}
     for key, value in (overrides or {}).items():
-        key = SHORT_KEYS.get(key, key)
-        kwargs[amap.get(key, key)] = value
-    return AutoConfig.for_model(arch, **kwargs)
+        key = str(key)
+        if key not in fields:
+            raise _unknown_override(key, arch, fields)
+        label = f"model.config_overrides.{key}"
+        hf = amap.get(SHORT_KEYS.get(key, key), SHORT_KEYS.get(key, key))
+        value = _coerce_override(label, value, fields[key])
+        _check_override_value(label, standard.get(hf, hf), value)
+        kwargs[hf], given[standard.get(hf, hf)] = value, key
+    shown = ", ".join(f"{key}={value!r}" for key, value in (overrides or {}).items())
+    conf = _build_config(AutoConfig, arch, kwargs, shown)
+    _check_heads(conf, given)
+    return conf
+
+
+def _build_config(auto, arch: str, kwargs: dict, shown: str):
+    """``AutoConfig.for_model`` with transformers' own checks (``heads`` dividing ``hidden``) as ConfigError."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: transformers raises ValueError itself
+        StrictDataclassError = ValueError  # noqa: N806
+    try:
+        return auto.for_model(arch, **kwargs)
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"model.config_overrides ({shown}) do not make a valid config:{arch}: {cause}") from None
 
 
 def is_config_name(name: str) -> bool:
