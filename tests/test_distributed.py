@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,26 +105,87 @@ def test_fsdp_two_processes_match_one(one_process, data, tmp_path):
     assert_same_training(out, one_process)
 
 
+# Run by `python` (one process) or by torchrun on each rank: trains, and with KILL_AFTER=k rank 0
+# SIGKILLs itself as soon as step k is logged (no cleanup, no atexit); torchrun then stops the others.
+LAUNCHED = """
+import json, os, signal, sys
+from peftlab.configure import load_config
+from peftlab.train.loop import train
+kill_after, resume, args = int(sys.argv[1]), sys.argv[2] == "resume", json.loads(sys.argv[3])
+callbacks = [lambda rec: rec["step"] == kill_after and os.kill(os.getpid(), signal.SIGKILL)] if kill_after else []
+train(load_config(None, args), resume=resume, callbacks=callbacks)
+"""
+
+
+def launch(tmp: Path, args: list[str], processes: int, kill_after: int = 0,
+           resume: bool = False) -> subprocess.CompletedProcess:
+    """One training run in fresh processes; with ``kill_after`` it must die by SIGKILL after that step."""
+    script = tmp / "launched.py"
+    script.write_text(LAUNCHED)
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    head = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
+    proc = subprocess.run([*head, str(script), str(kill_after), "resume" if resume else "fresh", json.dumps(args)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    if not kill_after:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    elif processes == 1:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    else:  # torchrun reports the rank that died and stops the other
+        assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def assert_killed_after(run: Path, step: int) -> None:
+    """What a run killed after ``step`` (checkpoints every 2 steps) left behind: no artifact."""
+    assert [r["step"] for r in metrics(run)] == list(range(1, step + 1))
+    assert not (run / "summary.json").exists() and not (run / "adapter").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp", "fsdp_grad_op"])
-def test_fsdp_resume_restores_sharded_state(one_process, data, tmp_path, mode):
-    """Both FSDP modes match one process, and a resumed run (sharded optimiser state rebuilt from
-    the gathered checkpoint) ends bit-identical to the uninterrupted run."""
-    out = tmp_path / "fsdp"
-    args = overrides(data, out, **{"train.grad_accum": 2, "train.distributed": mode, "train.save_every": 2})
-    proc = torchrun(args)
+def test_fsdp_killed_mid_run_resumes_bit_identical(one_process, data, tmp_path, mode):
+    """Both FSDP modes match one process; a run killed by SIGKILL after step 3 and resumed from its
+    step-2 checkpoint (sharded optimiser state rebuilt from the gathered checkpoint) ends
+    bit-identical to the uninterrupted run."""
+    def args(out: Path) -> list[str]:
+        return overrides(data, out, **{"train.grad_accum": 2, "train.distributed": mode, "train.save_every": 2})
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    proc = launch(tmp_path, args(whole), 2)
     assert f"2 processes ({mode})" in proc.stderr
-    assert_same_training(out, one_process)
-    first = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    (out / "summary.json").unlink()
-    shutil.rmtree(out / "adapter")
-    shutil.rmtree(out / "checkpoints" / "step-000004")
-    proc = torchrun(args, resume=True)
+    assert_same_training(whole, one_process)
+    launch(tmp_path, args(killed), 2, kill_after=3)
+    assert_killed_after(killed, 3)
+    proc = launch(tmp_path, args(killed), 2, resume=True)
     assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
-    assert_same_training(out, one_process)
-    again = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert_same_training(killed, one_process)
+    first = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    again = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
     for k in first:
         assert torch.equal(first[k], again[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("written, resumed", [(2, 1), (1, 2)])
+def test_a_checkpoint_written_by_n_processes_resumes_on_m(one_process, data, tmp_path, written, resumed):
+    """Killed after step 3 on ``written`` processes, resumed from step 2 on ``resumed`` (FSDP where
+    there are two: the gathered checkpoint is re-sharded, or a sharded run's checkpoint is loaded
+    whole). The global batch is kept (batch 2 x grad_accum x processes = 8) and dropout is 0, so
+    the run equals the uninterrupted one-process run to cross-rank round-off."""
+    out = tmp_path / "run"
+
+    def args(processes: int) -> list[str]:
+        return overrides(data, out, **{"train.grad_accum": 4 // processes, "train.distributed": "fsdp",
+                                       "train.save_every": 2})
+
+    launch(tmp_path, args(written), written, kill_after=3)
+    assert_killed_after(out, 3)
+    proc = launch(tmp_path, args(resumed), resumed, resume=True)
+    assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
+    assert f"written by {written} process(es), this run has {resumed}" in proc.stderr  # the dropout warning
+    assert_same_training(out, one_process)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == resumed
 
 
 def test_one_process_needs_no_engine():
