@@ -11,8 +11,9 @@
 
 The directory is built in a temp directory, fsynced and renamed into place (``io.atomic_dir``),
 so a kill at any instant leaves either no ``step-N`` or a complete one. A checkpoint whose
-manifest does not verify (a file lost or damaged afterwards) is torn: ``latest_checkpoint``
-skips it with a warning and falls back to the previous one. Rotation keeps
+manifest does not verify (a file lost or damaged afterwards, or a manifest naming a file outside
+its folder, which is never read) is torn: ``latest_checkpoint`` skips it with a warning and falls
+back to the previous one. Rotation keeps
 ``save_total_limit`` complete checkpoints and never deletes the newest good one.
 
 Nothing here unpickles: tensors come from safetensors, everything else from JSON, and a
