@@ -144,3 +144,63 @@ def test_bad_line_in_streaming_is_named(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl line 2: field 'text' must be a string, got int"):
         list(stream_examples(DataConfig(path=str(path), objective="pretrain", block_size=2), tokenizer_for("gpt2")))
     assert len(list(read_records(path, bad=BadRecords()))) == 1
+
+
+# ---------------------------------------------------------------------------- issue 15: BOM, positions, shapes
+
+
+@pytest.mark.parametrize("suffix", ["json", "jsonl", "csv", "txt"])
+def test_a_utf8_byte_order_mark_is_read_as_nothing(tmp_path, suffix):
+    """Excel's "CSV UTF-8" and many Windows editors start the file with EF BB BF."""
+    if suffix == "txt":
+        plain, with_bom = tmp_path / "d.txt", tmp_path / "bom.txt"
+        plain.write_text("first document\nsecond\n")
+    else:
+        plain = write_all(tmp_path)[suffix]
+        with_bom = tmp_path / f"bom.{suffix}"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    expected = [r for _, r in iter_source(plain)]
+    got = [r for _, r in iter_source(with_bom)]
+    assert got == expected and all(not isinstance(r, sources.Bad) for r in got)
+    assert not any(str(k).startswith("\ufeff") or str(v).startswith("\ufeff") for r in got for k, v in r.items())
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 13])
+def test_invalid_json_position_is_pythons(tmp_path, monkeypatch, chunk):
+    """The line and column of a truncated or damaged .json file are where Python's json parser
+    stops (they used to count from the start of the reader's buffer: column 59 for Python's 243)."""
+    monkeypatch.setattr(sources, "_CHUNK", chunk)
+    text = json.dumps(RECORDS[:6]) + "\n"
+    multi = json.dumps(RECORDS[:3], indent=1)
+    path = tmp_path / "d.json"
+    cases = [text[:242], text[:120], text[:-3], text[:150] + text[150:].replace(', "output"', ' "output"', 1), multi[:150], multi[:-4],
+             multi.replace('"output"', "output", 2)]
+    for broken in cases:
+        path.write_text(broken)
+        with pytest.raises(json.JSONDecodeError) as ref:
+            json.loads(broken)
+        with pytest.raises(DataError) as ours:
+            list(sources.iter_json(path))
+        want = f"{path} line {ref.value.lineno} column {ref.value.colno}: "
+        assert str(ours.value).startswith(want), (broken[-30:], str(ours.value), want)
+
+
+def test_nul_bytes_in_a_text_file_are_refused_naming_file_and_line(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"a good line\nanother\nbin\x00ary junk\n")
+    with pytest.raises(DataError, match=r"corpus.txt line 3: .*NUL"):
+        list(read_records(path))
+    assert len(list(read_records(path, bad=BadRecords()))) == 2  # skippable like any bad record
+
+
+def test_a_top_level_json_object_is_refused_unless_it_holds_data(tmp_path):
+    """One object used to become one record: a dict of splits or of ids trained on a single example."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"train": RECORDS[:3], "test": RECORDS[3:5]}))
+    with pytest.raises(DataError, match=r"d.json: the file holds one JSON object.*\[\{\.\.\.\}, \.\.\.\].*\"data\".*'train'"):
+        list(iter_source(path))
+    path.write_text(json.dumps(RECORDS[0]))
+    with pytest.raises(DataError, match=r"d.json: the file holds one JSON object .*instruction"):
+        list(iter_source(path))
+    path.write_text("\ufeff" + json.dumps({"data": RECORDS[:3]}))
+    assert [r for _, r in iter_source(path)] == RECORDS[:3]

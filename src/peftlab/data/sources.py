@@ -44,8 +44,13 @@ def _need_pyarrow(what: str):
 # ---------------------------------------------------------------------------- one file
 
 
+def _open_text(path: Path, newline: str | None = None):
+    """UTF-8 text; a leading byte-order mark (Excel's "CSV UTF-8", Windows editors) is dropped."""
+    return path.open(encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -55,91 +60,142 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
             except json.JSONDecodeError as e:
                 yield where, Bad(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
                                  "each line of a .jsonl file must be one JSON object")
+            except RecursionError:
+                yield where, Bad(f"{where}: the JSON is nested too deeply to read")
+
+
+class _Window:
+    """The part of a text file read so far and not yet consumed: ``text`` starts at line ``line``,
+    ``col`` characters into it, so any position in ``text`` maps back to the file's line and column."""
+
+    def __init__(self, f):
+        self.f, self.text, self.eof, self.line, self.col = f, "", False, 1, 0
+        self.fill(0)
+
+    def fill(self, pos: int, size: int | None = None) -> int:
+        """Drop ``text[:pos]``, read ``size`` more characters (default one chunk, -1 the rest); returns
+        the new index of ``pos``, 0."""
+        dropped = self.text[:pos]
+        newline = dropped.rfind("\n")
+        self.line += dropped.count("\n")
+        self.col = len(dropped) - newline - 1 if newline >= 0 else self.col + len(dropped)
+        more = self.f.read(_CHUNK if size is None else size)
+        self.eof = self.eof or not more or size == -1
+        self.text = self.text[pos:] + more
+        return 0
+
+    def skip_space(self, pos: int) -> int:
+        while True:
+            while pos < len(self.text) and self.text[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(self.text) or self.eof:
+                return pos
+            pos = self.fill(pos)
+
+    def where(self, at: int) -> str:
+        """``line L column C`` of ``text[at]``, counted as Python's json module counts them."""
+        newline = self.text.rfind("\n", 0, at)
+        column = at - newline if newline >= 0 else self.col + at + 1
+        line = self.line + self.text.count("\n", 0, at)
+        return f"line {line} column {column}"
+
+
+def _json_error(path: Path, w: _Window, at: int, what: str) -> DataError:
+    return DataError(f"{path} {w.where(at)}: not valid JSON ({what})")
 
 
 def iter_json(path: Path) -> Iterator[tuple[str, object]]:
     """Records of a JSON array, decoded one at a time (a file may be larger than memory).
 
-    A top-level object is one record, or ``{"data": [...]}`` (read whole).
+    ``{"data": [...]}`` is read whole; any other top-level object is refused (one object taken as
+    one record was almost always a dict of splits or of ids, trained on as a single example).
     """
-    decoder = json.JSONDecoder()
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
-        buf, pos, lines_before, eof = f.read(_CHUNK), 0, 0, False
+    with _open_text(path) as f:
+        w = _Window(f)
+        pos = w.skip_space(0)
+        head = w.text[pos:pos + 1]
+        if head == "{":
+            yield from _json_object(path, w, pos)
+        elif head == "[":
+            yield from _json_array(path, w, pos + 1)
+        elif not w.text.strip():
+            raise DataError(f"{path}: the file is empty; it should hold a JSON array of records")
+        else:
+            raise _json_error(path, w, pos, "expected '[' at the start; the file must hold one JSON array of "
+                                            "records (or use .jsonl, one record a line)")
 
-        def fail(msg: str, at: int):
-            line = lines_before + buf.count("\n", 0, at) + 1
-            column = at - buf.rfind("\n", 0, at)  # exact unless the line began before the buffer
-            raise DataError(f"{path} line {line} column {column}: not valid JSON ({msg}); the file must hold one "
-                            "JSON array of records (or use .jsonl, one record a line)")
 
-        def skip_space(p: int) -> int:
-            while p < len(buf) and buf[p] in " \t\r\n":
-                p += 1
-            return p
+def _json_object(path: Path, w: _Window, pos: int) -> Iterator[tuple[str, object]]:
+    """A top-level object: ``{"data": [records]}`` or an error that says what shape is expected."""
+    pos = w.fill(pos, -1)
+    try:
+        data, end = json.JSONDecoder().raw_decode(w.text, pos)
+    except json.JSONDecodeError as e:
+        raise _json_error(path, w, e.pos, e.msg) from None
+    except RecursionError:
+        raise _json_error(path, w, pos, "nested too deeply to read") from None
+    end = w.skip_space(end)
+    if end < len(w.text):
+        raise _json_error(path, w, end, "extra data after the top-level object")
+    if isinstance(data.get("data"), list):
+        for i, rec in enumerate(data["data"]):
+            yield f"{path} record {i}", rec
+        return
+    keys = ", ".join(repr(k) for k in list(data)[:8]) + (", ..." if len(data) > 8 else "")
+    lists = [repr(k) for k, v in data.items() if isinstance(v, list)]
+    raise DataError(
+        f"{path}: the file holds one JSON object (keys {keys or 'none'}), not a list of records; a .json data "
+        'file is an array of records [{...}, ...] or {"data": [{...}, ...]}'
+        + (f"; the lists under {', '.join(lists)} look like records: give each its own file" if lists else
+           "; for a single record write [{...}], or use .jsonl (one record a line)")
+    )
 
-        pos = skip_space(pos)
-        if buf[pos:pos + 1] == "{":  # one object: a record, or {"data": [...]}
-            text = buf + f.read()
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
-            records = data["data"] if isinstance(data.get("data"), list) else [data]
-            for i, rec in enumerate(records):
-                yield f"{path} record {i}", rec
+
+def _json_array(path: Path, w: _Window, pos: int) -> Iterator[tuple[str, object]]:
+    """The records of an array whose '[' ends before ``pos``, one ``raw_decode`` at a time."""
+    decoder, index, need_comma = json.JSONDecoder(), 0, False
+    while True:
+        pos = w.skip_space(pos)
+        if pos >= len(w.text) - 1 and not w.eof:  # keep at least one character of lookahead
+            pos = w.fill(pos)
+            continue
+        if pos >= len(w.text):
+            raise _json_error(path, w, pos, "the file ends before the array is closed with ']' (truncated?)")
+        ch = w.text[pos]
+        if ch == "]":
+            _json_end(path, w, pos + 1)
             return
-        if buf[pos:pos + 1] != "[":
-            if not buf.strip():
-                raise DataError(f"{path}: the file is empty; it should hold a JSON array of records")
-            fail("expected '[' at the start", pos)
-        pos += 1
-        index, need_comma = 0, False
-        while True:
-            pos = skip_space(pos)
-            if pos >= len(buf) - 1 and not eof:  # keep at least one character of lookahead
-                more = f.read(_CHUNK)
-                eof = not more
-                lines_before += buf.count("\n", 0, pos)
-                buf, pos = buf[pos:] + more, 0
+        if need_comma:
+            if ch != ",":
+                raise _json_error(path, w, pos, f"expected ',' or ']' after record {index - 1}")
+            pos, need_comma = pos + 1, False
+            continue
+        try:
+            rec, end = decoder.raw_decode(w.text, pos)
+        except json.JSONDecodeError as e:
+            if not w.eof:  # maybe the record is cut by the buffer: read on and retry
+                pos = w.fill(pos, max(_CHUNK, len(w.text)))
                 continue
-            if pos >= len(buf):
-                fail("the array is not closed with ']'", pos)
-            ch = buf[pos]
-            if ch == "]":
-                # Nothing but white space may follow: a second array (a file appended to itself,
-                # two files concatenated) must not load half the data silently.
-                pos = skip_space(pos + 1)
-                while pos >= len(buf) and not eof:
-                    more = f.read(_CHUNK)
-                    eof = not more
-                    lines_before += buf.count("\n")
-                    buf, pos = more, 0
-                    pos = skip_space(pos)
-                if pos < len(buf):
-                    fail("extra data after the array's closing ']' (two arrays in one file?)", pos)
-                return
-            if need_comma:
-                if ch != ",":
-                    fail(f"expected ',' or ']' after record {index - 1}", pos)
-                pos, need_comma = pos + 1, False
-                continue
-            try:
-                rec, end = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError as e:
-                if not eof:  # maybe the record is cut by the buffer: read on and retry
-                    more = f.read(max(_CHUNK, len(buf)))
-                    eof = not more
-                    lines_before += buf.count("\n", 0, pos)
-                    buf, pos = buf[pos:] + more, 0
-                    continue
-                fail(f"{e.msg} in record {index}", e.pos)
-            yield f"{path} record {index}", rec
-            index, pos, need_comma = index + 1, end, True
+            cut = e.pos >= len(w.text.rstrip())
+            raise _json_error(path, w, e.pos, f"the file ends inside record {index} (truncated?)" if cut
+                              else f"{e.msg} in record {index}") from None
+        except RecursionError:
+            raise _json_error(path, w, pos, f"record {index} is nested too deeply to read") from None
+        yield f"{path} record {index}", rec
+        index, pos, need_comma = index + 1, end, True
+
+
+def _json_end(path: Path, w: _Window, pos: int) -> None:
+    """Nothing but white space may follow the array: a second array (a file appended to itself, two
+    files concatenated) must not load half the data silently."""
+    pos = w.skip_space(pos)
+    if pos < len(w.text):
+        raise _json_error(path, w, pos, "extra data after the array's closing ']' (two arrays in one file?)")
 
 
 def iter_csv(path: Path) -> Iterator[tuple[str, object]]:
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with _open_text(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             return
@@ -153,12 +209,16 @@ def iter_csv(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def iter_txt(path: Path) -> Iterator[tuple[str, object]]:
-    """One document a line (empty lines skipped): ``{"text": line}``."""
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+    """One document a line (empty lines skipped): ``{"text": line}``. A NUL byte means a binary file."""
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
-            if line.strip():
-                yield f"{path} line {lineno}", {"text": line}
+            where = f"{path} line {lineno}"
+            if "\x00" in line:
+                yield where, Bad(f"{where}: a NUL byte at character {line.index(chr(0)) + 1}; a .txt source is "
+                                 "text, one document a line (is this a binary file?)")
+            elif line.strip():
+                yield where, {"text": line}
 
 
 def iter_parquet(path: Path) -> Iterator[tuple[str, object]]:
