@@ -120,6 +120,18 @@ def sweep_stale(path: str | Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def publish_modes(directory: Path) -> None:
+    """Give every entry under ``directory`` the mode the umask gives an ordinary file or directory.
+
+    Writers that create private files (safetensors' ``save_file`` makes them 0600, ``mkstemp``
+    too) would otherwise leave merged models and adapters unreadable to other users or a serving
+    account, while the JSON next to them is 0644.
+    """
+    for p in directory.rglob("*"):
+        if not p.is_symlink():
+            ordinary_permissions(p, directory=p.is_dir())
+
+
 def _fsync_tree(directory: Path) -> None:
     for p in directory.rglob("*"):
         if p.is_file():
@@ -143,6 +155,7 @@ def atomic_dir(path: str | Path, manifest: bool = True) -> Iterator[Path]:
         yield tmp
         if manifest:
             write_manifest(tmp)
+        publish_modes(tmp)
         _fsync_tree(tmp)
         old = None
         if path.exists():

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..io import ordinary_permissions, publish_modes
 
 DTYPES = {
     "float32": torch.float32,
@@ -162,6 +163,8 @@ def asset_dir(name: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "peftlab_asset.json").write_text(json.dumps({"asset": asset.name, "source": str(gguf)}))
+        publish_modes(tmp)  # safetensors and mkdtemp make private entries; the cache is for every user
+        ordinary_permissions(tmp, directory=True)
         if out.exists():  # a half-written directory from an interrupted conversion
             shutil.rmtree(out)
         os.replace(tmp, out)
