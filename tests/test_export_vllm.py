@@ -6,9 +6,12 @@ import ast
 import base64
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -99,7 +102,12 @@ def test_names_patterns_and_unknown_keys(bases, tmp_path):
 
 # ---------------------------------------------------------------------------- vLLM's own loader code
 
-VLLM_SRC = Path(__file__).with_name("vllm_0_34_0")
+VLLM_VERSION = "0.34.0"
+# vLLM's LoRA loader is pure Python, but vLLM itself is a CUDA build with a large dependency tree:
+# the test reads the four files it executes straight out of the PyPI wheel (downloaded once with
+# ``pip download --no-deps``, ~240 MB, kept in PEFTLAB_TEST_WHEELS or ~/.cache/peftlab/wheels; .ci/run
+# fetches it), each checked against the hash the wheel's own RECORD lists. Nothing of vLLM is committed.
+WHEELS = Path(os.environ.get("PEFTLAB_TEST_WHEELS", Path.home() / ".cache" / "peftlab" / "wheels"))
 VLLM_RECORD = {  # sha256 of each file in the vllm-0.34.0 wheel's RECORD (urlsafe base64)
     "peft_helper": "dTTGYCrktvmsZQrDl7GDjTTRxM9HA41wd6WZW9Brz2k",
     "lora_model": "UzSybHLAlTIh9qyySV7K3X4EKuwpogwHDXAz-9h1tx0",
@@ -113,10 +121,24 @@ VLLM_LLAMA_SUPPORTED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embe
 VLLM_LLAMA_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
+def _vllm_wheel() -> Path:
+    found = sorted(WHEELS.glob(f"vllm-{VLLM_VERSION}-*.whl"))
+    if not found:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"vllm=={VLLM_VERSION}",
+                            "-d", str(WHEELS)], capture_output=True, text=True)
+        found = sorted(WHEELS.glob(f"vllm-{VLLM_VERSION}-*.whl"))
+        if not found:
+            pytest.skip(f"vllm=={VLLM_VERSION}'s wheel is not in {WHEELS} and pip could not download it "
+                        f"({r.stderr.strip()[-300:]}); run: pip download --no-deps vllm=={VLLM_VERSION} -d {WHEELS}")
+    return found[-1]
+
+
 def _vllm_source(name: str) -> str:
-    raw = (VLLM_SRC / f"{name}.py.txt").read_bytes()
+    """``vllm/lora/<name>.py`` from the wheel, checked against the hash in the wheel's RECORD."""
+    with zipfile.ZipFile(_vllm_wheel()) as wheel:
+        raw = wheel.read(f"vllm/lora/{name}.py")
     assert base64.urlsafe_b64encode(hashlib.sha256(raw).digest()).rstrip(b"=").decode() == VLLM_RECORD[name], (
-        f"{name}.py.txt is not the file the vllm-0.34.0 wheel ships")
+        f"vllm/lora/{name}.py is not the file the vllm-{VLLM_VERSION} wheel ships")
     return raw.decode()
 
 
@@ -147,7 +169,7 @@ def vllm():
                  if (isinstance(n, ast.FunctionDef) and n.name in keep)
                  or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in keep for t in n.targets))]
     assert len(tree.body) == len(keep), "vLLM's utils.py no longer defines what the test executes"
-    exec(compile(tree, str(VLLM_SRC / "utils.py.txt"), "exec"), utils.__dict__)
+    exec(compile(tree, "vllm/lora/utils.py", "exec"), utils.__dict__)
     stubs["vllm.lora.utils"] = utils
     saved = {k: sys.modules.get(k) for k in [*stubs, "vllm.lora.peft_helper", "vllm.lora.lora_weights",
                                               "vllm.lora.lora_model"]}
@@ -157,7 +179,7 @@ def vllm():
         for name in ("peft_helper", "lora_weights", "lora_model"):
             module = types.ModuleType(f"vllm.lora.{name}")
             sys.modules[module.__name__] = module
-            exec(compile(_vllm_source(name), str(VLLM_SRC / f"{name}.py.txt"), "exec"), module.__dict__)
+            exec(compile(_vllm_source(name), f"vllm/lora/{name}.py", "exec"), module.__dict__)
             loaded[name] = module
     finally:
         for k, v in saved.items():

@@ -4,8 +4,8 @@ vLLM is not a dependency (it needs a GPU build); this module restates what the l
 0.34.0 checks (``vllm/lora/peft_helper.py`` ``PEFTHelper``, ``vllm/lora/lora_model.py``
 ``LoRAModel.from_local_checkpoint``, ``vllm/lora/utils.py`` ``parse_fine_tuned_lora_name``, and
 the model classes' ``packed_modules_mapping``/``embedding_modules``) so an adapter can be checked
-where it is made. ``tests/test_export_vllm.py`` runs those vLLM 0.34.0 files themselves (copied
-verbatim from the wheel into ``tests/vllm_0_34_0``) on a set of adapters and requires this check
+where it is made. ``tests/test_export_vllm.py`` runs those vLLM 0.34.0 files themselves (read
+out of the PyPI wheel, never committed) on a set of adapters and requires this check
 to agree with them; other vLLM releases differ (noted below where known).
 
 1. ``adapter_config.json`` exists and has ``r`` (> 0), ``lora_alpha`` and ``target_modules``
