@@ -123,7 +123,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "max_rows": 0}
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "max_rows": 0, "cancelled": 0}
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -182,6 +182,12 @@ class Engine:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
+    def cancel(self, seq: Sequence) -> None:
+        """Ask the engine thread to finish ``seq`` as cancelled (safe from any thread): a waiting
+        request leaves the queue and a running row the batch at the next step."""
+        seq.cancel()
+        self._wake.set()
+
     def abort(self, seq: Sequence) -> None:
         """Finish ``seq`` as cancelled now, wherever it is. After a ``step`` interrupted half-way (Ctrl-C
         in ``peftlab chat``) the cache may be torn, so a lone running row takes the cache with it."""
@@ -205,6 +211,11 @@ class Engine:
     def step(self) -> bool:
         """Admit, prefill, decode once; returns whether there was anything to do."""
         self._drop([s for s in self.running if s.cancelled], "cancelled")
+        with self._lock:
+            gone = [s for s in self.waiting if s.cancelled]
+        for seq in gone:  # free their places in the queue now, not when a batch slot frees up
+            self._remove_waiting(seq)
+            self._finish(seq, "cancelled")
         admitted = self._admit()
         if not self.running and not admitted:
             return False
@@ -402,6 +413,7 @@ class Engine:
             if reason == "stop" or reason == "length":
                 self._flush_text(seq)
             seq.finish_reason = reason
+            self.stats["cancelled"] += reason == "cancelled"
             seq._emit("done", reason)
         seq._done.set()
 

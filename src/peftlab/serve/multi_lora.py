@@ -324,18 +324,7 @@ class MultiLoRAModel(nn.Module):
         _validate_name(name)
         if name in self.adapters:
             raise ConfigError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
-        for path, (a, b) in factors.items():  # check everything before touching any layer
-            module = self.model.get_submodule(path) if _has(self.model, path) else None
-            if module is None:
-                raise ConfigError(f"adapter {name!r}: the base model has no layer {path!r} "
-                                  "(trained on another base model?)")
-            base = module.base_layer if isinstance(module, MultiLoRALinear) else module
-            if not is_linear(base):
-                raise ConfigError(f"adapter {name!r}: {path!r} is a {type(base).__name__}, not a linear layer")
-            in_f, out_f = linear_shape(base)
-            if a.shape[1] != in_f or b.shape[0] != out_f:
-                raise ConfigError(f"adapter {name!r}: {path} has A {tuple(a.shape)}, B {tuple(b.shape)} but the layer "
-                                  f"is in={in_f}, out={out_f} (trained on another base model?)")
+        self.check_factors(name, factors)  # check everything before touching any layer
         slot = self._free_slot()
         if slot >= self._slots:
             self._slots = max(slot + 1, 2 * self._slots)
@@ -350,13 +339,36 @@ class MultiLoRAModel(nn.Module):
         self.adapters[name] = info
         return info
 
-    def load(self, name: str, adapter_dir: str | Path) -> AdapterInfo:
-        """Load a LoRA adapter directory (peftlab's or Hugging Face PEFT's) as ``name``."""
+    def check_factors(self, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Raise ConfigError unless every (A [r, in], B [out, r]) fits a linear layer of this base."""
+        for path, (a, b) in factors.items():
+            module = self.model.get_submodule(path) if _has(self.model, path) else None
+            if module is None:
+                raise ConfigError(f"adapter {name!r}: the base model has no layer {path!r} "
+                                  "(trained on another base model?)")
+            base = module.base_layer if isinstance(module, MultiLoRALinear) else module
+            if not is_linear(base):
+                raise ConfigError(f"adapter {name!r}: {path!r} is a {type(base).__name__}, not a linear layer")
+            in_f, out_f = linear_shape(base)
+            if a.shape[1] != in_f or b.shape[0] != out_f:
+                raise ConfigError(f"adapter {name!r}: {path} has A {tuple(a.shape)}, B {tuple(b.shape)} but the layer "
+                                  f"is in={in_f}, out={out_f} (trained on another base model?)")
+
+    def check_dir(self, name: str, adapter_dir: str | Path) -> tuple[dict, dict]:
+        """(config, factors) of a LoRA adapter directory that fits this base; ConfigError otherwise
+        (another method, a damaged file, another base's shapes or weights). Changes nothing."""
         adapter_dir = Path(adapter_dir)
         config, factors = read_lora_dir(adapter_dir)
         _, record = read_adapter_config(adapter_dir)
         if record:
             check_fingerprint(adapter_dir, record, self.model)
+        self.check_factors(name, factors)
+        return config, factors
+
+    def load(self, name: str, adapter_dir: str | Path) -> AdapterInfo:
+        """Load a LoRA adapter directory (peftlab's or Hugging Face PEFT's) as ``name``."""
+        adapter_dir = Path(adapter_dir)
+        config, factors = self.check_dir(name, adapter_dir)
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         rslora = bool(config.get("use_rslora", False))
         return self.add(name, factors, lora_scaling(alpha, r, rslora), alpha=alpha, use_rslora=rslora,

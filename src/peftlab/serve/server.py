@@ -202,16 +202,23 @@ class Api:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise ApiError(413, f"the request body is {length} bytes; the limit is {limit}", "request_too_large")
+        from starlette.requests import ClientDisconnect
+
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the request body is over the limit of {limit} bytes", "request_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"the request body is over the limit of {limit} bytes", "request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # nobody to answer; not a server error either
+            raise ApiError(400, "the client disconnected while sending the body", "client_disconnected") from None
         try:
             body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+        except RecursionError:  # json's decoder refuses nesting deeper than Python's recursion limit
+            raise ApiError(400, "the request body is not valid JSON: it is nested too deeply", "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_json")
         return body
@@ -255,7 +262,7 @@ class Api:
                                 f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} ({total} in all). "
                                 "Shorten the prompt or lower max_tokens", "context_length_exceeded", param)
 
-    async def respond(self, reply: Reply, body: dict, model: str, seq: Sequence):
+    async def respond(self, reply: Reply, body: dict, model: str, seq: Sequence, request):
         """Run ``seq`` and answer in ``reply``'s words: one JSON object, or (``stream: true``) its chunks."""
         from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -279,8 +286,9 @@ class Api:
 
         queue = self.submit(seq)
         if not stream:
-            await self.wait(seq, queue)
+            await self.wait(seq, queue, request)
             return JSONResponse({**head(reply.final_object), "choices": [reply.answer(seq)], "usage": _usage(seq)})
+        # Starlette cancels a streaming response when its client disconnects: events' finally cancels the row
         return StreamingResponse(self.events(seq, queue, chunks), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -297,21 +305,30 @@ class Api:
             raise ApiError(400, str(e), "invalid_value") from None
         return queue
 
-    @staticmethod
-    async def wait(seq: Sequence, queue: asyncio.Queue) -> None:
+    async def wait(self, seq: Sequence, queue: asyncio.Queue, request) -> None:
+        """Wait for ``seq`` to finish; a client that disconnects first cancels it (frees its row)."""
+
+        async def watch() -> None:  # the body is read: the next ASGI message comes when the client leaves
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            queue.put_nowait(("disconnect", None))
+
+        watcher = asyncio.create_task(watch())
         try:
             while True:
                 kind, data = await queue.get()
                 if kind == "error":
                     raise ApiError(500, f"generation failed: {data}", "generation_error", kind="server_error")
+                if kind == "disconnect":
+                    raise ApiError(400, "the client disconnected", "client_disconnected")
                 if kind == "done":
                     return
         finally:
+            watcher.cancel()
             if not seq.done:
-                seq.cancel()
+                self.engine.cancel(seq)
 
-    @staticmethod
-    async def events(seq: Sequence, queue: asyncio.Queue, chunks):
+    async def events(self, seq: Sequence, queue: asyncio.Queue, chunks):
         try:
             for chunk in chunks(None, first=True):
                 yield _sse(chunk)
@@ -331,7 +348,7 @@ class Api:
             yield "data: [DONE]\n\n"
         finally:
             if not seq.done:
-                seq.cancel()  # the client went away: free the row
+                self.engine.cancel(seq)  # the client went away: free the row
 
 
 def _prompt_ids(body: dict, tokenizer, bos: bool) -> list[int]:
@@ -394,7 +411,7 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
         body, model, adapter, params = await api.request(request, limits.default_max_tokens_completion)
         ids = _prompt_ids(body, engine.tokenizer, bos)
         api.check_length(ids, params, "prompt")
-        return await api.respond(COMPLETION, body, model, Sequence(ids, adapter, params))
+        return await api.respond(COMPLETION, body, model, Sequence(ids, adapter, params), request)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -407,6 +424,6 @@ def create_app(engine: Engine, store: AdapterStore, encoder, *, base_name: str, 
         if not body.get("max_tokens") and not body.get("max_completion_tokens"):  # fill the context, up to the limit
             params.max_tokens = max(1, min(params.max_tokens, engine.max_context - len(ids)))
         api.check_length(ids, params, "messages")
-        return await api.respond(CHAT, body, model, Sequence(ids, adapter, params))
+        return await api.respond(CHAT, body, model, Sequence(ids, adapter, params), request)
 
     return app

@@ -14,6 +14,7 @@ more evicts the least recently used adapter that no running sequence holds (``ac
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..export.adapter import CONFIG_NAME, WEIGHTS_NAME
 from .multi_lora import NAME_RX, MultiLoRAModel
+
+_ABS_PATH = re.compile(r"(?<![\w.])/[^\s'\"(),;:]+")  # an absolute path inside a message
 
 
 class UnknownAdapter(ConfigError):
@@ -41,6 +44,7 @@ class AdapterStore:
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident adapters, oldest first
         self._holders: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._checked: dict[str, tuple] = {}  # adapter -> file mtimes that passed check()
         self.loads = 0
         self.evictions = 0
         for name, path in self.pinned.items():
@@ -73,8 +77,13 @@ class AdapterStore:
         return sorted(found)
 
     def check(self, name: str) -> None:
-        """Cheap validation before a request is queued: the name exists and is a LoRA adapter."""
+        """Validation before a request is queued: the name exists, is a LoRA adapter and fits the base
+        (shapes and recorded base weights), so a mismatch is refused before it reaches the engine.
+        Each adapter is checked once per version of its files; a loaded one is not checked again."""
         path = self.resolve(name)
+        with self._lock:
+            if name in self.mm.adapters:
+                return
         try:
             config = json.loads((path / CONFIG_NAME).read_text())
         except ValueError as e:
@@ -84,6 +93,20 @@ class AdapterStore:
                               f"{' (DoRA)' if config.get('use_dora') else ''} adapter; this server serves LoRA only")
         if not (path / WEIGHTS_NAME).is_file():
             raise ConfigError(f"adapter {name!r} has no {WEIGHTS_NAME}")
+        version = tuple(f.stat().st_mtime_ns for f in sorted(path.iterdir()) if f.is_file())
+        if self._checked.get(name) == version:
+            return
+        try:
+            self.mm.check_dir(name, path)
+        except ConfigError as e:
+            raise ConfigError(self._public(name, path, e)) from None
+        self._checked[name] = version
+
+    def _public(self, name: str, path: Path, error: Exception) -> str:
+        """``error``'s message for an API client: the adapter by name, no path of this machine."""
+        text = str(error).replace(str(path), f"adapter {name!r}")
+        text = _ABS_PATH.sub(lambda m: Path(m.group(0)).name, text)
+        return text if repr(name) in text else f"adapter {name!r}: {text}"
 
     def acquire(self, name: str) -> bool:
         """Make ``name`` resident and hold it; False when every resident adapter is held (wait)."""
@@ -97,7 +120,10 @@ class AdapterStore:
                     self.mm.delete(victim)
                     del self._lru[victim]
                     self.evictions += 1
-                self.mm.load(name, path)
+                try:
+                    self.mm.load(name, path)
+                except ConfigError as e:
+                    raise ConfigError(self._public(name, path, e)) from None
                 self.loads += 1
             self._lru[name] = None
             self._lru.move_to_end(name)
