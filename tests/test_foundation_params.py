@@ -121,6 +121,8 @@ def test_misspelt_override_is_an_error_with_did_you_mean():
     ("rms_norm_eps=-inf", r"model.config_overrides.rms_norm_eps must be a finite number"),
     ("hidden=1e30", r"model.config_overrides.hidden.*too large"),
     ("tie_word_embeddings=maybe", r"model.config_overrides.tie_word_embeddings.*true or false"),
+    ("num_attention_heads=8", r"model.config_overrides sets num_attention_heads twice \(heads=4, num_attention_heads=8\)"),
+    ("hidden_act=gelu_typo", r"model.config_overrides.hidden_act 'gelu_typo' is not an activation.*silu"),
 ])
 def test_bad_override_values_are_clean_named_errors(override, expect):
     """Refused before the model is built, so `peftlab params` and `peftlab train` both stop."""
@@ -138,7 +140,8 @@ def test_params_cli_refuses_a_bad_override_without_a_traceback(capsys):
 
 
 def test_valid_overrides_of_every_spelling_still_apply():
-    cfg = load_config(None, [*TINY_LLAMA, "model.config_overrides.kv_heads=2", "model.config_overrides.rope_theta=5e4",
+    no_heads = [o for o in TINY_LLAMA if ".heads=" not in o]
+    cfg = load_config(None, [*no_heads, "model.config_overrides.kv_heads=2", "model.config_overrides.rope_theta=5e4",
                              "model.config_overrides.num_attention_heads=8", "model.config_overrides.attention_dropout=0"])
     model, _ = load_model(cfg.model, with_tokenizer=False, device="meta")
     c = model.config

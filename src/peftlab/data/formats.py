@@ -151,12 +151,17 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def weight_field(m: dict, where: str, name: str) -> float | None:
     for key in ("loss_weight", "weight"):
         if m.get(key) is not None:
             w = m[key]
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-                raise DataError(f"{where}: {name}.{key} must be a number >= 0, got {w!r}")
+            # nan, inf and weights past float32 (1e308) poison the loss; a negative one flips it
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= FLOAT32_MAX:
+                raise DataError(f"{where}: {name}.{key} must be a number >= 0 (a loss weight, usually 0 or 1), "
+                                f"got {_short(w)}")
             return float(w)
     return None
 

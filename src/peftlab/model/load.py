@@ -303,6 +303,11 @@ def _check_override_value(label: str, std: str, value) -> None:
         raise ConfigError(f"{label} must be > 0, got {value}")
     if ("dropout" in std or "pdrop" in std) and isinstance(value, (int, float)) and not 0 <= value < 1:
         raise ConfigError(f"{label} must be in [0, 1), got {value}")
+    if std in ("hidden_act", "activation_function", "hidden_activation") and isinstance(value, str):
+        from transformers.activations import ACT2FN
+
+        if value not in ACT2FN:
+            raise ConfigError(f"{label} {value!r} is not an activation transformers knows: {', '.join(sorted(ACT2FN))}")
 
 
 def _check_heads(conf, given: dict[str, str]) -> None:
@@ -350,8 +355,12 @@ def model_config_from_name(name: str, overrides: dict | None = None):
         label = f"model.config_overrides.{key}"
         hf = amap.get(SHORT_KEYS.get(key, key), SHORT_KEYS.get(key, key))
         value = _coerce_override(label, value, fields[key])
-        _check_override_value(label, standard.get(hf, hf), value)
-        kwargs[hf], given[standard.get(hf, hf)] = value, key
+        std = standard.get(hf, hf)
+        _check_override_value(label, std, value)
+        if std in given:
+            raise ConfigError(f"model.config_overrides sets {std} twice ({given[std]}={kwargs[hf]!r}, {key}={value!r}); "
+                              "keep one of the two")
+        kwargs[hf], given[std] = value, key
     shown = ", ".join(f"{key}={value!r}" for key, value in (overrides or {}).items())
     conf = _build_config(AutoConfig, arch, kwargs, shown)
     _check_heads(conf, given)
@@ -373,6 +382,20 @@ def _build_config(auto, arch: str, kwargs: dict, shown: str):
 
 def is_config_name(name: str) -> bool:
     return name.startswith("config:")
+
+
+def _model_from_config(auto, mconf, name: str, overrides: dict, meta: bool, **kwargs):
+    """A random model of ``config:<arch>``; a value that only the model's constructor refuses
+    (``hidden_act=abc``: no such activation) is a ConfigError naming the overrides."""
+    try:
+        if meta:
+            with torch.device("meta"):
+                return auto.from_config(mconf, **kwargs)
+        return auto.from_config(mconf, **kwargs)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        shown = ", ".join(f"{k}={v!r}" for k, v in (overrides or {}).items()) or "none"
+        raise ConfigError(f"model {name!r} cannot be built with model.config_overrides ({shown}): "
+                          f"{type(e).__name__}: {e}") from None
 
 
 def load_model(cfg, *, seed: int = 0, with_tokenizer: bool = True, device: str | None = None):
@@ -398,11 +421,8 @@ def load_model(cfg, *, seed: int = 0, with_tokenizer: bool = True, device: str |
             if "vocab_size" not in cfg.config_overrides and "vocab" not in cfg.config_overrides:
                 mconf.vocab_size = max(len(tokenizer), 1)
         torch.manual_seed(seed if cfg.seed is None else cfg.seed)
-        if meta:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(mconf, dtype=dtype, **attn)
-        else:
-            model = AutoModelForCausalLM.from_config(mconf, dtype=dtype, **attn)
+        model = _model_from_config(AutoModelForCausalLM, mconf, name, cfg.config_overrides, meta,
+                                   dtype=dtype, **attn)
     else:
         if key in ASSETS:
             path = asset_dir(key)
