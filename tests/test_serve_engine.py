@@ -133,10 +133,33 @@ def test_stop_strings_cancel_limits_and_seeds(setup):
         engine.submit(_seq(tok, "word " * 300, None, 2))
     while engine.step():
         pass
-    # sampling: the same seed gives the same tokens
+    # sampling: the same seed gives the same tokens, another seed others, each the draws of the rule
     runs = [engine.generate([_seq(tok, "Once upon", "a", 8, temperature=1.0, top_p=0.9, seed=seed)])[0].generated
             for seed in (1, 1, 2)]
     assert runs[0] == runs[1] and len(runs[0]) >= 1
+    assert runs[2] != runs[0]
+    ids = tok("Once upon", add_special_tokens=False).input_ids
+    for seed, run in ((1, runs[0]), (2, runs[2])):
+        assert run == _sample_alone(base, adapters / "a", ids, 8, tok.eos_token_id, seed, 1.0, 0.9), seed
+
+
+@torch.no_grad()
+def _sample_alone(base, adapter_dir, ids, n, eos, seed, temperature, top_p) -> list[int]:
+    """The sampling rule by hand on a model with just that adapter (a full forward per token, no
+    cache): softmax(logits / T), keep the smallest set of top tokens whose mass reaches top_p, one
+    draw per token from torch.Generator().manual_seed(seed)."""
+    model, _ = load_base(base)
+    load_adapter(model, adapter_dir)
+    generator = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    while len(out) < n:
+        probs = torch.softmax(model(input_ids=torch.tensor([ids + out])).logits[0, -1].float() / temperature, -1)
+        sorted_p, order = probs.sort(descending=True)
+        sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < top_p)
+        out.append(int(torch.multinomial(torch.zeros_like(probs).scatter(0, order, sorted_p), 1, generator=generator)))
+        if out[-1] == eos:
+            break
+    return out
 
 
 @pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
