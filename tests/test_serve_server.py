@@ -361,3 +361,7 @@ def test_api_key_sources_and_the_exposure_warning(tmp_path):
         assert exposure_warning(host, "k") is None
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         assert exposure_warning(host, None) is None, host
+    # the CLI prints it at start (the model fails to load here, so nothing ever listens)
+    done = subprocess.run(cli("serve", "model.name=/nonexistent/base", "--host", "0.0.0.0", "--port", "0"),
+                          env=cli_env(PEFTLAB_API_KEY=""), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "warning: listening on 0.0.0.0 without an API key" in done.stderr
