@@ -192,6 +192,7 @@ def test_fuzz_data_files_fail_cleanly(tmp_path):
         assert not must_fail, f"{path.name}: garbage loaded silently ({len(data.train)} examples)"
         assert data.train and all(ex.n_labels > 0 for ex in data.train)
         outcomes["loaded"] = outcomes.get("loaded", 0) + 1
+    print(f"\ndata files: {N_DATA} inputs: {outcomes}")
     assert outcomes.get("loaded", 0) >= 40 and outcomes.get("DataError", 0) >= 200, outcomes
     assert time.time() - started < 60
 
@@ -276,6 +277,7 @@ def test_fuzz_configs_fail_cleanly(tmp_path):
             ovs += r.sample(["noequals", "=1", "train=1", ".=x", "train..lr=1", "a.b.c.d=1", "train.lr=="], r.randint(0, 1))
             outcome = load_one(lambda o=ovs: load_config(None, o))
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    print(f"\nconfigs: {N_CONFIG} inputs: {outcomes}")
     assert outcomes.get("loaded", 0) >= 30 and outcomes.get("ConfigError", 0) >= 200, outcomes
 
 
