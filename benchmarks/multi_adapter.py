@@ -147,8 +147,8 @@ def main() -> None:
         def peft_run() -> int:
             with torch.no_grad():
                 out = pm.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names,
-                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                                  pad_token_id=pad)
+                                  max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad,
+                                  eos_token_id=None)  # like the engine: eos may be chosen, never stops
             OUTPUTS["peft-mixed"] = out[:, width:].tolist()
             return int((out.shape[1] - width) * out.shape[0])
 
