@@ -186,3 +186,58 @@ def test_lr_scale_gives_relora_its_jagged_schedule():
         if k - 1 >= R and since < W:
             want *= (since + 1) / W
         assert record["lr"] == pytest.approx(want, rel=1e-12), k
+
+
+# ---------------------------------------------------------------------------- another objective
+
+
+class RowMean:
+    """A sequence-level objective: each row's mean token loss, one unit per row (the shape a
+    preference loss has: a sum over pairs, averaged over the step's pairs)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def units(self, batch: dict) -> int:
+        return int(batch["labels"].shape[0])
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        self.calls += 1
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                                reduction="none")
+        mask = labels != -100
+        return ((tok * mask).sum(1) / mask.sum(1)).sum()
+
+
+def test_another_objective_runs_through_the_engine_and_averages_over_its_units():
+    """``start_training(..., objective=)``: the engine computes that objective (so DDP/FSDP hooks
+    run around it), the step's loss is its sum over every micro-batch / its units over the step,
+    and the weights move by that loss's gradient (equal to a hand-made AdamW step on a copy)."""
+    from peftlab.train.evaluate import evaluate_loss
+
+    model, peft = applied("lora", r=4, alpha=8)
+    cfg = run_config(peft, lr=1e-2, warmup=0, schedule="constant", max_grad_norm=0.0, weight_decay=0.0)
+    micro = [batch(1, 2, 10, prompt=3), batch(2, 3, 7, prompt=1)]
+    twin = copy.deepcopy(model)
+    objective = RowMean()
+    state = start_training(model, cfg, total_steps=2, objective=objective)
+    assert state.engine.objective is objective
+    record = train_step(state, micro)
+    assert objective.calls == 2
+
+    check = RowMean()
+    params = trainable_parameters(twin)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    total = sum(check.loss(twin, b) for b in micro) / 5  # 2 + 3 rows
+    assert record["label_tokens"] == 5 and record["loss"] == pytest.approx(total.item(), rel=1e-6)
+    total.backward()
+    opt.step()
+    for (name, p), q in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), params):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    rows = [{k: v[i] for k, v in micro[0].items()} for i in range(2)]
+    collate = lambda ex: {k: torch.stack([e[k] for e in ex]) for k in ex[0]}  # noqa: E731
+    got = evaluate_loss(model, rows, 2, collate, torch.device("cpu"), None, objective=RowMean())
+    with torch.no_grad():  # evaluation averages over the objective's units too: rows, not tokens
+        assert got == pytest.approx(float(check.loss(model, micro[0])) / 2, rel=1e-6)

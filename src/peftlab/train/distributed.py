@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .loss import causal_lm_loss
+from .objective import CausalLM, Objective
 
 MODES = ("ddp", "fsdp", "fsdp_grad_op")
 ZERO_EQUIVALENT = {2: "fsdp_grad_op", 3: "fsdp"}
@@ -76,19 +76,20 @@ def check_launcher(mode: str) -> None:
 
 
 class LossModule(nn.Module):
-    """``forward(batch) -> (sum of token losses, label-token count)`` over a causal LM.
+    """``forward(batch) -> (sum of the objective over the batch's units, units)`` over a model.
 
-    The loss is computed inside ``forward`` so DDP's and FSDP's forward hooks run around it
-    (the loss calls the backbone and the LM head separately; see ``loss.causal_lm_loss``).
+    The loss is computed inside ``forward`` so DDP's and FSDP's forward hooks run around it,
+    whatever the objective (the causal-LM loss calls the backbone and the LM head separately; see
+    ``loss.causal_lm_loss``).
     """
 
-    def __init__(self, model: nn.Module, **loss_options):
+    def __init__(self, model: nn.Module, objective: Objective | None = None):
         super().__init__()
         self.model = model
-        self.loss_options = loss_options  # causal_lm_loss keywords (train.fused_loss, ...)
+        self.objective = objective or CausalLM()
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
-        return causal_lm_loss(self.model, batch, **self.loss_options)
+        return self.objective.loss(self.model, batch), self.objective.units(batch)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -184,8 +185,9 @@ class DistContext:
 
     # ------------------------------------------------------------------ the engine
 
-    def wrap(self, model: nn.Module, mode: str = "ddp", **loss_options) -> nn.Module:
-        """The module the loop calls: ``engine(batch) -> (loss_sum, n)``.
+    def wrap(self, model: nn.Module, mode: str = "ddp", objective: Objective | None = None) -> nn.Module:
+        """The module the loop calls: ``engine(batch) -> (loss_sum, units)`` of ``objective``
+        (default: the causal-LM loss).
 
         Call after the method has been applied (trainable parameters are final) and before the
         optimiser is built (FSDP replaces parameters by sharded ones).
@@ -193,7 +195,7 @@ class DistContext:
         if mode not in MODES:
             raise ConfigError(f"train.distributed {mode!r} is not one of {', '.join(MODES)}")
         check_launcher(mode)
-        engine = LossModule(model, **loss_options)
+        engine = LossModule(model, objective)
         if self.world_size <= 1:
             self.mode = "none"
             return engine

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..data.tokenize import Example
-from .distributed import DistContext
+from .distributed import DistContext, LossModule
 from .objective import CausalLM, Objective
 from .runtime import autocast, to_device
 
@@ -22,11 +22,13 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, co
     model's mode is restored after.
 
     With several processes each rank scores every world_size-th batch and the sums are reduced.
-    ``engine`` (from ``DistContext.wrap``) computes the loss where FSDP must gather weights;
+    ``engine`` (from ``DistContext.wrap``; default: the objective on the plain model) computes the
+    loss where FSDP must gather weights;
     under FSDP every rank runs the same number of forwards (a rank short of batches repeats its
     first one with weight 0).
     """
     dist, objective = dist or DistContext(), objective or CausalLM()
+    engine = engine if engine is not None else LossModule(model, objective)
     was_training = model.training
     model.eval()
     starts = list(range(0, len(examples), batch_size))
@@ -42,7 +44,7 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, co
             n = objective.units(batch)
             batch = to_device(batch, device)
             with autocast(device, amp):
-                loss_sum = objective.loss(engine, model, batch)
+                loss_sum = engine(batch)[0]
             total += weight * float(loss_sum)
             count += weight * n
     finally:

@@ -3,13 +3,13 @@
 The loop averages a step's loss over its *units* (over every micro-batch and every rank), so
 gradient accumulation and data parallelism equal one big batch exactly:
 
-    loss_step = sum over micro-batches b of objective.loss(engine, model, b)
+    loss_step = sum over micro-batches b of objective.loss(model, b)
                 / sum over micro-batches b of objective.units(b)
 
-Language modelling counts label tokens; a preference loss would count pairs. ``engine`` is the
-module from ``DistContext.wrap`` (``engine(batch) -> (loss_sum, label_tokens)``), which must be
-called where DDP/FSDP hooks have to run; ``model`` is the plain model underneath (for objectives
-that need more than the engine's loss, or None-engine evaluation).
+Language modelling counts label tokens; a preference loss would count pairs. ``loss`` runs inside
+the engine's forward (``DistContext.wrap(model, mode, objective)``), so DDP's gradient sync and
+FSDP's weight gathering happen around any objective, not only this one; evaluation, the training
+step and every process count the same units.
 """
 
 from __future__ import annotations
@@ -26,15 +26,21 @@ class Objective(Protocol):
     def units(self, batch: dict) -> int:
         """What this micro-batch's loss is a sum over (label tokens, pairs, ...)."""
 
-    def loss(self, engine: nn.Module | None, model: nn.Module, batch: dict) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The SUM of the loss over this micro-batch's units: a scalar tensor."""
 
 
 class CausalLM:
-    """Token-weighted next-token cross-entropy (``loss.causal_lm_loss``): the default objective."""
+    """Token-weighted next-token cross-entropy (``loss.causal_lm_loss``): the default objective.
+
+    ``options`` are ``causal_lm_loss``'s speed levers (``chunk_rows``, ``fused``, ``skip_pad_mask``;
+    ``train.loss_chunk``, ``train.fused_loss``, ``train.skip_pad_mask``): equal losses, other costs."""
+
+    def __init__(self, **options):
+        self.options = options
 
     def units(self, batch: dict) -> int:
         return count_label_tokens(batch["labels"])
 
-    def loss(self, engine: nn.Module | None, model: nn.Module, batch: dict) -> torch.Tensor:
-        return (engine(batch) if engine is not None else causal_lm_loss(model, batch))[0]
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return causal_lm_loss(model, batch, **self.options)[0]

@@ -55,7 +55,7 @@ class TrainState:
     cfg: Config
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    engine: nn.Module  # engine(batch) -> (loss_sum, label_tokens), DDP/FSDP-wrapped when distributed
+    engine: nn.Module  # engine(batch) -> (objective's sum, units), DDP/FSDP-wrapped when distributed
     objective: Objective
     dist: DistContext
     device: torch.device
@@ -68,7 +68,7 @@ class TrainState:
 
 def apply_speed_options(model: nn.Module, method: registry.Method, t) -> dict:
     """``train.fast_lora`` (the method's ``set_speed``) and ``train.compile`` (the backbone);
-    returns the loss options (``causal_lm_loss`` keyword arguments) of the other levers."""
+    returns the causal-LM loss options (``CausalLM``/``causal_lm_loss`` keywords) of the other levers."""
     sharded = str(getattr(t, "distributed", "none")).startswith("fsdp")
     if method.set_speed is not None:  # a fused function's caches are Python state dynamo cannot trace;
         method.set_speed(model, t.fast_lora and not t.compile, not sharded)  # no cached FSDP-gathered weights
@@ -79,9 +79,10 @@ def apply_speed_options(model: nn.Module, method: registry.Method, t) -> dict:
 
 def start_training(model: nn.Module, cfg: Config, total_steps: int, *, dist: DistContext | None = None,
                    engine: nn.Module | None = None, objective: Objective | None = None) -> TrainState:
-    """Make an applied model ready to train for ``total_steps``: the method's ``on_train_start``,
-    ``peft.init_from``, the engine (default: ``dist.wrap`` with the run's speed options; one
-    process unless ``dist`` says otherwise), AdamW over the method's groups and the schedule."""
+    """Make an applied model ready to train for ``total_steps``: train mode, the method's
+    ``on_train_start``, ``peft.init_from``, the engine (default: ``dist.wrap`` of the objective,
+    itself by default the causal-LM loss with the run's speed options; one process unless ``dist``
+    says otherwise), AdamW over the method's groups and the schedule."""
     dist = dist or DistContext()
     method = registry.get(cfg.peft.method)
     device = next(model.parameters()).device
@@ -90,12 +91,15 @@ def start_training(model: nn.Module, cfg: Config, total_steps: int, *, dist: Dis
         method.on_train_start(model, cfg.peft, total_steps)
     if getattr(cfg.peft, "init_from", None):
         init_from_adapter(model, method, cfg.peft.init_from)
+    loss_options = apply_speed_options(model, method, cfg.train)
+    objective = objective or CausalLM(**loss_options)
     if engine is None:
-        engine = dist.wrap(model, cfg.train.distributed, **apply_speed_options(model, method, cfg.train))
+        engine = dist.wrap(model, cfg.train.distributed, objective)
     optimizer = build_optimizer(model, method, cfg.peft, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    return TrainState(model, method, cfg, optimizer, scheduler, engine, objective or CausalLM(), dist, device,
-                      amp, trainable_parameters(model))
+    model.train()
+    return TrainState(model, method, cfg, optimizer, scheduler, engine, objective, dist, device, amp,
+                      trainable_parameters(model))
 
 
 def train_step(state: TrainState, micro: list[dict]) -> dict | None:
@@ -151,7 +155,7 @@ def _accumulate(state: TrainState, micro: list[dict], units: list[int], n_units:
         batch = to_device(batch, s.device)
         with s.dist.accumulating(s.engine, last=i == len(micro) - 1):
             with autocast(s.device, s.amp):
-                loss_sum = s.objective.loss(s.engine, s.model, batch)
+                loss_sum = s.engine(batch)[0]
                 aux = method.aux_loss(s.model, s.cfg.peft, batch) if method.aux_loss is not None else None
             objective = loss_sum if aux is None else loss_sum + aux.float() * n_micro
             if aux is not None:
