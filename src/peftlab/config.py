@@ -26,6 +26,7 @@ import yaml
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
+SCHEDULES = ("cosine", "linear", "constant")  # train.schedule: the decay after warm-up (train/optim.py)
 
 
 @dataclass
@@ -88,8 +89,8 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 4  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
-    warmup: float = 0.03  # fraction of steps (< 1) or a step count (>= 1)
-    schedule: str = "cosine"  # cosine | linear | constant
+    warmup: int | float = 0.03  # a share of the run's steps below 1 (0.03) or a whole count of steps (10); not 1.0
+    schedule: str = "cosine"  # one of SCHEDULES: cosine | linear | constant
     min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
     weight_decay: float = 0.0
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -116,7 +117,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every value the loop relies on, checked where the config is built."""
-        from .validate import check_path, finite
+        from .validate import check_path, finite, warmup_setting
 
         for key in ("batch_size", "grad_accum", "max_bad_steps", "loss_chunk"):
             if getattr(self, key) < 1:
@@ -131,7 +132,7 @@ class TrainConfig:
         finite(self.lr, "train.lr", 0.0, low_open=True,
                hint="a learning rate of 0 trains nothing; LoRA usually takes 1e-4 to 1e-3")
         finite(self.epochs, "train.epochs", 0.0, low_open=True)
-        finite(self.warmup, "train.warmup", 0.0)
+        self.warmup = warmup_setting(self.warmup)
         finite(self.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0)
         finite(self.weight_decay, "train.weight_decay", 0.0)
         if self.max_grad_norm is not None:
@@ -140,8 +141,8 @@ class TrainConfig:
             raise ConfigError(f"train.adam_betas must be two numbers, e.g. [0.9, 0.999]; got {self.adam_betas!r}")
         self.adam_betas = [finite(coerce(b, float, f"train.adam_betas[{i}]"), f"train.adam_betas[{i}]", 0.0, 1.0,
                                   high_open=True) for i, b in enumerate(self.adam_betas)]
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"train.schedule {self.schedule!r} is not one of cosine, linear, constant")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no", "fp32", "none", "false", "off"):
             raise ConfigError(f"train.mixed_precision {self.mixed_precision!r} is not one of auto, bf16, fp16, no")
         if self.distributed not in ("ddp", "fsdp", "fsdp_grad_op"):
@@ -187,6 +188,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             if type(None) in args:
                 return None
+        if isinstance(value, str) and int in args and float in args:
+            value = _number(value)  # "1" -> 1, "1.0" -> 1.0: which one was written can matter (train.warmup)
+        # a value that already has one of the types keeps it (1 stays an int, 1.0 a float, in int | float)
+        args = sorted(args, key=lambda a: (typing.get_origin(a) or a) is not type(value))
         errors = []
         for arg in args:
             if arg is type(None):
@@ -250,6 +255,16 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
         return dict(value)
     raise ConfigError(f"config key {key!r}: unsupported type {_type_name(tp)}")
+
+
+def _number(text: str) -> int | float | str:
+    """The number a string spells, int or float as written; the string itself when it is no number."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def build_dataclass(cls: type, raw: dict, section: str) -> Any:

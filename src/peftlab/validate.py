@@ -79,6 +79,33 @@ def finite(value: float, key: str, low: float | None = None, high: float | None 
     return value
 
 
+WARMUP_SPELLINGS = "a share of the run's steps below 1 (train.warmup=0.03) or a whole count of steps (train.warmup=10)"
+
+
+def warmup_setting(value: int | float) -> int | float:
+    """``train.warmup`` as the schedule reads it: an int is a count of steps, a float in [0, 1) a
+    share of the run's steps (``train/optim.warmup_steps``).
+
+    ``1.0`` could mean one step or the whole run, so it is refused, and so is any other float
+    from 1 up that is not a whole number (2.5). A whole float from 2 up (10.0, what configs saved
+    before warm-up counts were ints hold) can only be a count and becomes the int.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"train.warmup must be a number, got {value!r}; give {WARMUP_SPELLINGS}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"train.warmup must be >= 0, got {value}; give {WARMUP_SPELLINGS}")
+        return value
+    finite(value, "train.warmup", 0.0, hint=f"give {WARMUP_SPELLINGS}")
+    if value < 1:
+        return value
+    if value >= 2 and value.is_integer():
+        return int(value)
+    why = "could mean one step or the whole run" if value == 1 else "is neither a share below 1 nor a whole count"
+    raise ConfigError(f"train.warmup={value!r} {why}; give {WARMUP_SPELLINGS} "
+                      "(one step: train.warmup=1; nearly all of the run: train.warmup=0.99)")
+
+
 def check_data_settings(data_cfg) -> None:
     """The numeric ``data.*`` values the loop and the encoder rely on.
 

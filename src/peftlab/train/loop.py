@@ -9,7 +9,8 @@
         eval loss every eval_every steps and at the end            (train/evaluate.py)
         log (metrics.jsonl, progress bar, callbacks); checkpoint every save_every
     finalize the method; save the adapter (PEFT layout) or, for full fine-tuning, the whole model;
-    summary.json
+    summary.json, with the verdict on the loss curves (ended still learning, or overfitting;
+    train/diagnosis.py), which stderr also gets as a note
 
 Methods plug in through ``apply`` and ``finalize`` here and through ``train_step``'s hooks (see
 registry.Method); distribution through ``train/distributed.py`` (the engine the loss is computed
@@ -35,6 +36,7 @@ from ..model.params import ParamReport, param_report
 from ..validate import check_run_fits
 from . import checkpoint as ckpt
 from . import setup
+from .diagnosis import diagnose
 from .distributed import DistContext
 from .distributed import context as dist_context
 from .evaluate import evaluate_loss
@@ -117,7 +119,7 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
         _announce(run, notes, threads)
     with _Log(run, metrics, callbacks) as log:
         eval_loss = _loop(run, log, eval_loss)
-    artifact = _finish(run, eval_loss)
+    artifact = _finish(run, eval_loss, metrics)
     return RunResult(run_dir, state.step, metrics, eval_loss, artifact, model, tokenizer, data.encoder, data,
                      time.time() - started)
 
@@ -145,8 +147,9 @@ def _loop(run: _Run, log: _Log, eval_loss: float | None) -> float | None:
     return eval_loss
 
 
-def _finish(run: _Run, eval_loss: float | None) -> Path | None:
-    """The final checkpoint (unless the last step's exists), the artifact, summary.json."""
+def _finish(run: _Run, eval_loss: float | None, metrics: list[dict]) -> Path | None:
+    """The final checkpoint (unless the last step's exists), the artifact, summary.json with the
+    verdict on the curves (train/diagnosis.py; also a note on stderr)."""
     state, dist, cfg = run.state, run.dist, run.cfg
     model, method = state.model, state.method
     final = run.run_dir / "checkpoints" / f"step-{state.step:06d}"
@@ -161,12 +164,15 @@ def _finish(run: _Run, eval_loss: float | None) -> Path | None:
         if dist.is_main:
             artifact = save_artifact(model, run.tokenizer, cfg, run.run_dir)
     if dist.is_main:
+        verdict = diagnose(metrics)
         summary = {"steps": state.step, "target_steps": run.total, "eval_loss": eval_loss,
                    "skipped_steps": state.skipped, "trainable": run.report.trainable, "total": run.report.total,
                    "data": run.data.stats.summary(), "world_size": dist.world_size,
                    "wall_time_s": round(time.time() - run.started, 2), "artifact": str(artifact),
-                   **peak_memory(state.device)}
+                   **peak_memory(state.device), "diagnosis": verdict and verdict.to_dict()}
         atomic_write_text(run.run_dir / rundir.SUMMARY, json.dumps(summary, indent=2))
+        if verdict is not None:
+            print(f"note: {verdict.message}; {verdict.advice}", file=sys.stderr)
     dist.barrier()
     model.eval()
     return artifact

@@ -2,8 +2,9 @@
 
 AdamW over the trainable parameters only, in two groups: weight decay on matrices, none on
 vectors (biases, norms, scaling vectors; ``model.params.default_param_groups``). A method may
-supply its own groups (LoRA+). The schedule is linear warmup then cosine, linear or constant
-decay to ``lr * min_lr_ratio``. A method's ``on_step`` may ask (``registry.StepEffects``) for the
+supply its own groups (LoRA+). The schedule (``lr_factor``) is a linear warm-up over
+``train.warmup`` (a count of steps, or a share of the run below 1), then a cosine or linear decay
+to ``lr * min_lr_ratio``, or a constant lr. A method's ``on_step`` may ask (``registry.StepEffects``) for the
 groups to follow a changed trainable set (``regroup``), for part of the AdamW moments to be
 zeroed (``prune_moments``) or for the next step's learning rate to be scaled (``scale_lr``).
 """
@@ -15,7 +16,9 @@ import math
 import torch
 from torch import nn
 
+from ..config import SCHEDULES
 from ..model.params import default_param_groups, trainable_parameters
+from ..validate import warmup_setting
 
 
 def param_groups(model: nn.Module, method, peft_cfg, train_cfg) -> list[dict]:
@@ -107,7 +110,12 @@ def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the base lr at optimiser step ``step`` (0-based)."""
+    """Multiplier of the base lr at optimiser step ``step`` (0-based) of ``total``.
+
+    Warm-up: ``(step + 1) / warmup`` for the first ``warmup`` steps. Then, with
+    ``p = min(1, (step - warmup) / max(1, total - warmup))``: constant 1; linear
+    ``m + (1 - m)(1 - p)``; cosine ``m + (1 - m)(1 + cos(pi p)) / 2``, where ``m = min_ratio``.
+    """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if kind == "constant":
@@ -121,15 +129,18 @@ def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -
     return min_ratio + (1.0 - min_ratio) * decay
 
 
-def warmup_steps(warmup: float, total: int) -> int:
-    return int(warmup) if warmup >= 1 else int(round(warmup * total))
+def warmup_steps(warmup: int | float, total: int) -> int:
+    """``train.warmup`` in optimiser steps: an int is a count, a float in [0, 1) a share of ``total``
+    (validate.warmup_setting; it refuses 1.0, which could be either)."""
+    warmup = warmup_setting(warmup)
+    return warmup if isinstance(warmup, int) else int(round(warmup * total))
 
 
 def build_scheduler(optimizer, train_cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     from ..errors import ConfigError
 
-    if train_cfg.schedule not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"train.schedule {train_cfg.schedule!r} is not one of cosine, linear, constant")
+    if train_cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule {train_cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
     w = warmup_steps(train_cfg.warmup, total_steps)
     kind, ratio = train_cfg.schedule, train_cfg.min_lr_ratio
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, w, kind, ratio))
