@@ -36,7 +36,7 @@ def measure(mode: str) -> dict:
 
     from peftlab.config import ModelConfig
     from peftlab.model.load import load_model
-    from peftlab.quant import release_memory, resident_memory, tensor_bytes
+    from peftlab.quant.convert import release_memory, resident_memory, tensor_bytes
 
     torch.set_num_threads(1)
     dtype, quant = MODES[mode]

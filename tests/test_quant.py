@@ -14,7 +14,13 @@ import torch.nn.functional as F
 
 from conftest import tiny_model_config
 from peftlab.model.load import load_model
-from peftlab.quant import QuantLinear, dequantize_model, model_is_quantized, quantize_model, tensor_bytes
+from peftlab.quant.convert import (
+    QuantLinear,
+    dequantize_model,
+    model_is_quantized,
+    quantize_model,
+    tensor_bytes,
+)
 from peftlab.quant.int8 import dequantize_int8, quantize_int8
 from peftlab.quant.nf4 import DYNAMIC, NF4, dequantize_nf4, nf4_bytes, quantize_nf4
 

@@ -82,25 +82,11 @@ def split_prompt(conv: Conversation) -> tuple[list[dict], str]:
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: list, collate_fn, batch_size: int, amp, max_batches: int | None = None
               ) -> tuple[float, int]:
-    """(token-weighted mean loss, label tokens) over ``examples``."""
-    from ..train.loss import causal_lm_loss
-    from ..train.runtime import autocast
+    """(token-weighted mean loss, label tokens) over ``examples``: training's evaluation."""
+    from ..train.evaluate import evaluate_sums
 
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for b, start in enumerate(range(0, len(examples), batch_size)):
-            if max_batches is not None and b >= max_batches:
-                break
-            batch = {k: v.to(device) for k, v in collate_fn(examples[start:start + batch_size]).items()}
-            with autocast(device, amp):
-                loss_sum, n = causal_lm_loss(model, batch)
-            total += float(loss_sum)
-            count += n
-    finally:
-        model.train(was_training)
+    total, count = evaluate_sums(model, examples, batch_size, collate_fn, device, amp, max_batches)
     return total / max(count, 1), count
 
 

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..io import atomic_dir
 from ..methods.modules_to_save import prepare_base_for_adapter
 from ..model.params import freeze
-from ..quant import model_is_quantized, quantize_model
+from ..quant.convert import model_is_quantized, quantize_model
 from ..version import __version__
 
 CONFIG_NAME = "adapter_config.json"

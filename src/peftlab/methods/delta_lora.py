@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..quant import model_is_quantized
+from ..quant.convert import model_is_quantized
 from . import lora, relora
 from .lowrank import LoRALinear, lora_layers, wide
 

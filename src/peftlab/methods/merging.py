@@ -14,7 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..model.targets import set_submodule
-from ..quant import dequantize_layer, dequantize_model, is_quantized, model_is_quantized
+from ..quant.convert import dequantize_layer, dequantize_model, is_quantized, model_is_quantized
 from .modules_to_save import ModulesToSave
 
 

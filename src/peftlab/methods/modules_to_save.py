@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.targets import find_targets, replace_module
-from ..quant import dequantize_layer, is_quantized
+from ..quant.convert import dequantize_layer, is_quantized
 from ..registry import PEFT_PREFIX, strip_peft_prefix
 
 SAVE = "modules_to_save"

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.targets import set_weight_matrix, weight_matrix
-from ..quant import is_quantized
+from ..quant.convert import is_quantized
 from ..registry import StepEffects
 from . import lora
 from .lowrank import lora_layers, wide

@@ -460,6 +460,6 @@ def quantize_base(model, kind: str | None):
     """
     if kind is None or str(kind).lower() == "none":
         return model
-    from ..quant import quantize_model
+    from ..quant.convert import quantize_model
 
     return quantize_model(model, kind)

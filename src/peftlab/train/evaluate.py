@@ -13,13 +13,23 @@ from .objective import CausalLM, Objective
 from .runtime import autocast, to_device
 
 
-@torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, collate_fn,
                   device: torch.device, amp: torch.dtype | None, max_batches: int | None = None,
                   engine: nn.Module | None = None, dist: DistContext | None = None,
                   objective: Objective | None = None) -> float:
-    """Unit-weighted (for language modelling: token-weighted) mean loss over ``examples``; the
-    model's mode is restored after.
+    """The mean of ``evaluate_sums``: the objective's loss per unit over ``examples``."""
+    total, units = evaluate_sums(model, examples, batch_size, collate_fn, device, amp, max_batches, engine, dist,
+                                 objective)
+    return total / max(units, 1)
+
+
+@torch.no_grad()
+def evaluate_sums(model: nn.Module, examples: list[Example], batch_size: int, collate_fn,
+                  device: torch.device, amp: torch.dtype | None, max_batches: int | None = None,
+                  engine: nn.Module | None = None, dist: DistContext | None = None,
+                  objective: Objective | None = None) -> tuple[float, int]:
+    """(the objective's loss summed over ``examples``, their units: label tokens for language
+    modelling), reduced over every process; the model's mode is restored after.
 
     With several processes each rank scores every world_size-th batch and the sums are reduced.
     ``engine`` (from ``DistContext.wrap``; default: the objective on the plain model) computes the
@@ -50,4 +60,4 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, co
     finally:
         model.train(was_training)
     sums = dist.all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=device))
-    return float(sums[0]) / max(float(sums[1]), 1.0)
+    return float(sums[0]), int(sums[1])
