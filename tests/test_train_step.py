@@ -241,3 +241,25 @@ def test_another_objective_runs_through_the_engine_and_averages_over_its_units()
     got = evaluate_loss(model, rows, 2, collate, torch.device("cpu"), None, objective=RowMean())
     with torch.no_grad():  # evaluation averages over the objective's units too: rows, not tokens
         assert got == pytest.approx(float(check.loss(model, micro[0])) / 2, rel=1e-6)
+
+
+def test_train_takes_an_objective_for_its_steps_and_its_evaluation(tmp_path):
+    """``train(cfg, objective=)``: the run's steps and its eval loss are that objective's, averaged
+    over its units (rows here): the reported eval loss equals RowMean over the held-out rows of
+    the trained model, which differs from the token-weighted causal-LM loss."""
+    from conftest import tiny_overrides
+    from peftlab.configure import load_config
+    from peftlab.train.evaluate import evaluate_loss
+    from peftlab.train.loop import train
+
+    cfg = load_config(None, [*tiny_overrides("llama"), "train.progress=false", "train.mixed_precision=no",
+                             "train.threads=1", "data.path=builtin:tasks", "train.steps=3", "train.batch_size=4",
+                             f"train.output_dir={tmp_path}"])
+    objective = RowMean()
+    result = train(cfg, objective=objective)
+    assert objective.calls >= 3 and len(result.metrics) == 3
+    assert all(r["label_tokens"] == 4 for r in result.metrics)  # units: 4 rows a step
+    data, device = result.data, torch.device("cpu")
+    rows = evaluate_loss(result.model, data.eval, 4, data.collate, device, None, objective=RowMean())
+    tokens = evaluate_loss(result.model, data.eval, 4, data.collate, device, None)
+    assert result.eval_loss == pytest.approx(rows, rel=1e-9) and abs(rows - tokens) > 10 * abs(result.eval_loss - rows)

@@ -40,6 +40,7 @@ from .diagnosis import diagnose
 from .distributed import DistContext
 from .distributed import context as dist_context
 from .evaluate import evaluate_loss
+from .objective import Objective
 from .runtime import seed_everything, set_threads
 from .step import TrainState, start_training, train_step
 
@@ -75,10 +76,11 @@ class _Run:
 
 
 def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, tokenizer=None,
-          callbacks: list | None = None) -> RunResult:
+          callbacks: list | None = None, objective: Objective | None = None) -> RunResult:
     """Run one training job described by ``cfg``; returns where everything went.
 
-    Under ``torchrun`` every process calls this; rank 0 logs and writes files.
+    ``objective`` (train/objective.py) is what the steps minimise and evaluation reports; default
+    the causal-LM loss. Under ``torchrun`` every process calls this; rank 0 logs and writes files.
     """
     t, started = cfg.train, time.time()
     setup.check_inputs(cfg)
@@ -89,13 +91,13 @@ def train(cfg: Config, *, resume: bool = False, model: nn.Module | None = None, 
                          summary.get("eval_loss"), artifact, wall_time=0.0)
     dist = dist_context()
     try:
-        return _train(cfg, dist, run_dir, resume, model, tokenizer, callbacks, started)
+        return _train(cfg, dist, run_dir, resume, model, tokenizer, callbacks, started, objective)
     finally:
         dist.shutdown()
 
 
 def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, tokenizer, callbacks,
-           started: float) -> RunResult:
+           started: float, objective: Objective | None) -> RunResult:
     t = cfg.train
     threads = set_threads(t.threads or dist.default_threads() or 0)
     dist.on_main(setup.prepare_run_dir, run_dir, resume, t.overwrite)
@@ -107,7 +109,7 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
     steps = setup.total_steps(cfg, len(data.train), dist.world_size)
     sampler = data.sampler(t.batch_size, t.seed, cfg.data.shuffle, dist.rank, dist.world_size)
     report = param_report(model)  # before wrapping: FSDP turns parameters into shards
-    state = start_training(model, cfg, steps, dist=dist)
+    state = start_training(model, cfg, steps, dist=dist, objective=objective)
     seed_everything(t.seed + dist.rank)  # the training stream (dropout) differs between ranks
     run = _Run(cfg, dist, run_dir, state, data, sampler, tokenizer, report, steps, started)
     metrics, eval_loss = [], None
