@@ -105,8 +105,8 @@ def test_names_patterns_and_unknown_keys(bases, tmp_path):
 VLLM_VERSION = "0.34.0"
 # vLLM's LoRA loader is pure Python, but vLLM itself is a CUDA build with a large dependency tree:
 # the test reads the four files it executes straight out of the PyPI wheel (downloaded once with
-# ``pip download --no-deps``, ~240 MB, kept in PEFTLAB_TEST_WHEELS or ~/.cache/peftlab/wheels; .ci/run
-# fetches it), each checked against the hash the wheel's own RECORD lists. Nothing of vLLM is committed.
+# ``pip download --no-deps`` by the test itself, ~240 MB, kept in PEFTLAB_TEST_WHEELS or
+# ~/.cache/peftlab/wheels; a skip says so if PyPI cannot be reached), each checked against the hash the wheel's own RECORD lists. Nothing of vLLM is committed.
 WHEELS = Path(os.environ.get("PEFTLAB_TEST_WHEELS", Path.home() / ".cache" / "peftlab" / "wheels"))
 VLLM_RECORD = {  # sha256 of each file in the vllm-0.34.0 wheel's RECORD (urlsafe base64)
     "peft_helper": "dTTGYCrktvmsZQrDl7GDjTTRxM9HA41wd6WZW9Brz2k",

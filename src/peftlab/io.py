@@ -33,6 +33,15 @@ def fsync_dir(path: Path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux: a umask set
+    to 0 for a moment would apply to files another thread creates in that moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
