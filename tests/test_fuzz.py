@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from conftest import tokenizer_for
-from peftlab.config import DataConfig, TrainConfig
+from peftlab.config import SCHEDULES, DataConfig, TrainConfig
 from peftlab.configure import load_config
 from peftlab.data.dataset import build_datasets
 from peftlab.errors import PeftlabError
@@ -235,7 +235,7 @@ def assert_sane(cfg) -> None:
     assert 0 <= t.min_lr_ratio <= 1 and math.isfinite(t.weight_decay) and t.weight_decay >= 0
     assert len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas)
     assert t.max_grad_norm is None or (math.isfinite(t.max_grad_norm) and t.max_grad_norm >= 0)
-    assert t.distributed in ("ddp", "fsdp", "fsdp_grad_op") and t.schedule in ("cosine", "linear", "constant")
+    assert t.distributed in ("ddp", "fsdp", "fsdp_grad_op") and t.schedule in SCHEDULES
     assert isinstance(t.output_dir, str) and t.output_dir.strip() and "\x00" not in t.output_dir
     d = cfg.data
     assert d.max_length >= 1 and math.isfinite(d.eval_split) and d.eval_split >= 0

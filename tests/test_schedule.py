@@ -23,7 +23,10 @@ DECAY = {
     "constant": lambda p, m: 1.0,
     "linear": lambda p, m: m + (1 - m) * (1 - p),
     "cosine": lambda p, m: m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p)),
+    # warm-up, stable, decay: flat, then linear to the floor over the last DECAY_SHARE of p
+    "wsd": lambda p, m: 1.0 if p < 1 - DECAY_SHARE else m + (1 - m) * (1 - p) / DECAY_SHARE,
 }
+DECAY_SHARE = TrainConfig().decay  # 0.2
 
 
 def expected_lr(lr: float, step: int, total: int, warmup: int, schedule: str, floor: float) -> float:

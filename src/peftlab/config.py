@@ -26,7 +26,7 @@ import yaml
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
-SCHEDULES = ("cosine", "linear", "constant")  # train.schedule: the decay after warm-up (train/optim.py)
+SCHEDULES = ("cosine", "linear", "constant", "wsd")  # train.schedule: the decay after warm-up (train/optim.py)
 
 
 @dataclass
@@ -90,8 +90,9 @@ class TrainConfig:
     batch_size: int = 4  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
     warmup: int | float = 0.03  # a share of the run's steps below 1 (0.03) or a whole count of steps (10); not 1.0
-    schedule: str = "cosine"  # one of SCHEDULES: cosine | linear | constant
+    schedule: str = "wsd"  # one of SCHEDULES: wsd | constant | cosine | linear (benchmarks/recipes.py chose wsd)
     min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    decay: float = 0.2  # wsd: the share of the steps after warm-up spent decaying (linearly)
     weight_decay: float = 0.0
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float | None = 1.0  # None or 0 disables clipping
@@ -134,6 +135,7 @@ class TrainConfig:
         finite(self.epochs, "train.epochs", 0.0, low_open=True)
         self.warmup = warmup_setting(self.warmup)
         finite(self.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0)
+        finite(self.decay, "train.decay", 0.0, 1.0, low_open=True)
         finite(self.weight_decay, "train.weight_decay", 0.0)
         if self.max_grad_norm is not None:
             finite(self.max_grad_norm, "train.max_grad_norm", 0.0)

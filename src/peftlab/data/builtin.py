@@ -3,7 +3,9 @@
 ``builtin:tasks`` is the quickstart's default: six kinds of short transformation (numbers to
 words, 24-hour to 12-hour time, sorting, two-digit addition, upper-casing, reversing word
 order), generated deterministically from a seed. Every answer is computed, so exact match
-is a fair score and no data has to be downloaded.
+is a fair score and no data has to be downloaded. The recipe suite's closed tasks, whose held-out
+split is phrased differently (``builtin:codes``, ``builtin:multicode``, ``builtin:zh-numbers``), are
+in ``closed_tasks.py``.
 """
 
 from __future__ import annotations
@@ -80,9 +82,17 @@ def task_pairs(n: int = 3000, seed: int = 1234) -> list[tuple[str, str]]:
     return out
 
 
+BUILTIN = "builtin:tasks, builtin:codes, builtin:multicode, builtin:zh-numbers (each also /heldout)"
+
+
 def builtin_conversations(name: str) -> list[Conversation]:
+    from .closed_tasks import closed_task_conversations
+
+    closed = closed_task_conversations(name)
+    if closed is not None:
+        return closed
     if name != "tasks":
-        raise DataError(f"data.path 'builtin:{name}' is unknown; the built-in dataset is builtin:tasks")
+        raise DataError(f"data.path 'builtin:{name}' is unknown; the built-in datasets are {BUILTIN}")
     return [
         Conversation([{"role": "user", "content": p}, {"role": "assistant", "content": a}], f"builtin:tasks record {i}")
         for i, (p, a) in enumerate(task_pairs())

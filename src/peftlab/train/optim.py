@@ -4,7 +4,8 @@ AdamW over the trainable parameters only, in two groups: weight decay on matrice
 vectors (biases, norms, scaling vectors; ``model.params.default_param_groups``). A method may
 supply its own groups (LoRA+). The schedule (``lr_factor``) is a linear warm-up over
 ``train.warmup`` (a count of steps, or a share of the run below 1), then a cosine or linear decay
-to ``lr * min_lr_ratio``, or a constant lr. A method's ``on_step`` may ask (``registry.StepEffects``) for the
+to ``lr * min_lr_ratio``, a constant lr, or wsd: constant until the last ``train.decay`` share of the
+run, then a linear decay. A method's ``on_step`` may ask (``registry.StepEffects``) for the
 groups to follow a changed trainable set (``regroup``), for part of the AdamW moments to be
 zeroed (``prune_moments``) or for the next step's learning rate to be scaled (``scale_lr``).
 """
@@ -109,12 +110,14 @@ def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] *= factor
 
 
-def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
+def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float, decay: float = 0.2) -> float:
     """Multiplier of the base lr at optimiser step ``step`` (0-based) of ``total``.
 
     Warm-up: ``(step + 1) / warmup`` for the first ``warmup`` steps. Then, with
     ``p = min(1, (step - warmup) / max(1, total - warmup))``: constant 1; linear
-    ``m + (1 - m)(1 - p)``; cosine ``m + (1 - m)(1 + cos(pi p)) / 2``, where ``m = min_ratio``.
+    ``m + (1 - m)(1 - p)``; cosine ``m + (1 - m)(1 + cos(pi p)) / 2``; wsd (warm-up, stable, decay)
+    1 while ``p < 1 - d``, then ``m + (1 - m)(1 - p) / d``, where ``m = min_ratio`` and ``d = decay``
+    (``train.decay``, the share of the steps after warm-up that wsd spends decaying).
     """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
@@ -122,11 +125,15 @@ def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -
         return 1.0
     span = max(1, total - warmup)
     progress = min(1.0, (step - warmup) / span)
+    if kind == "wsd":
+        if progress < 1.0 - decay:
+            return 1.0
+        return min_ratio + (1.0 - min_ratio) * (1.0 - progress) / decay
     if kind == "linear":
-        decay = 1.0 - progress
+        shape = 1.0 - progress
     else:  # cosine
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_ratio + (1.0 - min_ratio) * decay
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
 
 
 def warmup_steps(warmup: int | float, total: int) -> int:
@@ -142,5 +149,5 @@ def build_scheduler(optimizer, train_cfg, total_steps: int) -> torch.optim.lr_sc
     if train_cfg.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule {train_cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
     w = warmup_steps(train_cfg.warmup, total_steps)
-    kind, ratio = train_cfg.schedule, train_cfg.min_lr_ratio
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, w, kind, ratio))
+    kind, ratio, decay = train_cfg.schedule, train_cfg.min_lr_ratio, train_cfg.decay
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, w, kind, ratio, decay))
