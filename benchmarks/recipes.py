@@ -108,6 +108,7 @@ def worker(spec: dict) -> dict:
     from peftlab.eval.generate import generate
     from peftlab.eval.metrics import exact_match
     from peftlab.model.load import load_model
+    from peftlab.train.evaluate import evaluate_loss
     from peftlab.train.loop import train
 
     torch.set_num_threads(1)
@@ -124,13 +125,14 @@ def worker(spec: dict) -> dict:
         model, steps = result.model, result.steps
         last_loss = next((m["loss"] for m in reversed(result.metrics) if "loss" in m), float("nan"))
     train_s = time.time() - started
+    eval_loss = evaluate_loss(model, data.eval, 16, data.collate, torch.device("cpu"), None)  # the same for both
     records = data.eval_records
     preds = generate(model, tok, data.encoder, [r.messages[:-1] for r in records],
                      max_new_tokens=TASKS[task]["max_new_tokens"], batch_size=16)
     refs = [r.messages[-1]["content"] for r in records]
     hits = [exact_match(p, r) for p, r in zip(preds, refs)]
     return {"task": task, "recipe": recipe, "seed": seed, "exact_match": sum(hits) / len(hits),
-            "n_eval": len(hits), "steps": steps, "final_train_loss": last_loss, "train_s": round(train_s, 1),
+            "n_eval": len(hits), "eval_loss": round(eval_loss, 5), "steps": steps, "final_train_loss": last_loss, "train_s": round(train_s, 1),
             "settings": RECIPES[recipe], "samples": [[p, r] for p, r in list(zip(preds, refs))[:5]]}
 
 
@@ -169,21 +171,28 @@ def run_all(tasks, recipes, seeds, out: Path, work: Path, parallel: int) -> None
 
 
 def table(path: Path) -> str:
+    """Held-out exact match (%) and held-out eval loss per task and recipe: mean over seeds (min-max, n)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return "\n\n".join(_table(rows, key, scale, fmt) for key, scale, fmt in
+                        (("exact_match", 100, "{:.1f}"), ("eval_loss", 1, "{:.3f}")))
+
+
+def _table(rows: list[dict], key: str, scale: float, fmt: str) -> str:
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
     recipes = [r for r in RECIPES if any(x["recipe"] == r for x in rows)]
-    lines = ["| recipe | " + " | ".join(f"{t} ({_steps(rows, t)} steps)" for t in tasks) + " | mean |",
+    lines = [f"| {key} | " + " | ".join(f"{t} ({_steps(rows, t)} steps)" for t in tasks) + " | mean |",
              "|---|" + "---|" * (len(tasks) + 1)]
     for rec in recipes:
         cells, means = [], []
         for t in tasks:
-            ems = [x["exact_match"] * 100 for x in rows if x["task"] == t and x["recipe"] == rec]
-            if not ems:
+            vals = [x[key] * scale for x in rows if x["task"] == t and x["recipe"] == rec and key in x]
+            if not vals:
                 cells.append("-")
                 continue
-            means.append(statistics.mean(ems))
-            cells.append(f"{means[-1]:.1f} ({min(ems):.1f}-{max(ems):.1f}, n={len(ems)})")
-        overall = f"{statistics.mean(means):.1f}" if len(means) == len(tasks) else "-"
+            means.append(statistics.mean(vals))
+            spread = f" ({fmt.format(min(vals))}-{fmt.format(max(vals))})" if len(vals) > 1 else ""
+            cells.append(fmt.format(means[-1]) + spread + f", n={len(vals)}")
+        overall = fmt.format(statistics.mean(means)) if len(means) == len(tasks) else "-"
         lines.append(f"| {rec} | " + " | ".join(cells) + f" | {overall} |")
     return "\n".join(lines)
 
