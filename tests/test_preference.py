@@ -1,0 +1,232 @@
+"""Preference training: the data path, the reference policy, the objectives in the real loop.
+
+TRL equality of every loss lives in test_preference_trl.py. Here:
+- pairs are encoded with the prompt rendered once (the generation prompt, token for token) and
+  batched as [chosen rows; rejected rows]; truncation keeps the prompt's end and the answers' start;
+- bad input is a named error with file and record;
+- ``adapter_off`` reference log-probs equal a separate frozen base copy bit for bit (fp32), for
+  every registered method that leaves its base untouched; methods that change it get a frozen copy;
+- DPO runs in ``peftlab.train`` (metrics per step, precomputed == live reference, accumulation).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import small_model, tiny_model, tiny_overrides, tokenizer_for
+
+from peftlab import registry
+from peftlab.config import DataConfig, PreferenceConfig
+from peftlab.configure import load_config
+from peftlab.data.dataset import build_datasets, make_encoder
+from peftlab.data.formats import LabeledAnswer, PreferencePair, parse_record
+from peftlab.data.preference import collate_pairs, encode_pair, unpair, with_kl_rows
+from peftlab.data.tokenize import IGNORE
+from peftlab.errors import ConfigError, DataError
+from peftlab.train.preference import DPO
+from peftlab.train.reference import Reference, resolve_kind
+from peftlab.train.seq_logps import row_logps
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PAIRS = [
+    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+    {"conversations": [{"from": "human", "value": "Name a colour."}],
+     "chosen": {"from": "gpt", "value": "Blue."}, "rejected": {"from": "gpt", "value": "A car."}},
+    {"prompt": [{"role": "user", "content": "Say hi."}], "chosen": "Hi there!", "rejected": "No."},
+    {"instruction": "Translate to French", "input": "cat", "chosen": "chat", "rejected": "chien"},
+    {"prompt": "Capital of Italy?", "chosen": "Rome.", "rejected": "Paris."},
+    {"prompt": "Opposite of hot?", "chosen": "Cold.", "rejected": "Warm."},
+]
+
+
+def write(tmp_path, records, name="pairs.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def data_cfg(path, **kw) -> DataConfig:
+    return DataConfig(path=path, eval_split=0, template="chatml", max_length=kw.pop("max_length", 64), **kw)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_pair_shares_the_generation_prompt_and_batches_chosen_then_rejected(tmp_path):
+    tok = tokenizer_for("llama")
+    data = build_datasets(data_cfg(write(tmp_path, PAIRS), dedup=False), tok, 0)
+    assert data.stats.objective == "preference" and len(data.train) == len(PAIRS)
+    enc = make_encoder(data_cfg(None), tok)
+    for ex in data.train:
+        rec = parse_record(PAIRS[int(ex.source.rsplit(" ", 1)[1])], ex.source)  # "file record N" (0-based)
+        assert ex.prompt == enc.prompt_ids(rec.prompt)  # rendered once: the generation prompt, token for token
+        assert tok.decode(ex.chosen).startswith(rec.chosen[-1]["content"])
+        assert tok.decode(ex.chosen).endswith("<|im_end|>")  # the end-of-turn token is scored
+    batch = data.collate(data.train[:3])
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape[0] == 6
+    for i, ex in enumerate(data.train[:3]):
+        for row, answer in ((i, ex.chosen), (3 + i, ex.rejected)):
+            n = len(ex.prompt)
+            assert ids[row, :n].tolist() == ex.prompt
+            assert ids[row, n:n + len(answer)].tolist() == answer
+            assert (labels[row, :n] == IGNORE).all() and labels[row, n:n + len(answer)].tolist() == answer
+            assert (labels[row, n + len(answer):] == IGNORE).all()
+
+
+def test_sharegpt_demo_file_and_catalog_ranking_entry(tmp_path):
+    tok = tokenizer_for("llama")
+    demo = "../shared/data/dpo_en_demo.json"
+    records = json.load(open(demo))[:4]
+    path = write(tmp_path, records, "demo.json")
+    registry_file = tmp_path / "datasets.yaml"
+    registry_file.write_text(f"demo_pairs:\n  file_name: {path}\n  ranking: true\n  formatting: sharegpt\n"
+                             "  columns: {messages: conversations, chosen: chosen, rejected: rejected}\n")
+    cfg = DataConfig(train=["demo_pairs"], registry=str(registry_file), eval_split=0, max_length=512,
+                     max_prompt_length=256)
+    data = build_datasets(cfg, tok, 0)
+    assert len(data.train) == 4 and all(len(e.prompt) <= 256 for e in data.train)
+    prompts = [tok.decode(e.prompt) for e in data.train]
+    assert any("Angela" in p for p in prompts)  # record 1's ShareGPT prompt, rendered with the chat template
+    assert all(p.endswith("<|im_start|>assistant\n") for p in prompts)
+
+
+def test_truncation_keeps_prompt_end_and_answer_start(tmp_path):
+    tok = tokenizer_for("llama")
+    long_prompt = " ".join(f"w{i}" for i in range(200)) + " FINAL QUESTION?"
+    rec = {"prompt": long_prompt, "chosen": "alpha " * 40, "rejected": "beta " * 40}
+    cfg = data_cfg(write(tmp_path, [rec]), max_length=60, max_prompt_length=20)
+    ex = build_datasets(cfg, tok, 0).train[0]
+    full = encode_pair(parse_record(rec, "r"), make_encoder(cfg, tok), DataConfig(max_length=10**6))
+    assert ex.truncated and len(ex.prompt) == 20 and ex.prompt == full.prompt[-20:]  # the end of the prompt
+    assert "assistant" in tok.decode(ex.prompt[-4:])  # ... with the answer header
+    assert ex.chosen == full.chosen[:40] and ex.rejected == full.rejected[:40]  # answers keep their start
+    assert len(ex) == 60
+
+
+def test_prompt_leaving_no_answer_token_is_a_named_error(tmp_path):
+    tok = tokenizer_for("llama")
+    rec = {"prompt": "word " * 100, "chosen": "yes", "rejected": "no"}
+    path = write(tmp_path, [PAIRS[0], rec])
+    with pytest.raises(DataError, match=r"pairs\.json record 1: the prompt is \d+ tokens, so within "
+                                        r"data\.max_length=64 no answer token survives"):
+        build_datasets(data_cfg(path), tok, 0)
+    data = build_datasets(data_cfg(path, overlong="drop"), tok, 0)
+    assert len(data.train) == 1 and data.stats.dropped_overlong == 1
+
+
+@pytest.mark.parametrize("rec, fmt, message", [
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "auto", r"record 1: fields 'chosen' and 'rejected' are "
+                                                                   "identical"),
+    ({"prompt": "q", "chosen": "a"}, "auto", r"record 1: missing field 'rejected'"),
+    ({"chosen": "a", "rejected": "b"}, "auto", r"record 1: a preference record needs a prompt"),
+    ({"prompt": "q", "completion": "a"}, "auto", r"record 1: missing field 'label': a KTO record"),
+    ({"prompt": "q", "completion": "a", "label": "maybe"}, "kto", r"record 1: field 'label' must be true or false"),
+])
+def test_bad_preference_records_name_file_and_record(tmp_path, rec, fmt, message):
+    path = write(tmp_path, [PAIRS[0] if fmt == "auto" else {"prompt": "p", "completion": "c", "label": True}, rec])
+    with pytest.raises(DataError, match=r"pairs\.json " + message):
+        build_datasets(data_cfg(path, format=fmt), tokenizer_for("llama"), 0)
+
+
+def test_kto_records_and_pairs_become_labelled_examples_with_kl_rows(tmp_path):
+    tok = tokenizer_for("llama")
+    recs = [{"prompt": "q1", "completion": "good", "label": True}, {"prompt": "q2", "completion": "bad", "label": False},
+            {"prompt": "q3", "completion": "ok", "label": "true"}]
+    data = build_datasets(data_cfg(write(tmp_path, recs)), tok, 0)
+    assert [e.label for e in data.train] == [True, False, True]
+    assert isinstance(parse_record(recs[0], "x"), LabeledAnswer)
+    pairs = build_datasets(data_cfg(write(tmp_path, PAIRS, "p.json")), tok, 0).train
+    kto = with_kl_rows(unpair(pairs), 64)
+    assert [e.label for e in kto[:4]] == [True, False, True, False]
+    assert kto[1].kl_completion == kto[0].completion and kto[0].kl_completion == kto[-1].completion
+    batch = data.collate(kto[:4])
+    assert batch["kto_label"].tolist() == [True, False, True, False] and batch["kl_input_ids"].shape[0] == 4
+
+
+# ---------------------------------------------------------------------------- reference policy
+
+
+def pair_batch(vocab: int = 1000, seed: int = 0) -> dict:
+    """Two pairs of random tokens: prompt 6 tokens, answers of 5 and 3 tokens (right padded)."""
+    g = torch.Generator().manual_seed(seed)
+    from peftlab.data.preference import PairExample
+
+    def toks(n):
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    exs = []
+    for _ in range(2):
+        c, r = toks(5), toks(3)
+        exs.append(PairExample(toks(6), c, c, r, r))
+    return collate_pairs(exs, 0)
+
+
+ADAPTER_METHODS = [n for n in registry.names()
+                   if registry.get(n).edits_base is None or not registry.get(n).edits_base(
+                       registry.get(n).config_cls())]
+METHOD_OPTIONS = {"prompt_tuning": {"num_virtual_tokens": 4}, "p_tuning": {"num_virtual_tokens": 4},
+                  "prefix_tuning": {"num_virtual_tokens": 4}, "p_tuning_v2": {"num_virtual_tokens": 4},
+                  "mam": {"num_virtual_tokens": 4}, "lora": {"r": 4}, "dora": {"r": 4}}
+
+
+def test_every_base_keeping_method_is_covered():
+    assert {"lora", "dora", "vera", "adalora", "ia3", "adapter", "mam", "moe_lora", "prompt_tuning", "p_tuning",
+            "prefix_tuning", "p_tuning_v2"} <= set(ADAPTER_METHODS)
+    assert not {"full", "bitfit", "lisa", "relora", "delta_lora"} & set(ADAPTER_METHODS)
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_adapter_off_reference_equals_a_frozen_base_copy_bit_for_bit(method):
+    from conftest import perturb, with_method
+
+    base = small_model("llama")
+    frozen = copy.deepcopy(base)
+    model, m, cfg = with_method(base, method, **METHOD_OPTIONS.get(method, {}))
+    perturb(model, std=0.2)
+    batch = pair_batch()
+    assert resolve_kind("auto", m, cfg, model) == "adapter_off"
+    with torch.no_grad():
+        adapted = row_logps(model, batch, fused=False)[0]
+        want = row_logps(frozen, batch, fused=False)[0]
+    got = Reference("adapter_off").compute(model, batch)
+    assert torch.equal(got, want), (got - want).abs().max()
+    assert not torch.equal(adapted, want)  # the adapters do change the model (so the test can fail)
+    with torch.no_grad():
+        assert torch.equal(row_logps(model, batch, fused=False)[0], adapted)  # every wrapper is back
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "lisa", "relora", "delta_lora"])
+def test_methods_that_change_the_base_get_a_frozen_copy(method):
+    from conftest import with_method
+
+    model, m, cfg = with_method(small_model("llama"), method, **({"add_biases": True} if method == "bitfit" else {}))
+    assert resolve_kind("auto", m, cfg, model) == "frozen_copy"
+    with pytest.raises(ConfigError, match="pref.reference=adapter_off: peft.method=.* use pref.reference=frozen_copy"):
+        resolve_kind("adapter_off", m, cfg, model)
+
+
+def test_frozen_copy_stays_at_the_start_while_the_policy_trains():
+    model = small_model("llama")
+    batch = pair_batch()
+    ref = Reference("frozen_copy", model)
+    start = ref.compute(model, batch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    assert torch.equal(ref.compute(model, batch), start)
+    assert not torch.equal(row_logps(model, batch, fused=False)[0].detach(), start)
+
+
+def test_fused_and_plain_log_probs_agree():
+    model = small_model("llama")
+    batch = pair_batch()
+    fused = row_logps(model, batch, fused=True)[0]
+    with torch.no_grad():
+        plain, counts = row_logps(model, batch, fused=False)
+    assert counts.tolist() == [5, 5, 3, 3]  # every answer token (each follows the prompt)
+    torch.testing.assert_close(fused.detach(), plain, rtol=0, atol=1e-4)
