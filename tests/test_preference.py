@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -230,3 +231,108 @@ def test_fused_and_plain_log_probs_agree():
         plain, counts = row_logps(model, batch, fused=False)
     assert counts.tolist() == [5, 5, 3, 3]  # every answer token (each follows the prompt)
     torch.testing.assert_close(fused.detach(), plain, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def run_config(tmp_path, objective: str, *extra: str, method: str = "lora", name: str = "run"):
+    data = write(tmp_path, PAIRS * 2, "train.json")  # 12 pairs, dedup off: 10 train, 2 held out
+    return load_config(None, [*tiny_overrides("llama"), f"data.path={data}", "data.template=chatml",
+                              "data.max_length=48", "data.eval_split=2", "data.dedup=false", f"peft.method={method}",
+                              f"train.objective={objective}", "train.steps=3", "train.batch_size=2", "train.lr=5e-3",
+                              "train.progress=false", "train.threads=1", "train.mixed_precision=no", "train.warmup=0",
+                              "train.eval_every=0", f"train.output_dir={tmp_path / name}", *extra])
+
+
+METRICS = {"rewards_chosen", "rewards_rejected", "margin", "accuracy", "logps_chosen", "logps_rejected"}
+
+
+def test_dpo_in_the_loop_starts_at_log_2_and_logs_preference_metrics(tmp_path):
+    from peftlab.train.loop import train
+
+    result = train(run_config(tmp_path, "dpo", "peft.r=4"))
+    first, last = result.metrics[0], result.metrics[-1]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA starts as the base: every log-ratio is 0
+    assert first["margin"] == pytest.approx(0.0, abs=1e-6) and first["label_tokens"] == 2  # units: pairs
+    assert METRICS <= set(first) and {f"eval_{k}" for k in METRICS} <= set(last)
+    assert last["loss"] < first["loss"]  # it learns the preferences
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["eval_accuracy"] == last["eval_accuracy"]
+    # peftlab eval on the run: the same held-out pairs, the same numbers (the adapter switched off is the reference)
+    from peftlab.cli import main
+
+    assert main(["eval", "--run", str(tmp_path / "run"), "--max-new-tokens", "3", "--limit", "1"]) == 0
+    scored = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert scored["pref_pairs"] == 2 and scored["pref_reference"] == "adapter_off"
+    for key in ("accuracy", "margin", "rewards_chosen", "rewards_rejected"):
+        assert scored[f"pref_{key}"] == pytest.approx(last[f"eval_{key}"], abs=1e-5), key
+    assert scored["pref_loss"] == pytest.approx(last["eval_loss"], abs=1e-5) and scored["n"] == 1
+
+
+def test_precomputed_reference_gives_the_live_references_steps(tmp_path):
+    from peftlab.train.loop import train
+
+    live = train(run_config(tmp_path, "dpo", "pref.reference=adapter_off", name="live")).metrics
+    pre = train(run_config(tmp_path, "dpo", "pref.reference=precomputed", name="pre")).metrics
+    for a, b in zip(live, pre):
+        for key in ("loss", "rewards_chosen", "rewards_rejected", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=2e-6), key
+
+
+def test_full_fine_tuning_uses_a_frozen_copy_and_kto_starts_at_half(tmp_path):
+    from peftlab.train.loop import train
+
+    full = train(run_config(tmp_path, "dpo", method="full", name="full", *["train.lr=1e-4"])).metrics
+    assert full[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    kto = train(run_config(tmp_path, "kto", "peft.r=4", name="kto")).metrics
+    assert kto[0]["loss"] == pytest.approx(0.5, abs=1e-5)  # policy == reference: 1 - σ(0) for every example
+    assert kto[0]["label_tokens"] == 2 and {"kl", "desirable", "rewards_chosen"} <= set(kto[0])
+
+
+@pytest.mark.parametrize("objective", ["simpo", "orpo", "reward"])
+def test_reference_free_objectives_run_in_the_loop(tmp_path, objective):
+    from peftlab.train.loop import train
+
+    result = train(run_config(tmp_path, objective, "peft.r=4"))
+    metrics = result.metrics
+    assert all(math.isfinite(m["loss"]) for m in metrics) and len(metrics) == 3
+    assert {"rewards_chosen", "accuracy", "eval_accuracy"} <= set(metrics[-1])
+    if objective == "reward":  # the trained head is saved beside the adapter
+        from safetensors.torch import load_file
+
+        saved = load_file(str(tmp_path / "run" / "reward_head.safetensors"))["weight"]
+        assert torch.equal(saved, result.model.reward_head.weight.detach())
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo", "kto", "reward"])
+def test_each_objective_learns_one_batch_through_train_step(tmp_path, objective):
+    """The real optimiser step (train_step) on one fixed batch: the objective's loss goes down."""
+    from peftlab.train.pref_setup import build_objective, prepare_data
+    from peftlab.train.setup import load_data, prepared_model
+    from peftlab.train.step import start_training, train_step
+
+    cfg = run_config(tmp_path, objective, "peft.r=8", "train.lr=2e-2")
+    model, tok = prepared_model(cfg, None, None)
+    data = load_data(cfg, tok, 0)
+    prepare_data(cfg, data)
+    objective_ = build_objective(cfg, model, {})
+    state = start_training(model, cfg, 8, objective=objective_)
+    batch = data.collate(data.train[:4])
+    losses = [train_step(state, [batch])["loss"] for _ in range(8)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_objective_and_data_must_match(tmp_path):
+    from peftlab.train.loop import train
+
+    with pytest.raises(ConfigError, match="holds preference records .* but train.objective=lm; set train.objective=dpo"):
+        train(run_config(tmp_path, "lm", name="a"))
+    sft = write(tmp_path, [{"instruction": "q", "output": "a"}] * 6, "sft.json")
+    with pytest.raises(ConfigError, match="train.objective=dpo needs preference data"):
+        train(run_config(tmp_path, "dpo", f"data.path={sft}", name="b"))
+    with pytest.raises(ConfigError, match="pref.loss 'hinge' is not one of sigmoid, ipo, robust"):
+        run_config(tmp_path, "dpo", "pref.loss=hinge")
+    with pytest.raises(ConfigError, match="train.objective 'ppo' is not one of"):
+        run_config(tmp_path, "ppo")

@@ -173,6 +173,8 @@ def _finish(run: _Run, eval_loss: float | None, metrics: list[dict]) -> Path | N
     with dist.full_weights(model, to_gather):
         if dist.is_main:
             artifact = save_artifact(model, run.tokenizer, cfg, run.run_dir)
+            if hasattr(state.objective, "save"):  # the objective's own trained tensors (a reward model's head)
+                state.objective.save(model, run.run_dir)
     if dist.is_main:
         verdict = diagnose(metrics)
         summary = {"steps": state.step, "target_steps": run.total, "eval_loss": eval_loss,

@@ -190,6 +190,16 @@ class RewardModel:
         h = hidden[torch.arange(len(last), device=last.device), last]
         return model.reward_head(h.float()).squeeze(-1)
 
+    def save(self, model: nn.Module, run_dir) -> None:
+        """``reward_head.safetensors`` beside the adapter (or model): the head's weight [1, d]."""
+        import os
+
+        from safetensors.torch import save_file
+
+        path = os.path.join(run_dir, "reward_head.safetensors")
+        save_file({"weight": model.reward_head.weight.detach().float().cpu().contiguous()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         sc, sr = self.scores(model, batch).chunk(2)
         self.stats.add(rewards_chosen=sc, rewards_rejected=sr, margin=sc - sr, accuracy=(sc > sr).float())
