@@ -336,3 +336,36 @@ def test_objective_and_data_must_match(tmp_path):
         run_config(tmp_path, "dpo", "pref.loss=hinge")
     with pytest.raises(ConfigError, match="train.objective 'ppo' is not one of"):
         run_config(tmp_path, "ppo")
+
+
+def test_dpo_under_ddp_two_processes_match_one(tmp_path):
+    """torchrun, 2 processes (Gloo, CPU), micro-batches of 2 x grad_accum 2 each == one process with
+    grad_accum 4: the same pairs per step, so the same DPO loss, rewards and accuracy per step."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import peftlab
+    from peftlab.train.loop import train
+
+    data = write(tmp_path, PAIRS * 4, "train.json")
+    common = [*tiny_overrides("llama"), f"data.path={data}", "data.template=chatml", "data.max_length=48",
+              "data.eval_split=4", "data.dedup=false", "peft.r=4", "train.objective=dpo", "train.steps=3",
+              "train.batch_size=2", "train.lr=5e-3", "train.progress=false", "train.threads=1",
+              "train.mixed_precision=no", "train.warmup=0", "train.eval_every=0"]
+    one = train(load_config(None, [*common, "train.grad_accum=4", f"train.output_dir={tmp_path / 'one'}"])).metrics
+    src = str(Path(peftlab.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "peftlab", "train", *common,
+                           "train.grad_accum=2", f"train.output_dir={tmp_path / 'two'}"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(two) == len(one) == 3
+    for a, b in zip(one, two):
+        assert b["label_tokens"] == a["label_tokens"] == 8  # pairs per step, over both processes
+        for key in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy", "eval_loss", "eval_accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=5e-5, abs=2e-6), key
