@@ -236,13 +236,17 @@ def test_fused_and_plain_log_probs_agree():
 # ---------------------------------------------------------------------------- the loop
 
 
-def run_config(tmp_path, objective: str, *extra: str, method: str = "lora", name: str = "run"):
+def run_args(tmp_path, objective: str, *extra: str, method: str = "lora", name: str = "run") -> list[str]:
     data = write(tmp_path, PAIRS * 2, "train.json")  # 12 pairs, dedup off: 10 train, 2 held out
-    return load_config(None, [*tiny_overrides("llama"), f"data.path={data}", "data.template=chatml",
-                              "data.max_length=48", "data.eval_split=2", "data.dedup=false", f"peft.method={method}",
-                              f"train.objective={objective}", "train.steps=3", "train.batch_size=2", "train.lr=5e-3",
-                              "train.progress=false", "train.threads=1", "train.mixed_precision=no", "train.warmup=0",
-                              "train.eval_every=0", f"train.output_dir={tmp_path / name}", *extra])
+    return [*tiny_overrides("llama"), f"data.path={data}", "data.template=chatml", "data.max_length=48",
+            "data.eval_split=2", "data.dedup=false", f"peft.method={method}", f"train.objective={objective}",
+            "train.steps=3", "train.batch_size=2", "train.lr=5e-3", "train.progress=false", "train.threads=1",
+            "train.mixed_precision=no", "train.warmup=0", "train.eval_every=0", f"train.output_dir={tmp_path / name}",
+            *extra]
+
+
+def run_config(tmp_path, objective: str, *extra: str, method: str = "lora", name: str = "run"):
+    return load_config(None, run_args(tmp_path, objective, *extra, method=method, name=name))
 
 
 METRICS = {"rewards_chosen", "rewards_rejected", "margin", "accuracy", "logps_chosen", "logps_rejected"}
@@ -369,3 +373,29 @@ def test_dpo_under_ddp_two_processes_match_one(tmp_path):
         for key in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy", "eval_loss", "eval_accuracy"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=5e-5, abs=2e-6), key
+
+
+@pytest.mark.parametrize("method, reference", [("full", "auto"), ("lora", "precomputed")])
+def test_dpo_killed_with_sigkill_resumes_exactly(tmp_path, method, reference):
+    """A DPO run killed right after step 2 and resumed equals the uninterrupted run: the frozen copy
+    is of the starting model (not of the resumed weights); precomputed log-probs are recomputed."""
+    import signal
+
+    from safetensors.torch import load_file
+    from test_resume import run_killed
+
+    from peftlab.train.loop import train
+
+    def args(name):
+        return run_args(tmp_path, "dpo", f"pref.reference={reference}", "train.steps=4", "train.save_every=1",
+                        "train.lr=1e-3", method=method, name=name)
+
+    ref = train(load_config(None, args("ref")))
+    assert run_killed(tmp_path, args("killed"), "after_step", 2) == -signal.SIGKILL
+    resumed = train(load_config(None, args("killed")), resume=True)
+    strip = [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ref.metrics]
+    logged = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in logged] == strip
+    a, b = load_file(str(next(ref.artifact.glob("*.safetensors")))), load_file(
+        str(next(resumed.artifact.glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
