@@ -399,3 +399,21 @@ def test_dpo_killed_with_sigkill_resumes_exactly(tmp_path, method, reference):
     a, b = load_file(str(next(ref.artifact.glob("*.safetensors")))), load_file(
         str(next(resumed.artifact.glob("*.safetensors"))))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_composes_with_qlora(tmp_path):
+    """An NF4 base with LoRA: the reference is the quantised base (adapters off), no copy."""
+    from peftlab.train.loop import train
+
+    from peftlab.model.load import load_model
+
+    cfg = run_config(tmp_path, "dpo", "model.quantize=nf4", "peft.r=4")
+    result = train(cfg)
+    assert result.metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    base, _ = load_model(cfg.model, seed=cfg.train.seed, with_tokenizer=False)  # the same NF4 base, no adapter
+    batch = result.data.collate(result.data.train[:2])
+    with torch.no_grad():
+        live = row_logps(result.model, batch, fused=False)[0]
+        want = row_logps(base.eval(), batch, fused=False)[0]
+    got = Reference("adapter_off").compute(result.model, batch)
+    assert torch.equal(got, want) and not torch.equal(got, live)
