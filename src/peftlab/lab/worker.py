@@ -102,6 +102,9 @@ def _score(res, cfg, ecfg, amp, run_dir: Path, spec: dict, say) -> tuple[dict, l
                   res.data.collate, ecfg, amp, log=say)
     if same_loss:
         ev.metrics.update(eval_loss=res.eval_loss, perplexity=math.exp(min(res.eval_loss, 700.0)))
+        last = res.metrics[-1] if res.metrics else {}
+        if "eval_accuracy" in last:  # a preference run: the loop's last evaluation scored the same pairs
+            ev.metrics.update({f"pref_{k[5:]}": v for k, v in last.items() if k.startswith("eval_") and k != "eval_loss"})
     if ev.predictions:
         write_eval(run_dir / "eval", ev, {"eval": spec["eval"]})
     samples = []

@@ -106,7 +106,7 @@ def start_training(model: nn.Module, cfg: Config, total_steps: int, *, dist: Dis
 def train_step(state: TrainState, micro: list[dict]) -> dict | None:
     """One optimiser step over the collated micro-batches ``micro`` (on any device).
 
-    Returns the step's record (``step, loss, lr, tokens_per_s, label_tokens, grad_norm``, the
+    Returns the step's record (``step, loss, lr, tokens_per_s, input_tokens, label_tokens, grad_norm``, the
     method's metrics, ``aux_loss``), or None when a non-finite loss or gradient skipped the step.
     Raises ``TrainingDiverged`` after ``train.max_bad_steps`` skipped steps in a row and
     ``OutOfMemory`` (with what to change) when the step does not fit.
@@ -143,7 +143,8 @@ def train_step(state: TrainState, micro: list[dict]) -> dict | None:
     n_input = sum(count_input_tokens(b) for b in micro)
     n_input = int(dist.all_reduce_sum(torch.tensor(float(n_input), device=device)).item())
     record = {"step": state.step, "loss": round(loss, 6), "lr": lr,
-              "tokens_per_s": round(n_input / (time.perf_counter() - t0), 2), "label_tokens": n_units,
+              "tokens_per_s": round(n_input / (time.perf_counter() - t0), 2), "input_tokens": n_input,
+              "label_tokens": n_units,
               "grad_norm": round(float(grad_norm), 6), **stats, **extra}
     if aux_total is not None:
         record["aux_loss"] = round(aux_total, 6)
