@@ -17,17 +17,16 @@ import math
 
 import pytest
 import torch
-from conftest import small_model, tiny_model, tiny_overrides, tokenizer_for
 
+from conftest import small_model, tiny_overrides, tokenizer_for
 from peftlab import registry
-from peftlab.config import DataConfig, PreferenceConfig
+from peftlab.config import DataConfig
 from peftlab.configure import load_config
 from peftlab.data.dataset import build_datasets, make_encoder
-from peftlab.data.formats import LabeledAnswer, PreferencePair, parse_record
+from peftlab.data.formats import LabeledAnswer, parse_record
 from peftlab.data.preference import collate_pairs, encode_pair, unpair, with_kl_rows
 from peftlab.data.tokenize import IGNORE
 from peftlab.errors import ConfigError, DataError
-from peftlab.train.preference import DPO
 from peftlab.train.reference import Reference, resolve_kind
 from peftlab.train.seq_logps import row_logps
 
@@ -288,7 +287,7 @@ def test_precomputed_reference_gives_the_live_references_steps(tmp_path):
 def test_full_fine_tuning_uses_a_frozen_copy_and_kto_starts_at_half(tmp_path):
     from peftlab.train.loop import train
 
-    full = train(run_config(tmp_path, "dpo", method="full", name="full", *["train.lr=1e-4"])).metrics
+    full = train(run_config(tmp_path, "dpo", "train.lr=1e-4", method="full", name="full")).metrics
     assert full[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     kto = train(run_config(tmp_path, "kto", "peft.r=4", name="kto")).metrics
     assert kto[0]["loss"] == pytest.approx(0.5, abs=1e-5)  # policy == reference: 1 - σ(0) for every example
@@ -382,9 +381,9 @@ def test_dpo_killed_with_sigkill_resumes_exactly(tmp_path, method, reference):
     import signal
 
     from safetensors.torch import load_file
-    from test_resume import run_killed
 
     from peftlab.train.loop import train
+    from test_resume import run_killed
 
     def args(name):
         return run_args(tmp_path, "dpo", f"pref.reference={reference}", "train.steps=4", "train.save_every=1",
@@ -403,9 +402,8 @@ def test_dpo_killed_with_sigkill_resumes_exactly(tmp_path, method, reference):
 
 def test_dpo_composes_with_qlora(tmp_path):
     """An NF4 base with LoRA: the reference is the quantised base (adapters off), no copy."""
-    from peftlab.train.loop import train
-
     from peftlab.model.load import load_model
+    from peftlab.train.loop import train
 
     cfg = run_config(tmp_path, "dpo", "model.quantize=nf4", "peft.r=4")
     result = train(cfg)

@@ -23,8 +23,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
 
+from conftest import tiny_model
 from peftlab.config import DataConfig, PreferenceConfig
 from peftlab.data.dataset import build_datasets
 from peftlab.data.preference import unpair, with_kl_rows

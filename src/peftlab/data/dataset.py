@@ -4,7 +4,8 @@
       -> records, {{placeholders}} filled, exact duplicates removed (counted)
       -> a deterministic train/eval split (seeded permutation) or data.eval_path
       -> data.mix: each dataset's share of the training set (sampling ratios)
-      -> sft: encode with the template (tokenize); pretrain: documents -> fixed blocks (packing)
+      -> sft: encode with the template (tokenize); pretrain: documents -> fixed blocks (packing);
+         preference (pairs, KTO records): prompt once + answers (data/preference.py)
       -> data.packing: best-fit-decreasing rows; or data.group_by_length batches
       -> Datasets: .train / .eval rows, .collate(rows) -> tensors, .sampler(...) -> batch order
 
@@ -21,10 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, DataError
-from . import stream
+from . import preference, stream
 from .catalog import DatasetSpec, resolve
 from .collate import collate
-from . import preference
 from .formats import BadRecords, Conversation, LabeledAnswer, PreferencePair, fill_placeholders, read_records
 from .packing import chunk_blocks, grouped_batches, pack_examples, window_batches
 from .sampler import BatchSampler, EpochSampler
@@ -312,8 +312,11 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Datasets:
             raise ConfigError("data.packing does not combine with preference data yet (the two answers of a pair "
                               "share one batch as concatenated rows); set data.packing=false")
         train = encode_preference(train_recs, encoder, data_cfg, stats)
-        evals = encode_preference(eval_recs, encoder, data_cfg, stats)
-        eval_records = [r for r in eval_recs]  # generation prompts for the report (dropped ones included)
+        evals, eval_records = [], []
+        for rec in eval_recs:  # kept in step: the records give the held-out prompts for generation
+            ex = encode_preference([rec], encoder, data_cfg, stats)
+            evals += ex
+            eval_records += [rec] if ex else []
         if not train:
             raise DataError(f"{name}: no preference record is left after truncation (check data.max_length)")
     else:
