@@ -4,7 +4,9 @@
 
 One backbone forward per batch; the LM head runs only on label positions. With gradients the
 head goes through ``fused_head_loss`` row by row (no vocabulary-sized logits kept for
-backward); without (the reference, evaluation) it runs in chunks of rows.
+backward); without (the reference, evaluation) it runs in chunks of at most ``PLAIN_ROWS`` rows,
+so the transient logits stay small (256 x 49,152 fp32 is 50 MB; 1,024 rows and their log-softmax
+would hold 400 MB at the peak of every reference pass).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import nn
 from ..data.tokenize import IGNORE
 from .fused_loss import fused_head_loss
 from .loss import _head_logits, backbone_hidden, right_padded
+
+PLAIN_ROWS = 256  # label rows per LM-head chunk on the no-gradient path
 
 
 def hidden_states(model: nn.Module, batch: dict, skip_pad_mask: bool = True) -> torch.Tensor:
@@ -45,10 +49,11 @@ def label_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ch
             parts.append(-loss if loss is not None else h.new_zeros((), dtype=torch.float32))
         else:
             return torch.stack(parts), counts
-    token = []
-    for start in range(0, len(y), chunk):
-        logits = _head_logits(model, h[start:start + chunk]).float()
-        token.append(-F.cross_entropy(logits, y[start:start + chunk], reduction="none"))
+    token, rows_per = [], min(chunk, PLAIN_ROWS)
+    for start in range(0, len(y), rows_per):
+        logits = _head_logits(model, h[start:start + rows_per]).float()
+        token.append(-F.cross_entropy(logits, y[start:start + rows_per], reduction="none"))
+        del logits
     rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
     flat = torch.cat(token) if token else hidden.new_zeros(0, dtype=torch.float32)
     return torch.zeros(len(counts), device=hidden.device, dtype=torch.float32).index_add(0, rows, flat), counts
