@@ -415,3 +415,13 @@ def test_dpo_composes_with_qlora(tmp_path):
         want = row_logps(base.eval(), batch, fused=False)[0]
     got = Reference("adapter_off").compute(result.model, batch)
     assert torch.equal(got, want) and not torch.equal(got, live)
+
+
+def test_data_inspect_shows_both_rows_of_a_pair(tmp_path):
+    from peftlab.data.inspect import report
+
+    tok = tokenizer_for("llama")
+    data = build_datasets(data_cfg(write(tmp_path, PAIRS[:2])), tok, 0)
+    text = report(data, tok, 2, 64, 0)
+    assert "objective: preference" in text and "chosen row" in text and "rejected row" in text
+    assert "⟦4<|im_end|>" in text and "⟦5<|im_end|>" in text  # each answer marked as scored, after one prompt

@@ -203,3 +203,14 @@ def collate_preference(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
 
 def is_preference(example) -> bool:
     return isinstance(example, (PairExample, LabeledExample))
+
+
+def rows_of(example) -> list[tuple[str, Example]]:
+    """The rows one example becomes in a batch, named (for ``peftlab data inspect``)."""
+    p = example.prompt
+    if isinstance(example, PairExample):
+        return [("chosen", Example(p + example.chosen, [IGNORE] * len(p) + example.chosen_labels, example.source)),
+                ("rejected", Example(p + example.rejected, [IGNORE] * len(p) + example.rejected_labels,
+                                     example.source))]
+    kind = "desirable" if example.label else "undesirable"
+    return [(kind, Example(p + example.completion, [IGNORE] * len(p) + example.completion_labels, example.source))]
