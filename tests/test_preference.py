@@ -341,9 +341,11 @@ def test_objective_and_data_must_match(tmp_path):
         run_config(tmp_path, "ppo")
 
 
-def test_dpo_under_ddp_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_dpo_under_torchrun_two_processes_match_one(tmp_path, mode):
     """torchrun, 2 processes (Gloo, CPU), micro-batches of 2 x grad_accum 2 each == one process with
-    grad_accum 4: the same pairs per step, so the same DPO loss, rewards and accuracy per step."""
+    grad_accum 4: the same pairs per step, so the same DPO loss, rewards and accuracy per step
+    (FSDP: the adapter-off reference swaps modules inside the sharded blocks)."""
     import os
     import subprocess
     import sys
@@ -362,7 +364,8 @@ def test_dpo_under_ddp_two_processes_match_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "peftlab", "train", *common,
-                           "train.grad_accum=2", f"train.output_dir={tmp_path / 'two'}"], env=env,
+                           "train.grad_accum=2", f"train.distributed={mode}", f"train.output_dir={tmp_path / 'two'}"],
+                          env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
