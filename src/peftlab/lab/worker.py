@@ -94,8 +94,9 @@ def _score(res, cfg, ecfg, amp, run_dir: Path, spec: dict, say) -> tuple[dict, l
     from ..eval.harness import evaluate, generate_answers, write_eval
 
     # the loop's last eval loss is the same number when it covered the same batches: reuse it
+    # (for preference runs only DPO's: the harness scores every objective as DPO against the base)
     same_loss = (ecfg.loss and res.eval_loss is not None and ecfg.batch_size == cfg.train.batch_size
-                 and ecfg.loss_batches == cfg.train.eval_batches)
+                 and ecfg.loss_batches == cfg.train.eval_batches and cfg.train.objective in ("lm", "dpo"))
     if same_loss:
         ecfg.loss = False
     ev = evaluate(res.model, res.tokenizer, res.encoder, res.data.eval_records, res.data.eval,
