@@ -209,25 +209,6 @@ def resolve_objective(data_cfg, records: list) -> str:
     return "pretrain" if texts and all(texts) else "sft"
 
 
-def encode_preference(records: list, encoder: Encoder, data_cfg, stats: DataStats) -> list:
-    """Pairs and KTO records -> ``data.preference`` examples (a dropped one is counted)."""
-    out = []
-    for rec in records:
-        if isinstance(rec, PreferencePair):
-            ex = preference.encode_pair(rec, encoder, data_cfg)
-        elif isinstance(rec, LabeledAnswer):
-            ex = preference.encode_labeled(rec, encoder, data_cfg)
-        else:
-            raise DataError(f"{rec.source}: preference data (data.objective=preference) needs prompt/chosen/rejected "
-                            "pairs or KTO's prompt/completion/label records; this one is a plain conversation")
-        if ex is None:
-            stats.dropped_overlong += 1
-            continue
-        stats.truncated += ex.truncated
-        out.append(ex)
-    return out
-
-
 def document(rec, encoder: Encoder) -> list[int]:
     """A text record's ids for pre-training (conversations are refused)."""
     if not (isinstance(rec, Conversation) and rec.is_text):
@@ -311,10 +292,10 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Datasets:
         if data_cfg.packing:
             raise ConfigError("data.packing does not combine with preference data yet (the two answers of a pair "
                               "share one batch as concatenated rows); set data.packing=false")
-        train = encode_preference(train_recs, encoder, data_cfg, stats)
+        train = preference.encode_records(train_recs, encoder, data_cfg, stats)
         evals, eval_records = [], []
         for rec in eval_recs:  # kept in step: the records give the held-out prompts for generation
-            ex = encode_preference([rec], encoder, data_cfg, stats)
+            ex = preference.encode_records([rec], encoder, data_cfg, stats)
             evals += ex
             eval_records += [rec] if ex else []
         if not train:

@@ -135,6 +135,25 @@ def encode_labeled(rec: LabeledAnswer, encoder: Encoder, data_cfg) -> LabeledExa
     return LabeledExample(prompt, c, cl, rec.label, rec.source, cut or cut1)
 
 
+def encode_records(records: list, encoder: Encoder, data_cfg, stats) -> list:
+    """Pairs and KTO records -> examples; a dropped one is counted in ``stats`` (``DataStats``)."""
+    out = []
+    for rec in records:
+        if isinstance(rec, PreferencePair):
+            ex = encode_pair(rec, encoder, data_cfg)
+        elif isinstance(rec, LabeledAnswer):
+            ex = encode_labeled(rec, encoder, data_cfg)
+        else:
+            raise DataError(f"{rec.source}: preference data (data.objective=preference) needs prompt/chosen/rejected "
+                            "pairs or KTO's prompt/completion/label records; this one is a plain conversation")
+        if ex is None:
+            stats.dropped_overlong += 1
+            continue
+        stats.truncated += ex.truncated
+        out.append(ex)
+    return out
+
+
 def unpair(examples: list) -> list:
     """Pairs -> KTO's unpaired examples (chosen desirable, rejected undesirable); others unchanged."""
     out = []
