@@ -273,11 +273,12 @@ def test_dpo_in_the_loop_starts_at_log_2_and_logs_preference_metrics(tmp_path):
     assert scored["pref_loss"] == pytest.approx(last["eval_loss"], abs=1e-5) and scored["n"] == 1
 
 
-def test_precomputed_reference_gives_the_live_references_steps(tmp_path):
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_precomputed_reference_gives_the_live_references_steps(tmp_path, objective):
     from peftlab.train.loop import train
 
-    live = train(run_config(tmp_path, "dpo", "pref.reference=adapter_off", name="live")).metrics
-    pre = train(run_config(tmp_path, "dpo", "pref.reference=precomputed", name="pre")).metrics
+    live = train(run_config(tmp_path, objective, "pref.reference=adapter_off", name="live")).metrics
+    pre = train(run_config(tmp_path, objective, "pref.reference=precomputed", name="pre")).metrics
     for a, b in zip(live, pre):
         for key in ("loss", "rewards_chosen", "rewards_rejected", "eval_loss"):
             if key in a:
