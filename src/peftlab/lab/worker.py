@@ -100,7 +100,7 @@ def _score(res, cfg, ecfg, amp, run_dir: Path, spec: dict, say) -> tuple[dict, l
     if same_loss:
         ecfg.loss = False
     ev = evaluate(res.model, res.tokenizer, res.encoder, res.data.eval_records, res.data.eval,
-                  res.data.collate, ecfg, amp, log=say)
+                  res.data.collate, ecfg, amp, log=say, pref=cfg.pref)
     if same_loss:
         ev.metrics.update(eval_loss=res.eval_loss, perplexity=math.exp(min(res.eval_loss, 700.0)))
         last = res.metrics[-1] if res.metrics else {}
