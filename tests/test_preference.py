@@ -429,3 +429,16 @@ def test_data_inspect_shows_both_rows_of_a_pair(tmp_path):
     text = report(data, tok, 2, 64, 0)
     assert "objective: preference" in text and "chosen row" in text and "rejected row" in text
     assert "⟦4<|im_end|>" in text and "⟦5<|im_end|>" in text  # each answer marked as scored, after one prompt
+
+
+def test_reference_none_is_reference_free_and_copies_nothing(tmp_path):
+    from peftlab.train.pref_setup import build_objective
+
+    cfg = run_config(tmp_path, "dpo", "pref.reference=none", method="full")
+    model = small_model("llama")
+    objective = build_objective(cfg, model, {})
+    assert objective.reference.kind == "none" and objective.reference.copy is None
+    batch = pair_batch()
+    assert torch.equal(objective.reference.logps(model, batch), torch.zeros(4))
+    copy_ref = build_objective(run_config(tmp_path, "dpo", method="full"), model, {}).reference
+    assert copy_ref.kind == "frozen_copy" and copy_ref.copy is not None

@@ -61,8 +61,11 @@ def build_objective(cfg: Config, model: nn.Module, loss_options: dict):
         return preference.RewardModel(pref, model)
     method = registry.get(cfg.peft.method)
     kind = pref.reference
-    source = resolve_kind("auto" if kind in ("precomputed", "none") else kind, method, cfg.peft, model)
-    reference = Reference(kind if kind in ("precomputed", "none") else source, model, source)
+    if kind == "none":
+        reference = Reference("none")
+    else:  # precomputed: run once by what auto would run live (adapters off, or a copy freed afterwards)
+        source = resolve_kind("auto" if kind == "precomputed" else kind, method, cfg.peft, model)
+        reference = Reference(kind if kind == "precomputed" else source, model, source)
     cls = preference.DPO if name == "dpo" else preference.KTO
     return cls(pref, reference, chunk, fused)
 
