@@ -213,6 +213,8 @@ def _best_eval(r: RunView):
 def _ppl(r: RunView):
     if r.eval.get("perplexity") is not None:
         return r.eval["perplexity"]
+    if "pref_accuracy" in r.eval:  # a preference objective's loss is no cross-entropy: no perplexity
+        return None
     loss = r.final_eval_loss
     return math.exp(min(loss, 700.0)) if loss is not None else None
 
