@@ -62,7 +62,7 @@ def curves_figure(runs: dict[str, list[dict]], title: str | None = None):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(what)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy per answer token")
+        ax.set_ylabel("loss per pair" if pref else "cross-entropy per answer token")
         ax.grid(True, alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8, ncol=1 + len(ax.get_lines()) // 9)
