@@ -11,8 +11,10 @@ the chat template, so neither side truncates and both see the same text.
 
 Each side runs in its own subprocess (its own peak RSS), one after the other, ``--repeats`` times
 alternating. Useful tokens/s: the non-padding tokens of the policy's batches (prompt + answer of
-both rows of every pair, what TRL logs as ``num_tokens``) over the wall time of steps 2..N (step
-1 warms up). Peak RSS: the worker process's maximum resident set size (GB), model load included.
+both rows of every pair, what TRL logs as ``num_tokens``) per second of wall time, per step over
+steps 2..N (step 1 warms up); the summary gives the median over steps and repeats (a busy
+neighbour slows some steps), the overall mean and the best step. Peak RSS: the worker process's
+maximum resident set size (GB), model load included.
 """
 
 from __future__ import annotations
@@ -124,14 +126,23 @@ def run_trl(spec: dict) -> dict:
 
 
 def summary(results: list[dict]) -> dict:
+    """Per side: the median over every measured step (2..N of every repeat) of that step's tokens/s
+    (robust to a neighbour that loads the machine for part of a run), the mean over the steps, the
+    best step's, and the largest peak RSS."""
+    import statistics
+
     out = {}
     for side in ("peftlab", "trl"):
         runs = [r for r in results if r["side"] == side]
-        tps = sorted(sum(r["tokens"][1:]) / sum(r["step_s"][1:]) for r in runs)
-        out[side] = {"tokens_per_s": round(tps[len(tps) // 2], 1), "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
-                     "s_per_step": round(sorted(sum(r["step_s"][1:]) / (len(r["step_s"]) - 1) for r in runs)[
-                         len(runs) // 2], 2), "tokens_per_step": round(sum(runs[0]["tokens"]) / len(runs[0]["tokens"]))}
-    out["speedup"] = round(out["peftlab"]["tokens_per_s"] / out["trl"]["tokens_per_s"], 2)
+        per_step = [t / s for r in runs for t, s in zip(r["tokens"][1:], r["step_s"][1:])]
+        out[side] = {"tokens_per_s_median": round(statistics.median(per_step), 1),
+                     "tokens_per_s_mean": round(sum(sum(r["tokens"][1:]) for r in runs)
+                                                / sum(sum(r["step_s"][1:]) for r in runs), 1),
+                     "tokens_per_s_best_step": round(max(per_step), 1),
+                     "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+                     "tokens_per_step": round(sum(runs[0]["tokens"]) / len(runs[0]["tokens"]))}
+    for key in ("median", "mean", "best_step"):
+        out[f"speedup_{key}"] = round(out["peftlab"][f"tokens_per_s_{key}"] / out["trl"][f"tokens_per_s_{key}"], 2)
     out["memory_ratio"] = round(out["peftlab"]["peak_rss_gb"] / out["trl"]["peak_rss_gb"], 2)
     return out
 
