@@ -239,9 +239,13 @@ def test_unknown_dataset_name_is_a_config_error(tmp_path):
 
 
 def test_preference_data_refused_for_sft(tmp_path):
+    """Pairs are preference data (data.objective=auto); forced into SFT they are refused by name."""
     f = write(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}] * 1)
-    with pytest.raises(DataError, match="preference pair"):
-        build_datasets(DataConfig(path=str(f), eval_split=0), tokenizer_for("llama"), 0)
+    assert build_datasets(DataConfig(path=str(f), eval_split=0), tokenizer_for("llama"), 0).stats.objective == \
+        "preference"
+    with pytest.raises(DataError, match="preference record .* cannot be used for supervised fine-tuning; train it "
+                                        "with train.objective=dpo"):
+        build_datasets(DataConfig(path=str(f), eval_split=0, objective="sft"), tokenizer_for("llama"), 0)
 
 
 # ---------------------------------------------------------------------------- bad input

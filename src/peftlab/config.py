@@ -3,7 +3,8 @@
     model  -> ModelConfig        which base model, dtype, device, quantisation
     peft   -> the method's config dataclass, chosen by ``peft.method`` (see registry)
     data   -> DataConfig         where the examples come from and how they become tokens
-    train  -> TrainConfig        the loop: optimiser, schedule, batches, checkpoints
+    train  -> TrainConfig        the loop: objective, optimiser, schedule, batches, checkpoints
+    pref   -> PreferenceConfig   the knobs of the preference objectives (train.objective=dpo, ...)
 
 Every key is validated: an unknown key is an error that lists the valid keys of its section. A
 method's own options live only in its config class, so ``peft.r`` is valid for LoRA and an error for
@@ -55,6 +56,7 @@ class DataConfig:
     template: str = "auto"  # auto | chat (the tokenizer's) | alpaca | vicuna | default | chatml | qwen | llama3 | gemma
     system: str | None = None  # system prompt for templates that have one
     max_length: int = 512  # tokens per example (and per packed row)
+    max_prompt_length: int | None = None  # preference data: a longer prompt keeps its last tokens
     eval_split: float = 0.05  # fraction (< 1) or count (>= 1) of records held out for eval
     eval_path: str | None = None  # a separate eval file (or registry name) instead of a split
     skip_bad_records: bool = False  # skip malformed records (counted) instead of stopping
@@ -71,7 +73,7 @@ class DataConfig:
     source_length: int | None = None  # max tokens of each prompt message's content
     target_length: int | None = None  # max tokens of each answer's content
     overlong: str = "truncate"  # over max_length: truncate | drop_oldest (turns) | drop (the record)
-    objective: str = "auto"  # sft | pretrain (labels = ids, fixed blocks) | auto (pretrain for text data)
+    objective: str = "auto"  # sft | pretrain (labels = ids, fixed blocks) | preference | auto (from the records)
     block_size: int | None = None  # pre-training block length (default: max_length)
     group_by_length: bool = False  # batches of similar length (the non-packed way to cut padding)
     streaming: bool = False  # read the training data as a stream (one window in memory; needs eval_path)
@@ -82,8 +84,45 @@ class DataConfig:
         check_data_settings(self)
 
 
+OBJECTIVES = ("lm", "dpo", "orpo", "simpo", "kto", "reward")  # train.objective (train/preference.py)
+DPO_LOSSES = ("sigmoid", "ipo", "robust")
+REFERENCES = ("auto", "adapter_off", "frozen_copy", "precomputed", "none")
+
+
+@dataclass
+class PreferenceConfig:
+    """The knobs of the preference objectives, named as in their papers (and TRL)."""
+
+    loss: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo (IPO) | robust (rDPO, label_smoothing = flip rate)
+    beta: float = 0.1  # DPO/IPO/KTO: the KL strength; SimPO: the reward scale; ORPO: no effect
+    label_smoothing: float = 0.0  # dpo sigmoid/robust and simpo: assumed rate of flipped labels, < 0.5
+    simpo_gamma: float = 0.5  # SimPO's target reward margin (γ)
+    orpo_lambda: float = 0.1  # ORPO's λ: weight of the odds-ratio term beside the NLL (TRL's beta)
+    desirable_weight: float = 1.0  # KTO's λ_D
+    undesirable_weight: float = 1.0  # KTO's λ_U
+    reference: str = "auto"  # auto | adapter_off | frozen_copy | precomputed | none (dpo, kto)
+    center_rewards: float = 0.0  # reward model: weight of mean((r_c + r_r)^2) (TRL's center_rewards_coefficient)
+
+    def validate(self) -> None:
+        from .validate import finite
+
+        if self.loss not in DPO_LOSSES:
+            raise ConfigError(f"pref.loss {self.loss!r} is not one of {', '.join(DPO_LOSSES)}")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"pref.reference {self.reference!r} is not one of {', '.join(REFERENCES)}")
+        finite(self.beta, "pref.beta", 0.0, low_open=True, hint="DPO usually takes 0.1 (0.01 to 0.5)")
+        finite(self.label_smoothing, "pref.label_smoothing", 0.0, 0.5, high_open=True,
+               hint="the share of pairs assumed flipped: 0 (none) to below 0.5")
+        finite(self.simpo_gamma, "pref.simpo_gamma", 0.0)
+        finite(self.orpo_lambda, "pref.orpo_lambda", 0.0)
+        finite(self.desirable_weight, "pref.desirable_weight", 0.0)
+        finite(self.undesirable_weight, "pref.undesirable_weight", 0.0)
+        finite(self.center_rewards, "pref.center_rewards", 0.0)
+
+
 @dataclass
 class TrainConfig:
+    objective: str = "lm"  # one of OBJECTIVES: lm (next-token loss; SFT, pre-training) | dpo | orpo | simpo | kto | reward
     lr: float = 2e-4
     steps: int | None = None  # optimiser steps; None means train.epochs over the data
     epochs: float = 1.0
@@ -147,6 +186,9 @@ class TrainConfig:
             raise ConfigError(f"train.schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no", "fp32", "none", "false", "off"):
             raise ConfigError(f"train.mixed_precision {self.mixed_precision!r} is not one of auto, bf16, fp16, no")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective {self.objective!r} is not one of {', '.join(OBJECTIVES)} "
+                              "(the preference objectives take their knobs from the pref section)")
         if self.distributed not in ("ddp", "fsdp", "fsdp_grad_op"):
             raise ConfigError(f"train.distributed {self.distributed!r} is not one of ddp, fsdp, fsdp_grad_op")
         check_path(self.output_dir, "train.output_dir")
@@ -158,6 +200,7 @@ class Config:
     peft: Any = None  # the method's config dataclass instance
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pref: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def to_dict(self) -> dict:
         return {
@@ -165,13 +208,14 @@ class Config:
             "peft": dataclasses.asdict(self.peft),
             "data": dataclasses.asdict(self.data),
             "train": dataclasses.asdict(self.train),
+            "pref": dataclasses.asdict(self.pref),
         }
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "pref": PreferenceConfig}
 DEFAULT_METHOD = "lora"
 
 
@@ -303,7 +347,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if len(path) < 2:
         raise ConfigError(
-            f"override key {key!r} needs a section, e.g. train.lr; sections: model, peft, data, train"
+            f"override key {key!r} needs a section, e.g. train.lr; sections: model, peft, data, train, pref"
         )
     if value.strip().lower() in ("yes", "no", "on", "off", "y", "n"):
         parsed = value.strip()  # words, not YAML 1.1 booleans (train.mixed_precision=no)

@@ -16,6 +16,7 @@ from .config import (
     Config,
     DataConfig,
     ModelConfig,
+    PreferenceConfig,
     TrainConfig,
     apply_overrides,
     build_dataclass,
@@ -28,7 +29,7 @@ def config_from_dict(raw: dict) -> Config:
     unknown = [k for k in raw if k not in (*SECTIONS, "peft")]
     if unknown:
         raise ConfigError(
-            f"unknown config section {unknown[0]!r}; valid sections: model, peft, data, train"
+            f"unknown config section {unknown[0]!r}; valid sections: model, peft, data, train, pref"
         )
     for name in (*SECTIONS, "peft"):
         if raw.get(name) is not None and not isinstance(raw[name], dict):
@@ -41,6 +42,7 @@ def config_from_dict(raw: dict) -> Config:
         peft=build_dataclass(method.config_cls, peft_raw, "peft"),
         data=build_dataclass(DataConfig, raw.get("data"), "data"),
         train=build_dataclass(TrainConfig, raw.get("train"), "train"),
+        pref=build_dataclass(PreferenceConfig, raw.get("pref"), "pref"),
     )
 
 

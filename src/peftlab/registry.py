@@ -105,6 +105,11 @@ class Method:
     set_speed:    optional ``set_speed(model, fast_path, cache_weight) -> None``: the loop's speed
                   levers for the method's layers (LoRA's fused autograd function; keeping a cached
                   weight, off under FSDP where weights are gathered per step).
+    edits_base:   optional ``edits_base(cfg) -> bool``: True when the method changes the base
+                  model's own weights (full fine-tuning, BitFit, LISA, ReLoRA's merges, Delta-LoRA,
+                  PiSSA/OLoRA's residual), so switching its modules off (methods/base_only.py) does
+                  not give back the model training started from; a preference objective's
+                  reference then needs a frozen copy. None: the base stays as it was loaded.
     """
 
     name: str
@@ -125,6 +130,7 @@ class Method:
     finalize: Callable[[nn.Module, Any], None] | None = None
     aux_loss: Callable[..., Any] | None = None
     set_speed: Callable[[nn.Module, bool, bool], None] | None = None
+    edits_base: Callable[[Any], bool] | None = None
     aliases: tuple[str, ...] = field(default=())
 
 

@@ -114,6 +114,10 @@ def check_data_settings(data_cfg) -> None:
     """
     if data_cfg.max_length < 2:
         raise ConfigError(f"data.max_length must be >= 2 tokens, got {data_cfg.max_length}")
+    keep = getattr(data_cfg, "max_prompt_length", None)
+    if keep is not None and not 1 <= keep < data_cfg.max_length:
+        raise ConfigError(f"data.max_prompt_length must be between 1 and data.max_length - 1 "
+                          f"({data_cfg.max_length - 1}) so an answer token fits, got {keep}")
     split = finite(data_cfg.eval_split, "data.eval_split", 0.0,
                    hint="give a fraction below 1 (0.05 holds out 5%) or a count of records (50)")
     if split >= 1 and not float(split).is_integer():

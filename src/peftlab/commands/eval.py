@@ -70,7 +70,8 @@ def run(args) -> int:
     say(f"peftlab eval: {what}; held-out {len(data.eval)} examples from {cfg.data.path or 'builtin:tasks'}"
         + (f", generating {min(len(data.eval_records), args.limit if args.limit is not None else 10**9)}"
            if ecfg.generate else ""))
-    result = evaluate(model, tok, data.encoder, data.eval_records, data.eval, data.collate, ecfg, amp, log=say)
+    result = evaluate(model, tok, data.encoder, data.eval_records, data.eval, data.collate, ecfg, amp, log=say,
+                      pref=cfg.pref)
     out = Path(args.output) if args.output else (Path(args.run) / "eval" if args.run else Path("runs/eval"))
     extra = {"model": cfg.model.name, "method": cfg.peft.method, "run": args.run, "adapter": args.adapter,
              "data": cfg.data.path, "eval": {k: v for k, v in vars(ecfg).items() if k != "prompts"}}
@@ -81,6 +82,9 @@ def run(args) -> int:
         m = result.metrics
         if "eval_loss" in m:
             print(f"eval loss: {m['eval_loss']:.4f}   perplexity: {m['perplexity']:.3f}")
+        if "pref_accuracy" in m:
+            print(f"preference accuracy: {m['pref_accuracy']:.4f}   margin: {m['pref_margin']:.4f}   rewards chosen: "
+                  f"{m['pref_rewards_chosen']:.4f}   rejected: {m['pref_rewards_rejected']:.4f}")
         if "n" in m:
             print(f"generation ({m['n']} answers): {format_scores(m)}")
         print(f"written: {out / 'metrics.json'}, {out / 'predictions.jsonl'}")

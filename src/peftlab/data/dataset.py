@@ -4,7 +4,8 @@
       -> records, {{placeholders}} filled, exact duplicates removed (counted)
       -> a deterministic train/eval split (seeded permutation) or data.eval_path
       -> data.mix: each dataset's share of the training set (sampling ratios)
-      -> sft: encode with the template (tokenize); pretrain: documents -> fixed blocks (packing)
+      -> sft: encode with the template (tokenize); pretrain: documents -> fixed blocks (packing);
+         preference (pairs, KTO records): prompt once + answers (data/preference.py)
       -> data.packing: best-fit-decreasing rows; or data.group_by_length batches
       -> Datasets: .train / .eval rows, .collate(rows) -> tensors, .sampler(...) -> batch order
 
@@ -21,15 +22,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, DataError
-from . import stream
+from . import preference, stream
 from .catalog import DatasetSpec, resolve
 from .collate import collate
-from .formats import BadRecords, Conversation, PreferencePair, fill_placeholders, read_records
+from .formats import BadRecords, Conversation, LabeledAnswer, PreferencePair, fill_placeholders, read_records
 from .packing import chunk_blocks, grouped_batches, pack_examples, window_batches
 from .sampler import BatchSampler, EpochSampler
 from .tokenize import Encoder, Example
 
-OBJECTIVES = ("auto", "sft", "pretrain")
+OBJECTIVES = ("auto", "sft", "pretrain", "preference")
 
 
 @dataclass
@@ -95,6 +96,8 @@ def record_key(rec) -> bytes:
     """A digest of a record's content (for exact-duplicate removal)."""
     if isinstance(rec, PreferencePair):
         body = [rec.prompt, rec.chosen, rec.rejected, rec.tools]
+    elif isinstance(rec, LabeledAnswer):
+        body = [rec.prompt, rec.completion, rec.label, rec.tools]
     else:
         body = [rec.messages, rec.tools]
     return hashlib.blake2b(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass"),
@@ -176,9 +179,10 @@ def make_encoder(data_cfg, tokenizer) -> Encoder:
 
 def encode_one(rec, encoder: Encoder, stats: DataStats) -> Example | None:
     """An example, or None when it is dropped (counted)."""
-    if isinstance(rec, PreferencePair):
-        raise DataError(f"{rec.source}: a preference pair (prompt/chosen/rejected) cannot be used for supervised "
-                        "fine-tuning; it is parsed for preference training (Encoder.encode_pair)")
+    if isinstance(rec, (PreferencePair, LabeledAnswer)):
+        raise DataError(f"{rec.source}: a preference record (prompt/chosen/rejected, or KTO's prompt/completion/label) "
+                        "cannot be used for supervised fine-tuning; train it with train.objective=dpo (or orpo, "
+                        "simpo, kto, reward)")
     ex = encoder.encode(rec)
     if ex.dropped:
         stats.dropped_overlong += 1
@@ -199,6 +203,8 @@ def resolve_objective(data_cfg, records: list) -> str:
         raise ConfigError(f"data.objective {data_cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
     if data_cfg.objective != "auto":
         return data_cfg.objective
+    if records and all(isinstance(r, (PreferencePair, LabeledAnswer)) for r in records):
+        return "preference"
     texts = [isinstance(r, Conversation) and r.is_text for r in records]
     return "pretrain" if texts and all(texts) else "sft"
 
@@ -228,6 +234,8 @@ class Datasets:
 
     def collate(self, examples: list[Example]) -> dict:
         """Examples -> one micro-batch of tensors (the loop never builds batches itself)."""
+        if examples and preference.is_preference(examples[0]):
+            return preference.collate_preference(examples, self.pad_id)
         return collate(examples, self.pad_id, packed=self.packing)
 
     def sampler(self, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
@@ -280,6 +288,18 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Datasets:
         eval_records = []
         if not train:
             raise DataError(f"{name}: the training documents hold fewer than data.block_size={block} tokens")
+    elif stats.objective == "preference":
+        if data_cfg.packing:
+            raise ConfigError("data.packing does not combine with preference data yet (the two answers of a pair "
+                              "share one batch as concatenated rows); set data.packing=false")
+        train = preference.encode_records(train_recs, encoder, data_cfg, stats)
+        evals, eval_records = [], []
+        for rec in eval_recs:  # kept in step: the records give the held-out prompts for generation
+            ex = preference.encode_records([rec], encoder, data_cfg, stats)
+            evals += ex
+            eval_records += [rec] if ex else []
+        if not train:
+            raise DataError(f"{name}: no preference record is left after truncation (check data.max_length)")
     else:
         train = encode_all(train_recs, encoder, stats)
         evals, eval_records = [], []

@@ -26,6 +26,8 @@ Formats (field names are ours; ``data.columns`` maps them to the file's, e.g.
 - ``preference``: a ``PreferencePair``: a prompt (``prompt`` as a string or messages, or
   ShareGPT ``conversations``, or alpaca ``instruction``/``input``) and the ``chosen`` and
   ``rejected`` answers (strings, one message, or lists of messages).
+- ``kto``: a ``LabeledAnswer`` (KTO's unpaired data): the same prompt fields, one ``completion``
+  and a boolean ``label`` (true: desirable).
 
 Every check names file, record and field, and says what to do.
 """
@@ -73,6 +75,17 @@ class PreferencePair:
     def conversations(self) -> tuple[Conversation, Conversation]:
         return (Conversation(self.prompt + self.chosen, self.source, tools=self.tools),
                 Conversation(self.prompt + self.rejected, self.source, tools=self.tools))
+
+
+@dataclass
+class LabeledAnswer:
+    """KTO's unpaired example: a prompt and one answer, desirable (``label``) or not."""
+
+    prompt: list[dict]  # ends with a user (or tool) message
+    completion: list[dict]  # assistant-side messages
+    label: bool
+    source: str = ""
+    tools: list | None = None
 
 
 @dataclass
@@ -398,9 +411,9 @@ def _answer(value, f: Fields, key: str) -> list[dict]:
     return out
 
 
-def from_preference(rec: dict, where: str, columns: dict | None = None) -> PreferencePair:
-    f = Fields(rec, where, columns)
-    tools = tools_field(f.get("tools"), where, f.name("tools"))
+def _prompt(f: Fields) -> list[dict]:
+    """The prompt of a preference pair or a KTO record: ``prompt`` (a string or messages),
+    ShareGPT ``conversations``, OpenAI ``messages`` or alpaca ``instruction``/``input``."""
     if f.has("conversations"):
         prompt = _sharegpt_messages(f)
     elif f.has("messages"):
@@ -410,31 +423,57 @@ def from_preference(rec: dict, where: str, columns: dict | None = None) -> Prefe
         if isinstance(value, list):
             prompt = _openai_messages(f, "prompt")
         else:
-            prompt = [{"role": "user", "content": text_field(value, where, f.name("prompt"))}]
-        system = text_field(f.get("system"), where, f.name("system"), required=False, allow_empty=True)
+            prompt = [{"role": "user", "content": text_field(value, f.where, f.name("prompt"))}]
+        system = text_field(f.get("system"), f.where, f.name("system"), required=False, allow_empty=True)
         if system and system.strip() and prompt[0]["role"] != "system":
             prompt.insert(0, {"role": "system", "content": system})
     elif f.has("instruction"):
         prompt = _alpaca_turns(f)
     else:
-        raise f.error(f"a preference pair needs a prompt: {f.name('prompt')!r}, {f.name('conversations')!r}, "
-                      f"{f.name('messages')!r} or {f.name('instruction')!r} (fields present: {', '.join(rec)})")
-    check_turns(prompt, where, complete=False)
+        raise f.error(f"a preference record needs a prompt: {f.name('prompt')!r}, {f.name('conversations')!r}, "
+                      f"{f.name('messages')!r} or {f.name('instruction')!r} (fields present: {', '.join(f.rec)})")
+    check_turns(prompt, f.where, complete=False)
+    return prompt
+
+
+def from_preference(rec: dict, where: str, columns: dict | None = None) -> PreferencePair:
+    f = Fields(rec, where, columns)
+    tools = tools_field(f.get("tools"), where, f.name("tools"))
+    prompt = _prompt(f)
     chosen, rejected = _answer(f.get("chosen"), f, "chosen"), _answer(f.get("rejected"), f, "rejected")
     if [m["content"] for m in chosen] == [m["content"] for m in rejected]:
         raise f.error(f"fields {f.name('chosen')!r} and {f.name('rejected')!r} are identical; a preference pair "
-                      "needs two different answers")
+                      "needs two different answers (fix or remove the record)")
     return PreferencePair(prompt, chosen, rejected, where, tools)
 
 
+def from_unpaired(rec: dict, where: str, columns: dict | None = None) -> LabeledAnswer:
+    """KTO's unpaired record: a prompt, one ``completion`` and its ``label`` (true = desirable)."""
+    f = Fields(rec, where, columns)
+    tools = tools_field(f.get("tools"), where, f.name("tools"))
+    prompt = _prompt(f)
+    completion = _answer(f.get("completion"), f, "completion")
+    label = f.get("label")
+    if label is None:
+        raise f.error(f"missing field {f.name('label')!r}: a KTO record says whether its completion is desirable "
+                      f"(true) or undesirable (false); add it, or map the file's field with data.columns")
+    if isinstance(label, str) and label.lower() in ("true", "false"):
+        label = label.lower() == "true"
+    if not isinstance(label, bool) and label not in (0, 1):
+        raise f.error(f"field {f.name('label')!r} must be true or false, got {_short(label)}")
+    return LabeledAnswer(prompt, completion, bool(label), where, tools)
+
+
 PARSERS = {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "messages": from_messages, "text": from_text,
-           "preference": from_preference}
+           "preference": from_preference, "kto": from_unpaired}
 
 
 def detect_format(rec: dict, where: str, columns: dict | None = None) -> str:
     f = Fields(rec, where, columns)
-    if f.has("chosen") and f.has("rejected"):
+    if f.has("chosen") or f.has("rejected"):  # one of them missing: the parser names it
         return "preference"
+    if f.has("completion"):  # KTO's unpaired records (a missing label is named by the parser)
+        return "kto"
     if f.has("conversations"):
         return "sharegpt"
     if f.has("messages"):
@@ -473,6 +512,8 @@ def fill_placeholders(record, values: dict) -> bool:
     """Replace ``{{key}}`` in every message with ``values[key]``; True if {{name}}/{{author}} stay unfilled."""
     if isinstance(record, PreferencePair):
         groups = [record.prompt, record.chosen, record.rejected]
+    elif isinstance(record, LabeledAnswer):
+        groups = [record.prompt, record.completion]
     else:
         groups = [record.messages]
     unfilled = False

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .dataset import Datasets
 from .packing import best_fit_decreasing, epoch_order, grouped_batches, padding_waste
+from .preference import is_preference, rows_of
 from .tokenize import IGNORE, Example
 
 GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
@@ -105,8 +106,13 @@ def report(data: Datasets, tokenizer, batch_size: int, capacity: int, seed: int,
     if data.train:
         ex = data.train[min(index, len(data.train) - 1)]
         mark = "green" if color else "⟦ ⟧"
-        lines += ["", f"example {min(index, len(data.train) - 1)} ({ex.source}; {len(ex)} tokens, "
-                      f"{ex.n_labels} trained, marked {mark}):", highlight(ex, tokenizer, color)]
+        if is_preference(ex):  # one prompt, each answer scored after it: the rows a batch holds
+            for name, row in rows_of(ex):
+                lines += ["", f"example {min(index, len(data.train) - 1)}, {name} row ({ex.source}; {len(row)} tokens, "
+                              f"{row.n_labels} scored, marked {mark}):", highlight(row, tokenizer, color)]
+        else:
+            lines += ["", f"example {min(index, len(data.train) - 1)} ({ex.source}; {len(ex)} tokens, "
+                          f"{ex.n_labels} trained, marked {mark}):", highlight(ex, tokenizer, color)]
     lengths = [len(e) for e in data.train]
     if lengths:
         lines += ["", f"token lengths of {len(lengths)} training rows (min {min(lengths)}, "

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.formats import Conversation
+from ..data.formats import Conversation, PreferencePair
+from ..data.preference import PairExample
 from ..errors import ConfigError
 from ..io import atomic_write_text
 from .metrics import DEFAULT_LONG_ANSWER_CHARS, score_corpus
@@ -71,7 +72,10 @@ class EvalResult:
 
 
 def split_prompt(conv: Conversation) -> tuple[list[dict], str]:
-    """(prompt messages, reference answer): everything before the last assistant turn, and that turn."""
+    """(prompt messages, reference answer): everything before the last assistant turn, and that turn
+    (for a preference pair: its prompt and the chosen answer)."""
+    if isinstance(conv, PreferencePair):
+        return conv.prompt, conv.chosen[-1]["content"]
     msgs = conv.messages
     if not msgs or msgs[-1].get("role") != "assistant":
         raise ConfigError(f"{conv.source}: the last message is not an assistant turn, so there is no reference "
@@ -111,11 +115,25 @@ def generate_answers(model, tokenizer, encoder, prompts: list, cfg: EvalConfig, 
 
 
 def evaluate(model, tokenizer, encoder, records: list[Conversation], examples: list, collate_fn,
-             cfg: EvalConfig, amp=None, log=None) -> EvalResult:
-    """Loss on ``examples`` and generation metrics on ``records`` (the same held-out split)."""
+             cfg: EvalConfig, amp=None, log=None, pref=None) -> EvalResult:
+    """Loss on ``examples`` and generation metrics on ``records`` (the same held-out split); on
+    preference pairs, preference accuracy, margin and rewards (``pref``: the run's pref section)."""
     say = log or (lambda *_: None)
     metrics: dict = {}
-    if cfg.loss and examples:
+    if cfg.loss and examples and isinstance(examples[0], PairExample):
+        from ..config import PreferenceConfig
+        from ..train.pref_setup import preference_eval
+
+        t0 = time.perf_counter()
+        metrics.update(preference_eval(model, examples, collate_fn, cfg.batch_size, amp, pref or PreferenceConfig(),
+                                       cfg.loss_batches))
+        say(f"preference accuracy {100 * metrics.get('pref_accuracy', 0):.1f}%, margin "
+            f"{metrics.get('pref_margin', 0):.4f}, rewards chosen {metrics.get('pref_rewards_chosen', 0):.4f} / "
+            f"rejected {metrics.get('pref_rewards_rejected', 0):.4f} over {metrics['pref_pairs']} held-out pairs "
+            f"(reference: {metrics['pref_reference']}) in {time.perf_counter() - t0:.1f}s")
+    elif cfg.loss and examples and not hasattr(examples[0], "labels"):
+        say("eval loss: skipped (KTO's unpaired examples have no pairwise metrics)")
+    elif cfg.loss and examples:
         t0 = time.perf_counter()
         loss, n = eval_loss(model, examples, collate_fn, cfg.batch_size, amp, cfg.loss_batches)
         metrics.update(eval_loss=loss, perplexity=math.exp(min(loss, 700.0)), loss_tokens=n)

@@ -32,12 +32,22 @@ def _style(names: list[str]) -> dict[str, dict]:
     return styles
 
 
+PREFERENCE = (("margin", "reward margin (train)", "chosen - rejected reward"),
+              ("eval_accuracy", "preference accuracy (held out)", "share of pairs, chosen above rejected"))
+
+
 def curves_figure(runs: dict[str, list[dict]], title: str | None = None):
-    """A Figure with axes[0] = train loss and axes[1] = eval loss vs step (one line per run)."""
+    """A Figure with axes[0] = train loss and axes[1] = eval loss vs step (one line per run);
+    for preference runs (records with ``margin``) a second row: the train reward margin and the
+    held-out preference accuracy."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), dpi=110, layout="constrained")
-    ax_train, ax_eval = fig.subplots(1, 2)
+    pref = any("margin" in r for records in runs.values() for r in records)
+    fig = Figure(figsize=(11, 8.4 if pref else 4.2), dpi=110, layout="constrained")
+    axes = fig.subplots(2 if pref else 1, 2)
+    ax_train, ax_eval = axes[0] if pref else axes
+    if pref:
+        _preference_axes(runs, axes[1], _style(list(runs)))
     styles = _style(list(runs))
     for name, records in runs.items():
         train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
@@ -52,7 +62,7 @@ def curves_figure(runs: dict[str, list[dict]], title: str | None = None):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(what)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy per answer token")
+        ax.set_ylabel("loss per pair" if pref else "cross-entropy per answer token")
         ax.grid(True, alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8, ncol=1 + len(ax.get_lines()) // 9)
@@ -61,6 +71,22 @@ def curves_figure(runs: dict[str, list[dict]], title: str | None = None):
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _preference_axes(runs: dict[str, list[dict]], axes, styles: dict) -> None:
+    """Reward margin (train) and preference accuracy (held out) against step, one line per run."""
+    for ax, (key, what, unit) in zip(axes, PREFERENCE):
+        for name, records in runs.items():
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), label=name, marker="o" if key.startswith("eval") else None,
+                        markersize=3.5, **styles[name])
+        ax.set_title(what)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(unit)
+        ax.grid(True, alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str | None = None) -> Path:

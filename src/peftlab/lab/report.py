@@ -213,6 +213,8 @@ def _best_eval(r: RunView):
 def _ppl(r: RunView):
     if r.eval.get("perplexity") is not None:
         return r.eval["perplexity"]
+    if "pref_accuracy" in r.eval:  # a preference objective's loss is no cross-entropy: no perplexity
+        return None
     loss = r.final_eval_loss
     return math.exp(min(loss, 700.0)) if loss is not None else None
 
@@ -229,6 +231,8 @@ QUALITY = [
     ("rouge2", "ROUGE-2", lambda r: r.eval.get("rouge2"), "max", _pct),
     ("rougeL", "ROUGE-L", lambda r: r.eval.get("rougeL"), "max", _pct),
     ("exact_match", "exact match %", lambda r: r.eval.get("exact_match"), "max", _pct),
+    ("pref_accuracy", "preference acc. %", lambda r: r.eval.get("pref_accuracy"), "max", _pct),
+    ("pref_margin", "reward margin", lambda r: r.eval.get("pref_margin"), "max", _f4),
     ("long", "long-answer acc. %", lambda r: r.eval.get("long_answer_accuracy"), "max", _pct),
 ]
 COST = [
@@ -250,6 +254,8 @@ QUALITY_NOTE = (
     "last above lowest means the run got worse on held-out data). BLEU-4: "
     "corpus level, smoothed (exp); ROUGE-1/2/L: mean F1; Chinese is segmented with jieba. Exact match: equal "
     "after collapsing white space. Long-answer accuracy: exact match over references longer than N characters. "
+    "Preference accuracy (preference runs): held-out pairs whose chosen answer's reward β·log(π/π_ref) is above "
+    "the rejected one's; reward margin: their mean difference. "
     "Definitions: peftlab.eval.metrics."
 )
 

@@ -94,14 +94,20 @@ def _score(res, cfg, ecfg, amp, run_dir: Path, spec: dict, say) -> tuple[dict, l
     from ..eval.harness import evaluate, generate_answers, write_eval
 
     # the loop's last eval loss is the same number when it covered the same batches: reuse it
+    # (for preference runs only DPO's: the harness scores every objective as DPO against the base)
     same_loss = (ecfg.loss and res.eval_loss is not None and ecfg.batch_size == cfg.train.batch_size
-                 and ecfg.loss_batches == cfg.train.eval_batches)
+                 and ecfg.loss_batches == cfg.train.eval_batches and cfg.train.objective in ("lm", "dpo"))
     if same_loss:
         ecfg.loss = False
     ev = evaluate(res.model, res.tokenizer, res.encoder, res.data.eval_records, res.data.eval,
-                  res.data.collate, ecfg, amp, log=say)
+                  res.data.collate, ecfg, amp, log=say, pref=cfg.pref)
     if same_loss:
-        ev.metrics.update(eval_loss=res.eval_loss, perplexity=math.exp(min(res.eval_loss, 700.0)))
+        last = res.metrics[-1] if res.metrics else {}
+        if "eval_accuracy" in last:  # a DPO run: the loop's last evaluation scored the same pairs
+            ev.metrics.update({f"pref_{k[5:]}": v for k, v in last.items() if k.startswith("eval_") and k != "eval_loss"})
+            ev.metrics.update(eval_loss=res.eval_loss)
+        else:
+            ev.metrics.update(eval_loss=res.eval_loss, perplexity=math.exp(min(res.eval_loss, 700.0)))
     if ev.predictions:
         write_eval(run_dir / "eval", ev, {"eval": spec["eval"]})
     samples = []

@@ -97,5 +97,5 @@ def from_peft_config(d: dict) -> BitFitConfig:
 
 register(Method(
     name="bitfit", config_cls=BitFitConfig, apply=apply, merge=merge, peft_type="BITFIT", state_prefixes=("bias",),
-    to_peft_config=to_peft_config, from_peft_config=from_peft_config,
+    to_peft_config=to_peft_config, from_peft_config=from_peft_config, edits_base=lambda cfg: True,
 ))

@@ -36,4 +36,5 @@ def merge(model: nn.Module) -> None:
     """Nothing to fold: the weights are the model."""
 
 
-register(Method(name="full", config_cls=FullConfig, apply=apply, merge=merge, peft_type=None, aliases=("full_ft",)))
+register(Method(name="full", config_cls=FullConfig, apply=apply, merge=merge, peft_type=None, aliases=("full_ft",),
+                edits_base=lambda cfg: True))

@@ -97,5 +97,5 @@ def merge(model: nn.Module) -> None:
 register(Method(
     name="lisa", config_cls=LISAConfig, apply=apply, merge=merge, peft_type=None,
     # The checkpoint must hold every weight, frozen or not: each was trained while its layer was active.
-    state_prefixes=("",), on_step=on_step, param_extra=param_extra,
+    state_prefixes=("",), on_step=on_step, param_extra=param_extra, edits_base=lambda cfg: True,
 ))

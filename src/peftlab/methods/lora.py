@@ -290,6 +290,7 @@ register(
         param_groups=param_groups,
         saved_config=saved_config,
         set_speed=set_speed,
+        edits_base=lambda cfg: cfg.init in ("pissa", "olora"),  # the base keeps the residual W - s·BA
     )
 )
 
@@ -314,6 +315,7 @@ def register_variant(name: str, config_cls: type, apply_fn, on_step, extra_field
             param_groups=param_groups,
             on_step=on_step,
             set_speed=set_speed,
+            edits_base=lambda cfg: True,  # ReLoRA merges into the base, Delta-LoRA updates it
         )
     )
 

@@ -41,6 +41,8 @@ from .distributed import DistContext
 from .distributed import context as dist_context
 from .evaluate import evaluate_loss
 from .objective import Objective
+from .pref_setup import build_objective, precompute_reference, prepare_data
+from .preference import reduce_stats
 from .runtime import seed_everything, set_threads
 from .step import TrainState, start_training, train_step
 
@@ -105,11 +107,15 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
         dist.on_main(ckpt.recover, run_dir)
     model, tokenizer = setup.prepared_model(cfg, model, tokenizer)
     data = setup.load_data(cfg, tokenizer, t.seed)
+    prepare_data(cfg, data)
     notes = check_run_fits(model, data, cfg.data, t, dist.world_size)
     steps = setup.total_steps(cfg, len(data.train), dist.world_size)
     sampler = data.sampler(t.batch_size, t.seed, cfg.data.shuffle, dist.rank, dist.world_size)
+    if objective is None and t.objective != "lm":  # the reference copy (if any) is of the model as it starts
+        objective = build_objective(cfg, model, {"chunk_rows": t.loss_chunk, "fused": t.fused_loss})
     report = param_report(model)  # before wrapping: FSDP turns parameters into shards
     state = start_training(model, cfg, steps, dist=dist, objective=objective)
+    precompute_reference(state.objective, model, data, t.batch_size, state.device, state.amp)
     seed_everything(t.seed + dist.rank)  # the training stream (dropout) differs between ranks
     run = _Run(cfg, dist, run_dir, state, data, sampler, tokenizer, report, steps, started)
     metrics, eval_loss = [], None
@@ -143,6 +149,8 @@ def _loop(run: _Run, log: _Log, eval_loss: float | None) -> float | None:
             eval_loss = evaluate_loss(state.model, data.eval, t.batch_size, data.collate, state.device, state.amp,
                                       t.eval_batches, state.engine, state.dist, state.objective)
             record["eval_loss"] = round(eval_loss, 6)
+            if hasattr(state.objective, "pop_stats"):  # preference accuracy, margin, rewards on held-out pairs
+                record.update(reduce_stats(state.objective.pop_stats(), run.dist, state.device, "eval_"))
         log.write(record, step % max(t.log_every, 1) == 0 or "eval_loss" in record or is_last, eval_loss)
         if t.save_every and step % t.save_every == 0 and not is_last:
             ckpt.save(state, run.run_dir, run.sampler, eval_loss)
@@ -165,6 +173,8 @@ def _finish(run: _Run, eval_loss: float | None, metrics: list[dict]) -> Path | N
     with dist.full_weights(model, to_gather):
         if dist.is_main:
             artifact = save_artifact(model, run.tokenizer, cfg, run.run_dir)
+            if hasattr(state.objective, "save"):  # the objective's own trained tensors (a reward model's head)
+                state.objective.save(model, run.run_dir)
     if dist.is_main:
         verdict = diagnose(metrics)
         summary = {"steps": state.step, "target_steps": run.total, "eval_loss": eval_loss,

@@ -6,7 +6,11 @@ gradient accumulation and data parallelism equal one big batch exactly:
     loss_step = sum over micro-batches b of objective.loss(model, b)
                 / sum over micro-batches b of objective.units(b)
 
-Language modelling counts label tokens; a preference loss would count pairs. ``loss`` runs inside
+Language modelling counts label tokens; a preference loss counts pairs (train/preference.py:
+``train.objective=dpo|orpo|simpo|kto|reward``). Two optional methods: ``pop_stats()`` returns the
+(sum, count) of the objective's own metrics since the last call, which the loop reduces over
+processes and adds to each step's record (``eval_`` ones after an evaluation); ``save(model,
+run_dir)`` writes tensors the objective itself trains (a reward model's head). ``loss`` runs inside
 the engine's forward (``DistContext.wrap(model, mode, objective)``), so DDP's gradient sync and
 FSDP's weight gathering happen around any objective, not only this one; evaluation, the training
 step and every process count the same units.

@@ -35,6 +35,7 @@ from .distributed import DistContext
 from .loss import count_input_tokens
 from .objective import CausalLM, Objective
 from .optim import build_optimizer, build_scheduler, prune_moments, regroup, scale_lr
+from .preference import reduce_stats
 from .runtime import autocast, resolve_precision, to_device
 
 
@@ -105,12 +106,15 @@ def start_training(model: nn.Module, cfg: Config, total_steps: int, *, dist: Dis
 def train_step(state: TrainState, micro: list[dict]) -> dict | None:
     """One optimiser step over the collated micro-batches ``micro`` (on any device).
 
-    Returns the step's record (``step, loss, lr, tokens_per_s, label_tokens, grad_norm``, the
+    Returns the step's record (``step, loss, lr, tokens_per_s, input_tokens, label_tokens, grad_norm``, the
     method's metrics, ``aux_loss``), or None when a non-finite loss or gradient skipped the step.
     Raises ``TrainingDiverged`` after ``train.max_bad_steps`` skipped steps in a row and
     ``OutOfMemory`` (with what to change) when the step does not fit.
     """
     t0, dist, device = time.perf_counter(), state.dist, state.device
+    pop_stats = getattr(state.objective, "pop_stats", None)  # preference objectives' metrics
+    if pop_stats is not None:
+        pop_stats()  # nothing left over from an evaluation or a failed attempt
     units = [state.objective.units(b) for b in micro]
     n_units = int(dist.all_reduce_sum(torch.tensor(float(sum(units)), device=device)).item())
     try:
@@ -120,6 +124,7 @@ def train_step(state: TrainState, micro: list[dict]) -> dict | None:
             raise
         raise OutOfMemory(out_of_memory_advice(state.cfg, micro, state.step, device, state.amp)) from None
     loss = float(dist.all_reduce_sum(loss_total)) / max(n_units, 1)
+    stats = reduce_stats(pop_stats(), dist, device) if pop_stats is not None else {}
     if aux_total is not None:  # each rank added its share of the unit-weighted mean
         aux_total = float(dist.all_reduce_sum(torch.tensor(aux_total, device=device)))
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, state.cfg.train.max_grad_norm or math.inf)
@@ -138,8 +143,9 @@ def train_step(state: TrainState, micro: list[dict]) -> dict | None:
     n_input = sum(count_input_tokens(b) for b in micro)
     n_input = int(dist.all_reduce_sum(torch.tensor(float(n_input), device=device)).item())
     record = {"step": state.step, "loss": round(loss, 6), "lr": lr,
-              "tokens_per_s": round(n_input / (time.perf_counter() - t0), 2), "label_tokens": n_units,
-              "grad_norm": round(float(grad_norm), 6), **extra}
+              "tokens_per_s": round(n_input / (time.perf_counter() - t0), 2), "input_tokens": n_input,
+              "label_tokens": n_units,
+              "grad_norm": round(float(grad_norm), 6), **stats, **extra}
     if aux_total is not None:
         record["aux_loss"] = round(aux_total, 6)
     return record
