@@ -218,6 +218,40 @@ def bitfit_count(D: dict) -> int:
     return D["L"] * (sum(o for _, o in linears(D)) + 2 * D["d"]) + D["d"]
 
 
+def divisors_near_root(n: int) -> tuple[int, int]:
+    """n = m k with m the largest divisor of n not above sqrt(n)."""
+    m = max(x for x in range(1, math.isqrt(n) + 1) if n % x == 0)
+    return m, n // m
+
+
+def loha_expected(model: nn.Module, cfg) -> dict[str, int]:
+    """LoHa: 2 r (in + out) per layer (two rank-r pairs)."""
+    out, r = {}, cfg.r
+    for path, m in linear_targets(model, cfg.targets, kinds=(nn.Linear, Conv1D)):
+        i, o = shape(m)
+        for name, n in (("w1_a", o * r), ("w1_b", r * i), ("w2_a", o * r), ("w2_b", r * i)):
+            out[f"{path}.hada_{name}"] = n
+    return {**out, **extra_expected(model, cfg)}
+
+
+def lokr_expected(model: nn.Module, cfg) -> dict[str, int]:
+    """LoKr: W1 [a, c] (or r (a + c) factored) + W2 [b, d] (or r (b + d)), out = a b, in = c d."""
+    out, r, f = {}, cfg.r, cfg.decompose_factor
+    for path, m in linear_targets(model, cfg.targets, kinds=(nn.Linear, Conv1D)):
+        i, o = shape(m)
+        assert f == -1 or (i % f == 0 and o % f == 0), "the formula covers factors that divide the sizes"
+        (a, b), (c, d) = [(f, n // f) if f > 0 else divisors_near_root(n) for n in (o, i)]
+        if cfg.decompose_both and r < max(a, c) / 2:
+            out[f"{path}.lokr_w1_a"], out[f"{path}.lokr_w1_b"] = a * r, r * c
+        else:
+            out[f"{path}.lokr_w1"] = a * c
+        if r < max(b, d) / 2:
+            out[f"{path}.lokr_w2_a"], out[f"{path}.lokr_w2_b"] = b * r, r * d
+        else:
+            out[f"{path}.lokr_w2"] = b * d
+    return {**out, **extra_expected(model, cfg)}
+
+
 def sized(formula: Callable[[dict], dict[str, int]]) -> Callable[[nn.Module, Any], dict[str, int]]:
     """An ``expected`` from {regex: count} over ``dims(model)``."""
     return lambda model, cfg: formula(dims(model))
@@ -253,6 +287,7 @@ class Case:
     steps: int = 25
     overfit_ratio: float = 0.5
     peft_config: Callable[[], Any] | None = None  # PEFT's config of the same adapter
+    peft_archs: tuple[str, ...] | None = None  # where PEFT can load it (None: every arch of the case)
     method: str = ""  # filled from the CONTRACT key
 
 
@@ -276,6 +311,14 @@ def peft_configs():
                                                          encoder_hidden_size=H),
         "p_tuning_v2": lambda: peft.PrefixTuningConfig(task_type=c, num_virtual_tokens=N),
         "ia3": lambda: peft.IA3Config(task_type=c),
+        "loha": lambda: peft.LoHaConfig(task_type=c, r=4, alpha=8, target_modules="all-linear"),
+        "loha_dropout": lambda: peft.LoHaConfig(task_type=c, r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                                                rank_dropout=0.2, module_dropout=0.1),
+        "lokr": lambda: peft.LoKrConfig(task_type=c, r=2, alpha=4, target_modules="all-linear"),
+        "lokr_both": lambda: peft.LoKrConfig(task_type=c, r=1, alpha=2, decompose_both=True,
+                                             target_modules="all-linear"),
+        "lokr_factor": lambda: peft.LoKrConfig(task_type=c, r=4, alpha=4, decompose_factor=4, init_weights="lycoris",
+                                               target_modules="all-linear"),
     }
 
 
@@ -320,6 +363,21 @@ CONTRACT: dict[str, list[Case]] = {
         Case("adalora", {"init_r": 4, "target_r": 2}, adalora_expected, randomize=("lora_E",), lr=3e-2),
         Case("adalora_nf4", {"init_r": 4, "target_r": 2}, adalora_expected, randomize=("lora_E",),
              model={"quantize": "nf4"}, archs=("llama",), lr=3e-2),
+    ],
+    # PEFT 0.21 has LoHa/LoKr for nn.Linear only (not GPT-2's Conv1D): parity on Llama
+    "loha": [
+        Case("loha", SMALL, loha_expected, randomize=None, peft_config=parity("loha"), peft_archs=("llama",)),
+        Case("loha_dropout", {**SMALL, "targets": ["q_proj", "v_proj"], "rank_dropout": 0.2, "module_dropout": 0.1},
+             loha_expected, randomize=None, archs=("llama",), lr=3e-2, overfit_ratio=0.7,
+             peft_config=parity("loha_dropout")),
+    ],
+    "lokr": [
+        Case("lokr", {"r": 2, "alpha": 4}, lokr_expected, randomize=None, peft_config=parity("lokr"),
+             peft_archs=("llama",)),
+        Case("lokr_both", {"r": 1, "alpha": 2, "decompose_both": True}, lokr_expected, randomize=None,
+             archs=("llama",), lr=3e-2, overfit_ratio=0.7, peft_config=parity("lokr_both")),
+        Case("lokr_factor", {"r": 4, "alpha": 4, "decompose_factor": 4, "init": "lycoris"}, lokr_expected,
+             randomize=None, archs=("llama",), peft_config=parity("lokr_factor")),
     ],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
@@ -366,7 +424,8 @@ CONTRACT: dict[str, list[Case]] = {
 }
 CASES = [dataclasses.replace(c, method=m) for m, cases in CONTRACT.items() for c in cases]
 PARAMS = [pytest.param(c, a, id=f"{c.id}-{a}") for c in CASES for a in c.archs]
-PARITY = [p for p in PARAMS if p.values[0].peft_config is not None]
+PARITY = [p for p in PARAMS if p.values[0].peft_config is not None
+          and p.values[1] in (p.values[0].peft_archs or p.values[0].archs)]
 
 
 # ---------------------------------------------------------------------------- plumbing
