@@ -252,6 +252,16 @@ def lokr_expected(model: nn.Module, cfg) -> dict[str, int]:
     return {**out, **extra_expected(model, cfg)}
 
 
+def oft_expected(model: nn.Module, cfg) -> dict[str, int]:
+    """OFT: (in / b) blocks of b (b - 1) / 2 per layer (one block with block_share), b = block_size or in / r."""
+    out = {}
+    for path, m in linear_targets(model, cfg.targets, kinds=(nn.Linear, Conv1D)):
+        i = shape(m)[0]
+        b = cfg.block_size or i // cfg.r
+        out[f"{path}.oft_R.weight"] = (1 if cfg.block_share else i // b) * b * (b - 1) // 2
+    return {**out, **extra_expected(model, cfg)}
+
+
 def sized(formula: Callable[[dict], dict[str, int]]) -> Callable[[nn.Module, Any], dict[str, int]]:
     """An ``expected`` from {regex: count} over ``dims(model)``."""
     return lambda model, cfg: formula(dims(model))
@@ -319,6 +329,11 @@ def peft_configs():
                                              target_modules="all-linear"),
         "lokr_factor": lambda: peft.LoKrConfig(task_type=c, r=4, alpha=4, decompose_factor=4, init_weights="lycoris",
                                                target_modules="all-linear"),
+        "oft": lambda: peft.OFTConfig(task_type=c, oft_block_size=16, target_modules="all-linear"),
+        "oft_exact": lambda: peft.OFTConfig(task_type=c, r=4, oft_block_size=0, use_cayley_neumann=False,
+                                            target_modules="all-linear"),
+        "oft_coft_shared": lambda: peft.OFTConfig(task_type=c, oft_block_size=16, coft=True, eps=0.3, block_share=True,
+                                                  module_dropout=0.25, target_modules="all-linear"),
     }
 
 
@@ -378,6 +393,15 @@ CONTRACT: dict[str, list[Case]] = {
              archs=("llama",), lr=3e-2, overfit_ratio=0.7, peft_config=parity("lokr_both")),
         Case("lokr_factor", {"r": 4, "alpha": 4, "decompose_factor": 4, "init": "lycoris"}, lokr_expected,
              randomize=None, archs=("llama",), peft_config=parity("lokr_factor")),
+    ],
+    "oft": [
+        Case("oft", {"block_size": 16}, oft_expected, randomize=None, peft_config=parity("oft"),
+             peft_archs=("llama",)),
+        Case("oft_exact", {"r": 4, "block_size": 0, "use_cayley_neumann": False}, oft_expected, randomize=None,
+             archs=("llama",), peft_config=parity("oft_exact")),
+        Case("oft_coft_shared", {"block_size": 16, "coft": True, "eps": 0.3, "block_share": True,
+                                 "module_dropout": 0.25}, oft_expected, randomize=None, archs=("llama",),
+             peft_config=parity("oft_coft_shared")),
     ],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
