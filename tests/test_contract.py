@@ -262,6 +262,12 @@ def oft_expected(model: nn.Module, cfg) -> dict[str, int]:
     return {**out, **extra_expected(model, cfg)}
 
 
+def ln_count(D: dict) -> int:
+    """LN tuning: every norm's γ (and β): Llama 2 RMSNorms per layer + the final one; GPT-2 2 LayerNorms + ln_f."""
+    d = D["d"]
+    return D["L"] * 2 * d + d if D["llama"] else D["L"] * 4 * d + 2 * d
+
+
 def sized(formula: Callable[[dict], dict[str, int]]) -> Callable[[nn.Module, Any], dict[str, int]]:
     """An ``expected`` from {regex: count} over ``dims(model)``."""
     return lambda model, cfg: formula(dims(model))
@@ -334,6 +340,7 @@ def peft_configs():
                                             target_modules="all-linear"),
         "oft_coft_shared": lambda: peft.OFTConfig(task_type=c, oft_block_size=16, coft=True, eps=0.3, block_share=True,
                                                   module_dropout=0.25, target_modules="all-linear"),
+        "ln_tuning": lambda: peft.LNTuningConfig(task_type=c),
     }
 
 
@@ -403,6 +410,8 @@ CONTRACT: dict[str, list[Case]] = {
                                  "module_dropout": 0.25}, oft_expected, randomize=None, archs=("llama",),
              peft_config=parity("oft_coft_shared")),
     ],
+    "ln_tuning": [beyond("ln_tuning", {}, lambda D: {r".+\.ln_tuning_layers\.(weight|bias)": ln_count(D)}, lr=3e-2,
+                         overfit_ratio=0.7, peft_config=parity("ln_tuning"))],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
     "prompt_tuning": [beyond("prompt_tuning", {"num_virtual_tokens": N}, lambda D: {PROMPT: N * D["d"]},
