@@ -341,6 +341,7 @@ def peft_configs():
         "oft_coft_shared": lambda: peft.OFTConfig(task_type=c, oft_block_size=16, coft=True, eps=0.3, block_share=True,
                                                   module_dropout=0.25, target_modules="all-linear"),
         "ln_tuning": lambda: peft.LNTuningConfig(task_type=c),
+        "trainable_tokens": lambda: peft.TrainableTokensConfig(task_type=c, token_indices=TOKENS),
     }
 
 
@@ -349,6 +350,7 @@ def parity(name: str) -> Callable[[], Any]:
 
 
 SMALL = {"r": 4, "alpha": 8}
+TOKENS = sorted(set(batch_of(0)["input_ids"].flatten().tolist()))  # trainable tokens: the rows the batch uses
 VIRTUAL = {"identity_atol": None, "mergeable": False, "overfit_ratio": 0.8}
 CONTRACT: dict[str, list[Case]] = {
     "lora": [
@@ -412,6 +414,10 @@ CONTRACT: dict[str, list[Case]] = {
     ],
     "ln_tuning": [beyond("ln_tuning", {}, lambda D: {r".+\.ln_tuning_layers\.(weight|bias)": ln_count(D)}, lr=3e-2,
                          overfit_ratio=0.7, peft_config=parity("ln_tuning"))],
+    # the head is tied to the embedding in both tiny models: it trains the same rows (counted once)
+    "trainable_tokens": [beyond("trainable_tokens", {"token_indices": TOKENS},
+                                lambda D: {r".+\.(embed_tokens|wte)\.trainable_tokens_delta": len(TOKENS) * D["d"]},
+                                lr=0.1, overfit_ratio=0.7, peft_config=parity("trainable_tokens"))],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
     "prompt_tuning": [beyond("prompt_tuning", {"num_virtual_tokens": N}, lambda D: {PROMPT: N * D["d"]},
