@@ -342,6 +342,8 @@ def peft_configs():
                                                   module_dropout=0.25, target_modules="all-linear"),
         "ln_tuning": lambda: peft.LNTuningConfig(task_type=c),
         "trainable_tokens": lambda: peft.TrainableTokensConfig(task_type=c, token_indices=TOKENS),
+        "hra": lambda: peft.HRAConfig(task_type=c, r=4, target_modules="all-linear"),
+        "hra_gs": lambda: peft.HRAConfig(task_type=c, r=3, apply_GS=True, target_modules="all-linear"),
     }
 
 
@@ -418,6 +420,13 @@ CONTRACT: dict[str, list[Case]] = {
     "trainable_tokens": [beyond("trainable_tokens", {"token_indices": TOKENS},
                                 lambda D: {r".+\.(embed_tokens|wte)\.trainable_tokens_delta": len(TOKENS) * D["d"]},
                                 lr=0.1, overfit_ratio=0.7, peft_config=parity("trainable_tokens"))],
+    # HRA's paired reflections cancel up to rounding; PEFT 0.21 has no Conv1D HRA
+    "hra": [
+        beyond("hra", {"r": 4}, lambda D: {r".+\.hra_u": 4 * D["L"] * sum(i for i, _ in linears(D))},
+               identity_atol=1e-5, lr=1e-2, peft_config=parity("hra"), peft_archs=("llama",)),
+        beyond("hra_gs", {"r": 3, "apply_gs": True}, lambda D: {r".+\.hra_u": 3 * D["L"] * sum(i for i, _ in linears(D))},
+               identity_atol=None, archs=("llama",), peft_config=parity("hra_gs")),
+    ],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
     "prompt_tuning": [beyond("prompt_tuning", {"num_virtual_tokens": N}, lambda D: {PROMPT: N * D["d"]},
