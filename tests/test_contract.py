@@ -344,6 +344,7 @@ def peft_configs():
         "trainable_tokens": lambda: peft.TrainableTokensConfig(task_type=c, token_indices=TOKENS),
         "hra": lambda: peft.HRAConfig(task_type=c, r=4, target_modules="all-linear"),
         "hra_gs": lambda: peft.HRAConfig(task_type=c, r=3, apply_GS=True, target_modules="all-linear"),
+        "boft": lambda: peft.BOFTConfig(task_type=c, boft_block_size=8, target_modules="all-linear"),
     }
 
 
@@ -426,6 +427,16 @@ CONTRACT: dict[str, list[Case]] = {
                identity_atol=1e-5, lr=1e-2, peft_config=parity("hra"), peft_archs=("llama",)),
         beyond("hra_gs", {"r": 3, "apply_gs": True}, lambda D: {r".+\.hra_u": 3 * D["L"] * sum(i for i, _ in linears(D))},
                identity_atol=None, archs=("llama",), peft_config=parity("hra_gs")),
+    ],
+    # BOFT: boft_R m·D·b² = m·in·b and boft_s [out] per layer; PEFT 0.21 computes m > 1 only with its
+    # CUDA kernel (tests/test_tuners.py checks the butterfly against PEFT's construction)
+    "boft": [
+        beyond("boft", {"block_size": 8}, lambda D: {r".+\.boft_R": D["L"] * sum(8 * i for i, _ in linears(D)),
+                                                     r".+\.boft_s": D["L"] * sum(o for _, o in linears(D))},
+               lr=1e-2, peft_config=parity("boft"), peft_archs=("llama",)),
+        beyond("boft_butterfly", {"block_size": 4, "n_butterfly_factor": 2, "module_dropout": 0.1},
+               lambda D: {r".+\.boft_R": D["L"] * sum(2 * 4 * i for i, _ in linears(D)),
+                          r".+\.boft_s": D["L"] * sum(o for _, o in linears(D))}, lr=1e-2, archs=("llama",)),
     ],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],

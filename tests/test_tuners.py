@@ -13,7 +13,7 @@ from conftest import batch_of, small_model, train_steps, with_method
 from peftlab import api
 from peftlab.config import build_dataclass
 from peftlab.errors import ConfigError
-from peftlab.methods import lycoris, oft
+from peftlab.methods import boft, lycoris, oft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,6 +54,35 @@ def test_exact_cayley_is_orthogonal():
                                atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("factors", [1, 2, 3])
+def test_boft_butterfly_equals_peft_construction(factors):
+    """M = M_{m-1}···M_0 with M_i = P_i diag(Cayley blocks) P_iᵀ, built from PEFT's own permutation, permutation
+    matrix and Cayley functions (PEFT 0.21 multiplies m > 1 factors only in its CUDA kernel, so its layer
+    cannot be run here); the forward and the merged weight use it."""
+    from peft.tuners.boft.layer import BOFTLayer
+
+    cfg = build_dataclass(boft.BOFTConfig, {"block_size": 4, "n_butterfly_factor": factors}, "peft")
+    ours = boft.BOFTLinear(torch.nn.Linear(64, 32), cfg, "layer").eval()
+    with torch.no_grad():
+        ours.boft_R.normal_(generator=torch.Generator().manual_seed(2))
+        ours.boft_s.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
+    m, d, b, _ = ours.boft_R.shape
+    rot = BOFTLayer.cayley_batch(None, ours.boft_R.detach().view(m * d, b, b)).view(m, d, b, b)
+    want = torch.eye(64)
+    for i in range(m):
+        p = BOFTLayer.perm2mat(None, BOFTLayer.block_butterfly_perm(None, 64, d // 2**i, b // 2, m - 1))
+        want = p @ torch.block_diag(*rot[i]) @ p.T @ want
+    with torch.no_grad():
+        got = ours.rotate(torch.eye(64), ours.rotations())
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+        base = ours.base_layer
+        expect = (x @ want) @ base.weight.T * ours.boft_s.flatten() + base.bias
+        torch.testing.assert_close(ours(x), expect, atol=1e-5, rtol=0)
+        ours.merge()
+        torch.testing.assert_close(ours(x), expect, atol=1e-5, rtol=0)
+
+
 def test_trainable_tokens_train_only_their_rows():
     ids = [5, 9, 300]
     model, _, cfg = with_method(small_model("llama"), "trainable_tokens", token_indices=ids)
@@ -74,6 +103,8 @@ def test_trainable_tokens_train_only_their_rows():
 @pytest.mark.parametrize("method,options,match", [
     ("oft", {"block_size": 24}, r"peft.block_size=24 does not split the 64 inputs"),
     ("oft", {"r": 4, "block_size": 16}, r"exactly one of peft.r"),
+    ("boft", {"block_size": 4, "n_butterfly_factor": 6}, r"n_butterfly_factor=6 does not fit the 64 inputs"),
+    ("hra", {"r": 3}, r"peft.r must be even for hra"),
     ("lokr", {"init": "zeros"}, r"peft.init must be 'default' or 'lycoris'"),
     ("loha", {"rank_dropout": 1.0}, r"peft.rank_dropout must be in \[0, 1\)"),
     ("trainable_tokens", {}, r"peft.token_indices is empty"),
