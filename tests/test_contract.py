@@ -345,6 +345,9 @@ def peft_configs():
         "hra": lambda: peft.HRAConfig(task_type=c, r=4, target_modules="all-linear"),
         "hra_gs": lambda: peft.HRAConfig(task_type=c, r=3, apply_GS=True, target_modules="all-linear"),
         "boft": lambda: peft.BOFTConfig(task_type=c, boft_block_size=8, target_modules="all-linear"),
+        "fourierft": lambda: peft.FourierFTConfig(task_type=c, n_frequency=200, scaling=10.0, target_modules="all-linear"),
+        "fourierft_zeros": lambda: peft.FourierFTConfig(task_type=c, n_frequency=200, scaling=10.0, init_weights=True,
+                                                        target_modules="all-linear"),
     }
 
 
@@ -437,6 +440,16 @@ CONTRACT: dict[str, list[Case]] = {
         beyond("boft_butterfly", {"block_size": 4, "n_butterfly_factor": 2, "module_dropout": 0.1},
                lambda D: {r".+\.boft_R": D["L"] * sum(2 * 4 * i for i, _ in linears(D)),
                           r".+\.boft_s": D["L"] * sum(o for _, o in linears(D))}, lr=1e-2, archs=("llama",)),
+    ],
+    # FourierFT: n coefficients per layer; N(0, 1) at init (the paper's, PEFT's), so no identity by default; Adam
+    # moves each coefficient ~lr per step and ΔW ~ scaling·lr/(out·in), hence lr 1
+    "fourierft": [
+        beyond("fourierft", {"n_frequency": 200, "scaling": 10.0}, lambda D: {r".+\.fourierft_spectrum":
+                                                                          200 * D["L"] * len(linears(D))},
+               identity_atol=None, lr=1.0, peft_config=parity("fourierft")),
+        beyond("fourierft_zeros", {"n_frequency": 200, "scaling": 10.0, "init": "zeros"},
+               lambda D: {r".+\.fourierft_spectrum": 200 * D["L"] * len(linears(D))}, archs=("llama",), lr=1.0,
+               peft_config=parity("fourierft_zeros")),
     ],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
