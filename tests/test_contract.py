@@ -348,6 +348,8 @@ def peft_configs():
         "fourierft": lambda: peft.FourierFTConfig(task_type=c, n_frequency=200, scaling=10.0, target_modules="all-linear"),
         "fourierft_zeros": lambda: peft.FourierFTConfig(task_type=c, n_frequency=200, scaling=10.0, init_weights=True,
                                                         target_modules="all-linear"),
+        "vblora": lambda: peft.VBLoRAConfig(task_type=c, r=4, num_vectors=16, vector_length=16, topk=2,
+                                            target_modules="all-linear"),
     }
 
 
@@ -451,6 +453,11 @@ CONTRACT: dict[str, list[Case]] = {
                lambda D: {r".+\.fourierft_spectrum": 200 * D["L"] * len(linears(D))}, archs=("llama",), lr=1.0,
                peft_config=parity("fourierft_zeros")),
     ],
+    # VB-LoRA: the bank N·L once, logits r·N·(in + out)/L per layer; B A is not zero at init
+    "vblora": [beyond("vblora", {"r": 4, "num_vectors": 16, "vector_length": 16},
+                      lambda D: {r"peftlab_vblora\.vblora_vector_bank": 16 * 16,
+                                 r".+\.vblora_logits_(A|B)": D["L"] * sum(4 * 16 * (i + o) // 16 for i, o in linears(D))},
+                      identity_atol=None, lr=3e-2, peft_config=parity("vblora"))],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
     "prompt_tuning": [beyond("prompt_tuning", {"num_virtual_tokens": N}, lambda D: {PROMPT: N * D["d"]},
@@ -642,7 +649,8 @@ def saved_and_loaded(model: nn.Module, method, cfg, case: Case, arch: str, out: 
     keys = set(safe_open_keys(out / "adapter" / WEIGHTS_NAME))
     prompt_keys = {"prompt_embeddings"} if hasattr(model, "prompt_encoder") else set()
     assert prompt_keys <= keys  # PEFT's names: the folded virtual tokens, the rest under PEFT's prefix
-    assert all(k.startswith("base_model.model.") for k in keys - prompt_keys)
+    model_level = {"base_model.vblora_vector_bank"}  # PEFT's names of tensors held by the model, not a layer
+    assert all(k.startswith("base_model.model.") for k in keys - prompt_keys - model_level)
     fresh, _, _ = make(case, arch)  # the same base; the method's tensors can only come from the file
     load_adapter(fresh, out / "adapter")
     return fresh

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import batch_of, small_model, train_steps, with_method
+from conftest import batch_logits, batch_of, perturb, small_model, train_steps, with_method
 from peftlab import api
 from peftlab.config import build_dataclass
 from peftlab.errors import ConfigError
+from peftlab.export.adapter import load_adapter
 from peftlab.methods import boft, lycoris, oft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +84,24 @@ def test_boft_butterfly_equals_peft_construction(factors):
         torch.testing.assert_close(ours(x), expect, atol=1e-5, rtol=0)
 
 
+def test_vblora_loads_peft_top_k_only_files(tmp_path):
+    """PEFT's save_only_topk_weights file (indices + k-1 weights, no logits) gives PEFT's logits; training it
+    further is refused with a clear error (its logits are -inf outside the top k)."""
+    import peft
+
+    theirs = peft.get_peft_model(small_model("llama", initializer_range=0.02), peft.VBLoRAConfig(
+        r=4, num_vectors=16, vector_length=16, topk=3, target_modules=["q_proj", "down_proj"], save_only_topk_weights=True))
+    perturb(theirs, std=0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = small_model("llama", initializer_range=0.02)
+    cfg = load_adapter(ours, tmp_path)
+    batch = batch_of(2)
+    theirs.eval()
+    torch.testing.assert_close(batch_logits(ours, batch), batch_logits(theirs, batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="save_only_topk_weights"):
+        train_steps(ours, cfg, batch, steps=1, lr=1e-3)
+
+
 def test_trainable_tokens_train_only_their_rows():
     ids = [5, 9, 300]
     model, _, cfg = with_method(small_model("llama"), "trainable_tokens", token_indices=ids)
@@ -105,6 +124,8 @@ def test_trainable_tokens_train_only_their_rows():
     ("oft", {"r": 4, "block_size": 16}, r"exactly one of peft.r"),
     ("boft", {"block_size": 4, "n_butterfly_factor": 6}, r"n_butterfly_factor=6 does not fit the 64 inputs"),
     ("hra", {"r": 3}, r"peft.r must be even for hra"),
+    ("vblora", {"vector_length": 24}, r"peft.vector_length=24 does not divide the shape"),
+    ("fourierft", {"n_frequency": 5000}, r"peft.n_frequency=5000 exceeds the 4096 entries"),
     ("lokr", {"init": "zeros"}, r"peft.init must be 'default' or 'lycoris'"),
     ("loha", {"rank_dropout": 1.0}, r"peft.rank_dropout must be in \[0, 1\)"),
     ("trainable_tokens", {}, r"peft.token_indices is empty"),
