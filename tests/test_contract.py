@@ -871,6 +871,18 @@ def test_every_registered_method_has_one_contract_entry():
         "registered method 'new' has no contract entry", "contract entry 'gone' names no registered method"]
 
 
+def overview_rows(doc: str) -> set[str]:
+    """Methods named in the first cell of a row of docs/methods.md's "Every method at a glance" table."""
+    section = doc.split("## Every method at a glance", 1)[1].split("\n## ", 1)[0]
+    return {m.group(1) for line in section.splitlines() if (m := re.match(r"\| `([a-z0-9_]+)`", line))}
+
+
+def test_every_registered_method_is_in_the_overview_table():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    assert sorted(set(registry.names()) - overview_rows(doc)) == []
+    assert overview_rows("## Every method at a glance\n| `lora` | x |\n## Next\n| `gone` |") == {"lora"}
+
+
 def test_every_registered_method_has_a_docs_section():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
     assert undocumented(registry.names(), doc) == []
