@@ -399,6 +399,7 @@ CONTRACT: dict[str, list[Case]] = {
     # PEFT 0.21 has LoHa/LoKr for nn.Linear only (not GPT-2's Conv1D): parity on Llama
     "loha": [
         Case("loha", SMALL, loha_expected, randomize=None, peft_config=parity("loha"), peft_archs=("llama",)),
+        Case("loha_nf4", SMALL, loha_expected, randomize=None, model={"quantize": "nf4"}, archs=("llama",)),
         Case("loha_dropout", {**SMALL, "targets": ["q_proj", "v_proj"], "rank_dropout": 0.2, "module_dropout": 0.1},
              loha_expected, randomize=None, archs=("llama",), lr=3e-2, overfit_ratio=0.7,
              peft_config=parity("loha_dropout")),
@@ -414,6 +415,7 @@ CONTRACT: dict[str, list[Case]] = {
     "oft": [
         Case("oft", {"block_size": 16}, oft_expected, randomize=None, peft_config=parity("oft"),
              peft_archs=("llama",)),
+        Case("oft_nf4", {"block_size": 16}, oft_expected, randomize=None, model={"quantize": "nf4"}, archs=("llama",)),
         Case("oft_exact", {"r": 4, "block_size": 0, "use_cayley_neumann": False}, oft_expected, randomize=None,
              archs=("llama",), peft_config=parity("oft_exact")),
         Case("oft_coft_shared", {"block_size": 16, "coft": True, "eps": 0.3, "block_share": True,
