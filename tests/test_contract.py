@@ -17,7 +17,9 @@ docs/methods.md — nothing else. A Case names the method's peft.* settings and 
          identity_atol=0.0,              # None: not the identity at init (the output must change)
          mergeable=True,                 # False: merge must raise ConfigError ("cannot be merged")
          lr=1e-2, steps=30,              # how it overfits one batch
-         peft_config=...)                # PEFT's config of the same adapter: logit parity both ways
+         peft_config=...,                # PEFT's config of the same adapter: logit parity both ways
+         peft_archs=None)                # the archs PEFT can load it on (None: all; PEFT 0.21 has no
+                                         # Conv1D LoHa/LoKr/OFT/HRA, so those say ("llama",))
 
 Helpers for formulas: ``linear_targets(model, targets)`` resolves peft.targets on the base model
 (own code, not peftlab's), ``shape(module)`` gives (in, out), ``dims(model)`` the sizes in the
