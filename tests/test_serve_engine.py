@@ -117,6 +117,11 @@ def test_new_version_of_an_adapter_is_swapped_in_place(setup, tmp_path):
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
     assert second.generated == want != refs[prompt]
     assert {k: v.data_ptr() for k, v in engine.mm.model.named_parameters()} == base_tensors
+    shutil.rmtree(root / "a")  # gone from disk (or mid-rename): the resident version serves on
+    third = engine.submit(_seq(tok, prompt, "a", n))
+    while not third.done:
+        engine.step()
+    assert third.generated == want and third.error is None and store.swaps == 1
 
 
 @pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above

@@ -16,7 +16,8 @@ weights in place at the next request for it (``MultiLoRAModel.replace``: same sl
 reloaded). A version change is seen from the files' inode, size and mtime. Sequences already
 running finish on the version they started with: new requests for the adapter wait until none is
 left, then the swap happens (no sequence mixes two versions). A new version that does not fit
-fails its requests with the reason and leaves the old weights resident.
+fails its requests with the reason and leaves the old weights resident; while the directory is
+missing (the instant between a save's two renames, or removed) the resident version serves on.
 """
 
 from __future__ import annotations
@@ -130,8 +131,11 @@ class AdapterStore:
         resident adapter is held, or a new version of ``name`` waits for its running sequences."""
         with self._lock:
             if name in self.mm.adapters:
-                path = self.resolve(name)
-                version = _version(path)
+                try:
+                    path = self.resolve(name)
+                    version = _version(path)
+                except (UnknownAdapter, FileNotFoundError):  # mid-rename, or removed: the resident one serves
+                    path, version = None, self._resident_version.get(name)
                 if version != self._resident_version.get(name):
                     if self._holders.get(name):
                         return False  # running sequences finish on the version they started with
