@@ -13,7 +13,9 @@ columns start independent Kaiming-uniform (PEFT pairs them here too, and the sec
 orthogonalises to rounding noise, a direction no two machines agree on).
 
 The forward applies H to the input, y = W (H x) + b, one reflection at a time (O(r·in) per token,
-no in×in matrix); PEFT builds W H each call instead (the same function). Merging: W ← W H
+no in×in matrix); PEFT builds W H each call instead (the same function). The price is memory in
+training: autograd keeps r copies of each layer's input (SmolLM2, r = 8: 5.5 GB peak RSS against
+LoRA's 2.6 GB in the 40-step table); the compact WY form H = I − U T Uᵀ would keep O(r) per token. Merging: W ← W H
 (a Conv1D's [in, out] weight: W ← Hᵀ W). Names and files are PEFT's (``<layer>.hra_u``, peft_type
 ``HRA``); PEFT 0.21 has HRA for nn.Linear but not GPT-2's Conv1D. Trainable: r·Σ in.
 """
