@@ -46,6 +46,17 @@ METHODS: dict[str, tuple[list[str], float]] = {
     "bitfit": (["peft.method=bitfit", "peft.add_biases=true"], 1e-3),
     "lisa": (["peft.method=lisa", "peft.layers=2", "peft.interval=10"], 5e-5),
     "moe_lora": (["peft.method=moe_lora", "peft.r=4", "peft.num_experts=4", "peft.top_k=2"], 1e-3),
+    # PEFT's further tuners (issue 19); learning rates fixed before running, not tuned
+    "loha": (["peft.method=loha", "peft.r=8", "peft.alpha=8"], 1e-3),
+    "lokr": (["peft.method=lokr", "peft.r=8", "peft.alpha=8"], 1e-3),
+    "oft": (["peft.method=oft", "peft.block_size=32"], 1e-3),
+    "ln_tuning": (["peft.method=ln_tuning"], 1e-3),
+    "trainable_tokens": (["peft.method=trainable_tokens", "peft.token_indices=[1,2]"], 1e-3),  # ChatML's two
+    "hra": (["peft.method=hra", "peft.r=8"], 1e-3),
+    "boft": (["peft.method=boft", "peft.block_size=8", "peft.n_butterfly_factor=2"], 1e-3),
+    # FourierFT's ΔW moves ~ scaling·lr/(out·in) per step: a far larger lr than LoRA's (the paper's LLaMA scaling)
+    "fourierft": (["peft.method=fourierft", "peft.n_frequency=1000", "peft.scaling=300"], 3e-2),
+    "vblora": (["peft.method=vblora", "peft.r=4", "peft.num_vectors=256", "peft.vector_length=64"], 1e-2),
 }
 
 

@@ -17,7 +17,9 @@ docs/methods.md — nothing else. A Case names the method's peft.* settings and 
          identity_atol=0.0,              # None: not the identity at init (the output must change)
          mergeable=True,                 # False: merge must raise ConfigError ("cannot be merged")
          lr=1e-2, steps=30,              # how it overfits one batch
-         peft_config=...)                # PEFT's config of the same adapter: logit parity both ways
+         peft_config=...,                # PEFT's config of the same adapter: logit parity both ways
+         peft_archs=None)                # the archs PEFT can load it on (None: all; PEFT 0.21 has no
+                                         # Conv1D LoHa/LoKr/OFT/HRA, so those say ("llama",))
 
 Helpers for formulas: ``linear_targets(model, targets)`` resolves peft.targets on the base model
 (own code, not peftlab's), ``shape(module)`` gives (in, out), ``dims(model)`` the sizes in the
@@ -218,6 +220,56 @@ def bitfit_count(D: dict) -> int:
     return D["L"] * (sum(o for _, o in linears(D)) + 2 * D["d"]) + D["d"]
 
 
+def divisors_near_root(n: int) -> tuple[int, int]:
+    """n = m k with m the largest divisor of n not above sqrt(n)."""
+    m = max(x for x in range(1, math.isqrt(n) + 1) if n % x == 0)
+    return m, n // m
+
+
+def loha_expected(model: nn.Module, cfg) -> dict[str, int]:
+    """LoHa: 2 r (in + out) per layer (two rank-r pairs)."""
+    out, r = {}, cfg.r
+    for path, m in linear_targets(model, cfg.targets, kinds=(nn.Linear, Conv1D)):
+        i, o = shape(m)
+        for name, n in (("w1_a", o * r), ("w1_b", r * i), ("w2_a", o * r), ("w2_b", r * i)):
+            out[f"{path}.hada_{name}"] = n
+    return {**out, **extra_expected(model, cfg)}
+
+
+def lokr_expected(model: nn.Module, cfg) -> dict[str, int]:
+    """LoKr: W1 [a, c] (or r (a + c) factored) + W2 [b, d] (or r (b + d)), out = a b, in = c d."""
+    out, r, f = {}, cfg.r, cfg.decompose_factor
+    for path, m in linear_targets(model, cfg.targets, kinds=(nn.Linear, Conv1D)):
+        i, o = shape(m)
+        assert f == -1 or (i % f == 0 and o % f == 0), "the formula covers factors that divide the sizes"
+        (a, b), (c, d) = [(f, n // f) if f > 0 else divisors_near_root(n) for n in (o, i)]
+        if cfg.decompose_both and r < max(a, c) / 2:
+            out[f"{path}.lokr_w1_a"], out[f"{path}.lokr_w1_b"] = a * r, r * c
+        else:
+            out[f"{path}.lokr_w1"] = a * c
+        if r < max(b, d) / 2:
+            out[f"{path}.lokr_w2_a"], out[f"{path}.lokr_w2_b"] = b * r, r * d
+        else:
+            out[f"{path}.lokr_w2"] = b * d
+    return {**out, **extra_expected(model, cfg)}
+
+
+def oft_expected(model: nn.Module, cfg) -> dict[str, int]:
+    """OFT: (in / b) blocks of b (b - 1) / 2 per layer (one block with block_share), b = block_size or in / r."""
+    out = {}
+    for path, m in linear_targets(model, cfg.targets, kinds=(nn.Linear, Conv1D)):
+        i = shape(m)[0]
+        b = cfg.block_size or i // cfg.r
+        out[f"{path}.oft_R.weight"] = (1 if cfg.block_share else i // b) * b * (b - 1) // 2
+    return {**out, **extra_expected(model, cfg)}
+
+
+def ln_count(D: dict) -> int:
+    """LN tuning: every norm's γ (and β): Llama 2 RMSNorms per layer + the final one; GPT-2 2 LayerNorms + ln_f."""
+    d = D["d"]
+    return D["L"] * 2 * d + d if D["llama"] else D["L"] * 4 * d + 2 * d
+
+
 def sized(formula: Callable[[dict], dict[str, int]]) -> Callable[[nn.Module, Any], dict[str, int]]:
     """An ``expected`` from {regex: count} over ``dims(model)``."""
     return lambda model, cfg: formula(dims(model))
@@ -253,6 +305,7 @@ class Case:
     steps: int = 25
     overfit_ratio: float = 0.5
     peft_config: Callable[[], Any] | None = None  # PEFT's config of the same adapter
+    peft_archs: tuple[str, ...] | None = None  # where PEFT can load it (None: every arch of the case)
     method: str = ""  # filled from the CONTRACT key
 
 
@@ -276,6 +329,29 @@ def peft_configs():
                                                          encoder_hidden_size=H),
         "p_tuning_v2": lambda: peft.PrefixTuningConfig(task_type=c, num_virtual_tokens=N),
         "ia3": lambda: peft.IA3Config(task_type=c),
+        "loha": lambda: peft.LoHaConfig(task_type=c, r=4, alpha=8, target_modules="all-linear"),
+        "loha_dropout": lambda: peft.LoHaConfig(task_type=c, r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                                                rank_dropout=0.2, module_dropout=0.1),
+        "lokr": lambda: peft.LoKrConfig(task_type=c, r=2, alpha=4, target_modules="all-linear"),
+        "lokr_both": lambda: peft.LoKrConfig(task_type=c, r=1, alpha=2, decompose_both=True,
+                                             target_modules="all-linear"),
+        "lokr_factor": lambda: peft.LoKrConfig(task_type=c, r=4, alpha=4, decompose_factor=4, init_weights="lycoris",
+                                               target_modules="all-linear"),
+        "oft": lambda: peft.OFTConfig(task_type=c, oft_block_size=16, target_modules="all-linear"),
+        "oft_exact": lambda: peft.OFTConfig(task_type=c, r=4, oft_block_size=0, use_cayley_neumann=False,
+                                            target_modules="all-linear"),
+        "oft_coft_shared": lambda: peft.OFTConfig(task_type=c, oft_block_size=16, coft=True, eps=0.3, block_share=True,
+                                                  module_dropout=0.25, target_modules="all-linear"),
+        "ln_tuning": lambda: peft.LNTuningConfig(task_type=c),
+        "trainable_tokens": lambda: peft.TrainableTokensConfig(task_type=c, token_indices=TOKENS),
+        "hra": lambda: peft.HRAConfig(task_type=c, r=4, target_modules="all-linear"),
+        "hra_gs": lambda: peft.HRAConfig(task_type=c, r=3, apply_GS=True, target_modules="all-linear"),
+        "boft": lambda: peft.BOFTConfig(task_type=c, boft_block_size=8, target_modules="all-linear"),
+        "fourierft": lambda: peft.FourierFTConfig(task_type=c, n_frequency=200, scaling=10.0, target_modules="all-linear"),
+        "fourierft_zeros": lambda: peft.FourierFTConfig(task_type=c, n_frequency=200, scaling=10.0, init_weights=True,
+                                                        target_modules="all-linear"),
+        "vblora": lambda: peft.VBLoRAConfig(task_type=c, r=4, num_vectors=16, vector_length=16, topk=2,
+                                            target_modules="all-linear"),
     }
 
 
@@ -284,6 +360,7 @@ def parity(name: str) -> Callable[[], Any]:
 
 
 SMALL = {"r": 4, "alpha": 8}
+TOKENS = sorted(set(batch_of(0)["input_ids"].flatten().tolist()))  # trainable tokens: the rows the batch uses
 VIRTUAL = {"identity_atol": None, "mergeable": False, "overfit_ratio": 0.8}
 CONTRACT: dict[str, list[Case]] = {
     "lora": [
@@ -321,6 +398,70 @@ CONTRACT: dict[str, list[Case]] = {
         Case("adalora_nf4", {"init_r": 4, "target_r": 2}, adalora_expected, randomize=("lora_E",),
              model={"quantize": "nf4"}, archs=("llama",), lr=3e-2),
     ],
+    # PEFT 0.21 has LoHa/LoKr for nn.Linear only (not GPT-2's Conv1D): parity on Llama
+    "loha": [
+        Case("loha", SMALL, loha_expected, randomize=None, peft_config=parity("loha"), peft_archs=("llama",)),
+        Case("loha_nf4", SMALL, loha_expected, randomize=None, model={"quantize": "nf4"}, archs=("llama",)),
+        Case("loha_dropout", {**SMALL, "targets": ["q_proj", "v_proj"], "rank_dropout": 0.2, "module_dropout": 0.1},
+             loha_expected, randomize=None, archs=("llama",), lr=3e-2, overfit_ratio=0.7,
+             peft_config=parity("loha_dropout")),
+    ],
+    "lokr": [
+        Case("lokr", {"r": 2, "alpha": 4}, lokr_expected, randomize=None, peft_config=parity("lokr"),
+             peft_archs=("llama",)),
+        Case("lokr_both", {"r": 1, "alpha": 2, "decompose_both": True}, lokr_expected, randomize=None,
+             archs=("llama",), lr=3e-2, overfit_ratio=0.7, peft_config=parity("lokr_both")),
+        Case("lokr_factor", {"r": 4, "alpha": 4, "decompose_factor": 4, "init": "lycoris"}, lokr_expected,
+             randomize=None, archs=("llama",), peft_config=parity("lokr_factor")),
+    ],
+    "oft": [
+        Case("oft", {"block_size": 16}, oft_expected, randomize=None, peft_config=parity("oft"),
+             peft_archs=("llama",)),
+        Case("oft_nf4", {"block_size": 16}, oft_expected, randomize=None, model={"quantize": "nf4"}, archs=("llama",)),
+        Case("oft_exact", {"r": 4, "block_size": 0, "use_cayley_neumann": False}, oft_expected, randomize=None,
+             archs=("llama",), peft_config=parity("oft_exact")),
+        Case("oft_coft_shared", {"block_size": 16, "coft": True, "eps": 0.3, "block_share": True,
+                                 "module_dropout": 0.25}, oft_expected, randomize=None, archs=("llama",),
+             peft_config=parity("oft_coft_shared")),
+    ],
+    "ln_tuning": [beyond("ln_tuning", {}, lambda D: {r".+\.ln_tuning_layers\.(weight|bias)": ln_count(D)}, lr=3e-2,
+                         overfit_ratio=0.7, peft_config=parity("ln_tuning"))],
+    # the head is tied to the embedding in both tiny models: it trains the same rows (counted once)
+    "trainable_tokens": [beyond("trainable_tokens", {"token_indices": TOKENS},
+                                lambda D: {r".+\.(embed_tokens|wte)\.trainable_tokens_delta": len(TOKENS) * D["d"]},
+                                lr=0.1, overfit_ratio=0.7, peft_config=parity("trainable_tokens"))],
+    # HRA's paired reflections cancel up to rounding; PEFT 0.21 has no Conv1D HRA
+    "hra": [
+        beyond("hra", {"r": 4}, lambda D: {r".+\.hra_u": 4 * D["L"] * sum(i for i, _ in linears(D))},
+               identity_atol=1e-5, lr=1e-2, peft_config=parity("hra"), peft_archs=("llama",)),
+        beyond("hra_gs", {"r": 3, "apply_gs": True}, lambda D: {r".+\.hra_u": 3 * D["L"] * sum(i for i, _ in linears(D))},
+               identity_atol=None, archs=("llama",), peft_config=parity("hra_gs")),
+    ],
+    # BOFT: boft_R m·D·b² = m·in·b and boft_s [out] per layer; PEFT 0.21 computes m > 1 only with its
+    # CUDA kernel (tests/test_tuners.py checks the butterfly against PEFT's construction)
+    "boft": [
+        beyond("boft", {"block_size": 8}, lambda D: {r".+\.boft_R": D["L"] * sum(8 * i for i, _ in linears(D)),
+                                                     r".+\.boft_s": D["L"] * sum(o for _, o in linears(D))},
+               lr=1e-2, peft_config=parity("boft"), peft_archs=("llama",)),
+        beyond("boft_butterfly", {"block_size": 4, "n_butterfly_factor": 2, "module_dropout": 0.1},
+               lambda D: {r".+\.boft_R": D["L"] * sum(2 * 4 * i for i, _ in linears(D)),
+                          r".+\.boft_s": D["L"] * sum(o for _, o in linears(D))}, lr=1e-2, archs=("llama",)),
+    ],
+    # FourierFT: n coefficients per layer; N(0, 1) at init (the paper's, PEFT's), so no identity by default; Adam
+    # moves each coefficient ~lr per step and ΔW ~ scaling·lr/(out·in), hence lr 1
+    "fourierft": [
+        beyond("fourierft", {"n_frequency": 200, "scaling": 10.0}, lambda D: {r".+\.fourierft_spectrum":
+                                                                          200 * D["L"] * len(linears(D))},
+               identity_atol=None, lr=1.0, peft_config=parity("fourierft")),
+        beyond("fourierft_zeros", {"n_frequency": 200, "scaling": 10.0, "init": "zeros"},
+               lambda D: {r".+\.fourierft_spectrum": 200 * D["L"] * len(linears(D))}, archs=("llama",), lr=1.0,
+               peft_config=parity("fourierft_zeros")),
+    ],
+    # VB-LoRA: the bank N·L once, logits r·N·(in + out)/L per layer; B A is not zero at init
+    "vblora": [beyond("vblora", {"r": 4, "num_vectors": 16, "vector_length": 16},
+                      lambda D: {r"peftlab_vblora\.vblora_vector_bank": 16 * 16,
+                                 r".+\.vblora_logits_(A|B)": D["L"] * sum(4 * 16 * (i + o) // 16 for i, o in linears(D))},
+                      identity_atol=None, lr=3e-2, peft_config=parity("vblora"))],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
     "prompt_tuning": [beyond("prompt_tuning", {"num_virtual_tokens": N}, lambda D: {PROMPT: N * D["d"]},
@@ -366,7 +507,8 @@ CONTRACT: dict[str, list[Case]] = {
 }
 CASES = [dataclasses.replace(c, method=m) for m, cases in CONTRACT.items() for c in cases]
 PARAMS = [pytest.param(c, a, id=f"{c.id}-{a}") for c in CASES for a in c.archs]
-PARITY = [p for p in PARAMS if p.values[0].peft_config is not None]
+PARITY = [p for p in PARAMS if p.values[0].peft_config is not None
+          and p.values[1] in (p.values[0].peft_archs or p.values[0].archs)]
 
 
 # ---------------------------------------------------------------------------- plumbing
@@ -511,7 +653,8 @@ def saved_and_loaded(model: nn.Module, method, cfg, case: Case, arch: str, out: 
     keys = set(safe_open_keys(out / "adapter" / WEIGHTS_NAME))
     prompt_keys = {"prompt_embeddings"} if hasattr(model, "prompt_encoder") else set()
     assert prompt_keys <= keys  # PEFT's names: the folded virtual tokens, the rest under PEFT's prefix
-    assert all(k.startswith("base_model.model.") for k in keys - prompt_keys)
+    model_level = {"base_model.vblora_vector_bank"}  # PEFT's names of tensors held by the model, not a layer
+    assert all(k.startswith("base_model.model.") for k in keys - prompt_keys - model_level)
     fresh, _, _ = make(case, arch)  # the same base; the method's tensors can only come from the file
     load_adapter(fresh, out / "adapter")
     return fresh
@@ -730,6 +873,18 @@ def test_every_registered_method_has_one_contract_entry():
     # the check itself: a missing entry and an entry for no registered method both fail
     assert contract_gaps(["lora", "new"], {"lora": [1], "gone": [1]}) == [
         "registered method 'new' has no contract entry", "contract entry 'gone' names no registered method"]
+
+
+def overview_rows(doc: str) -> set[str]:
+    """Methods named in the first cell of a row of docs/methods.md's "Every method at a glance" table."""
+    section = doc.split("## Every method at a glance", 1)[1].split("\n## ", 1)[0]
+    return {m.group(1) for line in section.splitlines() if (m := re.match(r"\| `([a-z0-9_]+)`", line))}
+
+
+def test_every_registered_method_is_in_the_overview_table():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    assert sorted(set(registry.names()) - overview_rows(doc)) == []
+    assert overview_rows("## Every method at a glance\n| `lora` | x |\n## Next\n| `gone` |") == {"lora"}
 
 
 def test_every_registered_method_has_a_docs_section():

@@ -88,6 +88,42 @@ def test_continuous_batching_equals_single_runs(setup):
     assert store.resident() and all(not h for h in store._holders.values())
 
 
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)
+def test_new_version_of_an_adapter_is_swapped_in_place(setup, tmp_path):
+    """Saving a new version into a resident adapter's directory hot-swaps it at the next request: a
+    sequence already running finishes on the old version, the next waits and then runs on the new one
+    (tokens equal each version run alone); nothing is reloaded but the adapter's own factors."""
+    import shutil
+
+    base, adapters, tok, refs = setup
+    root = tmp_path / "adapters"
+    shutil.copytree(adapters, root)
+    engine, store = _engine(base, root, tok, max_batch=3)
+    prompt, _, n = PROMPTS[0]
+    first = engine.submit(_seq(tok, prompt, "a", n))
+    engine.step()  # "a" (version 1) resident and held by a running sequence
+    base_tensors = {k: v.data_ptr() for k, v in engine.mm.model.named_parameters()}
+    make_adapter(base, root / "a", r=3, targets=["q_proj", "o_proj"], seed=77)  # version 2, saved atomically
+    second = engine.submit(_seq(tok, prompt, "a", n))
+    engine.step()
+    assert second in engine.waiting and store.swaps == 0  # waits for the version-1 sequence
+    while not (first.done and second.done):
+        engine.step()
+    assert first.generated == refs[prompt] and store.swaps == 1 and store.loads == 1
+    model, _ = load_base(base)
+    load_adapter(model, root / "a")
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    want = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+    assert second.generated == want != refs[prompt]
+    assert {k: v.data_ptr() for k, v in engine.mm.model.named_parameters()} == base_tensors
+    shutil.rmtree(root / "a")  # gone from disk (or mid-rename): the resident version serves on
+    third = engine.submit(_seq(tok, prompt, "a", n))
+    while not third.done:
+        engine.step()
+    assert third.generated == want and third.error is None and store.swaps == 1
+
+
 @pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
 def test_lru_cache_waits_for_busy_adapters_and_stays_correct(setup):
     base, adapters, tok, refs = setup

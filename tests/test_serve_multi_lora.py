@@ -105,6 +105,37 @@ def test_switch_disable_delete_and_slot_reuse(setup):
         mm.load("a", dirs["a"])
 
 
+def test_replace_swaps_weights_in_place(setup, tmp_path):
+    """Hot-swap: ``replace`` puts another version (other rank and targets) into the adapter's slot; its
+    logits equal that version loaded alone, the other adapters and the base stay exactly as they were
+    (same tensors, not reloaded), and a version that does not fit changes nothing."""
+    base, dirs, refs = setup
+    mm = _multi(base, dirs)
+    base_tensors = {n: (p, p.data_ptr()) for n, p in mm.model.named_parameters()}
+    slot = mm.adapters["a"].slot
+    info = mm.replace("a", dirs["c"])  # "a" now serves c's weights: rank 4, alpha 16, two target layers
+    assert info.slot == slot and info.r == 4 and info.alpha == 16.0
+    with torch.no_grad():
+        mm.set_active("a")
+        torch.testing.assert_close(mm(input_ids=IDS).logits, refs["c"], atol=1e-5, rtol=0)
+        with mm.route(["b", "a", None, "a", "c"]):
+            mixed = mm(input_ids=IDS).logits
+    for i, want in enumerate(["b", "c", None, "c", "c"]):
+        torch.testing.assert_close(mixed[i], refs[want][i], atol=1e-5, rtol=0)
+    assert {n: (p, p.data_ptr()) for n, p in mm.model.named_parameters()} == base_tensors
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
+    (bad / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="cannot be read as safetensors"):
+        mm.replace("a", bad)
+    with torch.no_grad():
+        mm.set_active("a")
+        torch.testing.assert_close(mm(input_ids=IDS).logits, refs["c"], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="no adapter named 'zz'"):
+        mm.replace("zz", dirs["a"])
+
+
 def _peft_with(base, dirs, names):
     hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     pm = PeftModel.from_pretrained(hf, dirs[names[0]], adapter_name=names[0])

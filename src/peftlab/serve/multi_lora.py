@@ -17,7 +17,8 @@ all zeros ("no adapter"). Three ways to run a batch (``mode``):
   adapter's own rank (no padding waste; a launch per adapter).
 - ``auto``: a plain matmul when the whole batch uses one adapter, ``gather`` otherwise.
 
-``MultiLoRAModel`` holds the base and names: ``load`` / ``add`` / ``delete`` adapters,
+``MultiLoRAModel`` holds the base and names: ``load`` / ``add`` / ``delete`` adapters, ``replace``
+one in place (hot-swap: its slot gets the new version's factors, the base is never reloaded),
 ``set_active``, ``disabled()``, ``route(names)`` for per-row adapters, ``combine`` (PEFT's
 ``linear``, ``cat`` and ``svd`` combinations) and ``save`` (a PEFT LoRA directory). The base's
 own ``LoRALinear`` (training) is untouched: this module wraps plain linear layers itself.
@@ -373,6 +374,28 @@ class MultiLoRAModel(nn.Module):
         rslora = bool(config.get("use_rslora", False))
         return self.add(name, factors, lora_scaling(alpha, r, rslora), alpha=alpha, use_rslora=rslora,
                         source=str(adapter_dir), meta={"target_modules": config.get("target_modules")})
+
+    def replace(self, name: str, adapter_dir: str | Path) -> AdapterInfo:
+        """Hot-swap: the LoRA adapter in ``adapter_dir`` takes the place of loaded adapter ``name``, in
+        its slot, in place — the base is not reloaded or touched, the other adapters keep their slots,
+        and routing by name (``set_active``, ``route``) goes on working. Its rank, alpha and targets may
+        differ from the old version's. Everything is checked first: a directory that does not fit
+        raises ConfigError and leaves the old weights serving."""
+        info = self._info(name)
+        adapter_dir = Path(adapter_dir)
+        config, factors = self.check_dir(name, adapter_dir)
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+        rslora = bool(config.get("use_rslora", False))
+        scaling = lora_scaling(alpha, r, rslora)
+        for path, layer in self.layers().items():
+            if path not in factors:
+                layer.clear_slot(info.slot)
+        for path, (a, b) in factors.items():
+            self._layer(path).set_slot(info.slot, a.to(self.device), b.to(self.device), scaling)
+        new = AdapterInfo(name, info.slot, max(a.shape[0] for a, _ in factors.values()), alpha, rslora,
+                          list(factors), str(adapter_dir), {"target_modules": config.get("target_modules")})
+        self.adapters[name] = new
+        return new
 
     def delete(self, name: str) -> None:
         info = self._info(name)

@@ -9,6 +9,15 @@ directory it names must resolve (symlinks followed) to a direct child of the ada
 no name can reach a file outside it. At most ``max_loaded`` adapters are resident; loading one
 more evicts the least recently used adapter that no running sequence holds (``acquire`` /
 ``release`` count holders). Adapters given explicitly (``pinned``) are never evicted.
+
+Hot-swap: saving a new version of a resident adapter into its directory (peftlab's save writes a
+temporary directory and renames it into place, so a reader never sees half a version) replaces its
+weights in place at the next request for it (``MultiLoRAModel.replace``: same slot, the base never
+reloaded). A version change is seen from the files' inode, size and mtime. Sequences already
+running finish on the version they started with: new requests for the adapter wait until none is
+left, then the swap happens (no sequence mixes two versions). A new version that does not fit
+fails its requests with the reason and leaves the old weights resident; while the directory is
+missing (the instant between a save's two renames, or removed) the resident version serves on.
 """
 
 from __future__ import annotations
@@ -24,6 +33,12 @@ from ..export.adapter import CONFIG_NAME, WEIGHTS_NAME
 from .multi_lora import NAME_RX, MultiLoRAModel
 
 _ABS_PATH = re.compile(r"(?<![\w.])/[^\s'\"(),;:]+")  # an absolute path inside a message
+
+
+def _version(path: Path) -> tuple:
+    """What identifies one saved version of an adapter directory: its files' names, inodes, sizes, mtimes."""
+    stats = [(f.name, f.stat()) for f in sorted(path.iterdir()) if f.is_file()]
+    return tuple((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in stats)
 
 
 class UnknownAdapter(ConfigError):
@@ -45,10 +60,13 @@ class AdapterStore:
         self._holders: dict[str, int] = {}
         self._lock = threading.Lock()
         self._checked: dict[str, tuple] = {}  # adapter -> file mtimes that passed check()
+        self._resident_version: dict[str, tuple] = {}  # adapter -> version of the files it was loaded from
         self.loads = 0
         self.evictions = 0
+        self.swaps = 0  # in-place replacements of a resident adapter by a new version of its files
         for name, path in self.pinned.items():
             mm.load(name, path)
+            self._resident_version[name] = _version(path)
             self._lru[name] = None
 
     def resolve(self, name: str) -> Path:
@@ -109,9 +127,25 @@ class AdapterStore:
         return text if repr(name) in text else f"adapter {name!r}: {text}"
 
     def acquire(self, name: str) -> bool:
-        """Make ``name`` resident and hold it; False when every resident adapter is held (wait)."""
+        """Make ``name`` resident (in its newest version) and hold it; False when it must wait: every
+        resident adapter is held, or a new version of ``name`` waits for its running sequences."""
         with self._lock:
-            if name not in self.mm.adapters:
+            if name in self.mm.adapters:
+                try:
+                    path = self.resolve(name)
+                    version = _version(path)
+                except (UnknownAdapter, FileNotFoundError):  # mid-rename, or removed: the resident one serves
+                    path, version = None, self._resident_version.get(name)
+                if version != self._resident_version.get(name):
+                    if self._holders.get(name):
+                        return False  # running sequences finish on the version they started with
+                    try:
+                        self.mm.replace(name, path)
+                    except ConfigError as e:
+                        raise ConfigError(self._public(name, path, e)) from None
+                    self._resident_version[name] = version
+                    self.swaps += 1
+            else:
                 path = self.resolve(name)
                 if len(self._lru) >= self.max_loaded:
                     victim = next((n for n in self._lru if not self._holders.get(n) and n not in self.pinned), None)
@@ -119,11 +153,14 @@ class AdapterStore:
                         return False
                     self.mm.delete(victim)
                     del self._lru[victim]
+                    self._resident_version.pop(victim, None)
                     self.evictions += 1
+                version = _version(path)
                 try:
                     self.mm.load(name, path)
                 except ConfigError as e:
                     raise ConfigError(self._public(name, path, e)) from None
+                self._resident_version[name] = version
                 self.loads += 1
             self._lru[name] = None
             self._lru.move_to_end(name)
