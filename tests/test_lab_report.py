@@ -174,7 +174,8 @@ def test_report_html_and_markdown(swept):
         assert f"### {prompt}" in md
         for name, res in results.items():
             answer = next(s["answer"] for s in res["samples"] if s["prompt"] == prompt)
-            assert f"| {name} | {answer.replace('|', chr(92) + '|').replace(chr(10), '<br>')} |" in md
+            shown = answer.replace('|', chr(92) + '|').replace(chr(10), '<br>') or "–"  # an empty answer is a dash
+            assert f"| {name} | {shown} |" in md
     assert html.count("<div class=card>") == 2 * 4
     assert "peak memory (training)" in md and "train time" in md
 

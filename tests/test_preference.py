@@ -171,7 +171,9 @@ ADAPTER_METHODS = [n for n in registry.names()
                        registry.get(n).config_cls())]
 METHOD_OPTIONS = {"prompt_tuning": {"num_virtual_tokens": 4}, "p_tuning": {"num_virtual_tokens": 4},
                   "prefix_tuning": {"num_virtual_tokens": 4}, "p_tuning_v2": {"num_virtual_tokens": 4},
-                  "mam": {"num_virtual_tokens": 4}, "lora": {"r": 4}, "dora": {"r": 4}}
+                  "mam": {"num_virtual_tokens": 4}, "lora": {"r": 4}, "dora": {"r": 4},
+                  "trainable_tokens": {"token_indices": sorted(set(pair_batch()["input_ids"].flatten().tolist()))},
+                  "vblora": {"r": 4, "num_vectors": 16, "vector_length": 16}}
 
 
 def test_every_base_keeping_method_is_covered():
