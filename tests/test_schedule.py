@@ -134,3 +134,9 @@ def test_warmup_one_is_one_step_of_warmup():
     """1 is one warm-up step (step 0 at lr), not the whole run: step 1 is already decaying."""
     lrs = [g[0] for g in scheduled_lrs(TrainConfig(lr=1.0, schedule="linear", warmup=1), 5)]
     assert lrs == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.parametrize("decay", [0, -0.1, 1.5, float("nan")])
+def test_wsd_decay_share_outside_0_to_1_is_refused_by_name(decay):
+    with pytest.raises(ConfigError, match="train.decay"):
+        load_config(None, [f"train.decay={decay}"])
