@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import ROOT, worker_env  # noqa: E402
 
 TASKS = {
     "tasks": {"data": ["data.path=builtin:tasks", "data.eval_split=90"], "steps": 50, "max_new_tokens": 24},
@@ -144,7 +144,7 @@ def done_keys(path: Path) -> set:
 
 def run_all(tasks, recipes, seeds, out: Path, work: Path, parallel: int) -> None:
     todo = [(t, r, s) for s in seeds for t in tasks for r in recipes if (t, r, s) not in done_keys(out)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = worker_env()
     running: list = []
     while todo or running:
         while todo and len(running) < parallel:
