@@ -176,15 +176,25 @@ def _generation_config(model: nn.Module, tokenizer, encoder) -> object:
     return gen
 
 
-def export_merged(out_dir: str | Path, *, adapter: str | Path | None = None, run: str | Path | None = None,
-                  overrides: list[str] | None = None, dtype: str | None = None, verify: bool = True,
-                  template: str | None = None) -> MergeResult:
-    """Merge ``adapter`` (or the adapter of run directory ``run``) into its base; write ``out_dir``.
+@dataclass
+class MergedModel:
+    """A base with an adapter merged into it, in float32, with what the exports need beside it."""
 
-    ``overrides`` are ``key=value`` config overrides (``model.name=...`` names the base of an
-    adapter that does not record it). ``dtype`` (float32 | bfloat16 | float16) defaults to the
-    base checkpoint's stored dtype.
-    """
+    model: nn.Module
+    tokenizer: object
+    model_cfg: ModelConfig
+    peft_cfg: object
+    method_name: str
+    adapter_dir: Path
+    untied: bool
+    probe: torch.Tensor  # token ids the exports are checked on
+    ref_logits: torch.Tensor | None  # the unmerged model's logits on ``probe``
+
+
+def merge_adapter(*, adapter: str | Path | None = None, run: str | Path | None = None,
+                  overrides: list[str] | None = None, reference: bool = True) -> MergedModel:
+    """Load the base in float32, load ``adapter`` (or run directory ``run``'s) and merge it.
+    ``reference``: also keep the unmerged model's logits on a probe, for checking an export."""
     if (adapter is None) == (run is None):
         raise ConfigError("give exactly one of --adapter DIR or --run RUN_DIR")
     overrides = list(overrides or [])
@@ -194,11 +204,7 @@ def export_merged(out_dir: str | Path, *, adapter: str | Path | None = None, run
     method = registry.get(peft_cfg.method)
     if method.merge is None:
         raise cannot_merge_error(method.name, adapter_dir)
-    out_name = dtype or _stored_dtype(model_cfg)
-    out_dtype = resolve_dtype(out_name)
-    out_name = str(out_dtype).replace("torch.", "")
 
-    from ..data.tokenize import Encoder
     from ..model.load import load_model
 
     work_cfg = copy.deepcopy(model_cfg)
@@ -206,7 +212,7 @@ def export_merged(out_dir: str | Path, *, adapter: str | Path | None = None, run
     model, tokenizer = load_model(work_cfg, seed=seed)
     load_adapter(model, adapter_dir, peft_cfg)
     probe = _probe_ids(tokenizer, model.config.vocab_size)
-    ref = _logits(model, probe) if verify else None
+    ref = _logits(model, probe) if reference else None
 
     snapshot = _tie_snapshot(model)
     method.merge(model)
@@ -215,14 +221,39 @@ def export_merged(out_dir: str | Path, *, adapter: str | Path | None = None, run
     if leftovers:
         raise ConfigError(f"merging left adapter tensors in the model (e.g. {leftovers[0]}); this is a bug in "
                           f"method {method.name!r}")
-    model.to(out_dtype)
     model.config.use_cache = True
-    encoder = None
-    if tokenizer is not None:
-        try:
-            encoder = Encoder(tokenizer, template or "auto")
-        except Exception:  # a tokenizer with no usable template: generation config without stop strings
-            encoder = None
+    return MergedModel(model, tokenizer, model_cfg, peft_cfg, method.name, adapter_dir, untied, probe, ref)
+
+
+def chat_encoder(tokenizer, template: str | None):
+    """The chat template's encoder (its stop strings), or None for a tokenizer with no usable template."""
+    from ..data.tokenize import Encoder
+
+    if tokenizer is None:
+        return None
+    try:
+        return Encoder(tokenizer, template or "auto")
+    except Exception:  # a tokenizer with no usable template: generation config without stop strings
+        return None
+
+
+def export_merged(out_dir: str | Path, *, adapter: str | Path | None = None, run: str | Path | None = None,
+                  overrides: list[str] | None = None, dtype: str | None = None, verify: bool = True,
+                  template: str | None = None) -> MergeResult:
+    """Merge ``adapter`` (or the adapter of run directory ``run``) into its base; write ``out_dir``.
+
+    ``overrides`` are ``key=value`` config overrides (``model.name=...`` names the base of an
+    adapter that does not record it). ``dtype`` (float32 | bfloat16 | float16) defaults to the
+    base checkpoint's stored dtype.
+    """
+    merged = merge_adapter(adapter=adapter, run=run, overrides=overrides, reference=verify)
+    model, tokenizer, model_cfg = merged.model, merged.tokenizer, merged.model_cfg
+    out_name = dtype or _stored_dtype(model_cfg)
+    out_dtype = resolve_dtype(out_name)
+    out_name = str(out_dtype).replace("torch.", "")
+    model.to(out_dtype)
+    encoder = chat_encoder(tokenizer, template)
+    probe, ref, untied, adapter_dir = merged.probe, merged.ref_logits, merged.untied, merged.adapter_dir
 
     diff = None
     out_dir = Path(out_dir)
@@ -249,10 +280,10 @@ def export_merged(out_dir: str | Path, *, adapter: str | Path | None = None, run
             "peftlab_version": __version__,
             "base_model": model_cfg.name,
             "adapter": str(adapter_dir),
-            "method": asdict(peft_cfg),
+            "method": asdict(merged.peft_cfg),
             "dtype": out_name,
             "max_abs_logit_diff_vs_unmerged": diff,
             "untied_embeddings": untied,
         }
         (tmp / "peftlab_merge.json").write_text(json.dumps(info, indent=2))
-    return MergeResult(out_dir, method.name, model_cfg.name, out_name, diff, untied)
+    return MergeResult(out_dir, merged.method_name, model_cfg.name, out_name, diff, untied)
