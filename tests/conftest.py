@@ -19,7 +19,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist each worker owns one core: a second OpenMP thread per worker only contends.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 from peftlab.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from peftlab.model.load import load_model, load_tokenizer  # noqa: E402
