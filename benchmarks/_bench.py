@@ -89,14 +89,15 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def gemm_peak(threads: int, seconds: float = 2.0) -> dict:
-    """Measured GFLOP/s of torch.mm here and now: square 2048 and the model's [T,576]@[576,1536]."""
+def gemm_peak(threads: int, seconds: float = 2.0, bf16: bool = True) -> dict:
+    """Measured GFLOP/s of torch.mm here and now: square 2048 and the model's [T,576]@[576,1536];
+    bf16 only when asked (without native bf16 its GEMM takes minutes at 0.3-1.3 GFLOP/s)."""
     import torch
 
     torch.set_num_threads(threads)
     out = {}
     shapes = {"square_2048": (2048, 2048, 2048), "T2048x576x1536": (2048, 576, 1536)}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
         for name, (m, k, n) in shapes.items():
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             for _ in range(3):

@@ -7,11 +7,13 @@ alpha=16, dropout 0, all linear layers (2,442,240 trainable), or full fine-tunin
 same examples in the same order on every side, built once by peftlab's data pipeline
 (alpaca_en_demo.json through SmolLM2's chat template, prompt tokens masked; or fixed-length
 512-token text blocks). Same seed, same LoRA initialisation (loaded from one file), AdamW
-lr 2e-4, cosine, no warmup, clip 1.0, batch 4, bf16 autocast (fp32 master weights).
+lr 2e-4, cosine, no warmup, clip 1.0, batch 4. Precision follows the CPU (``--precision auto``):
+bf16 autocast (fp32 master weights) where it has native bf16 (avx512_bf16 / amx_bf16), float32
+otherwise, where a bf16 GEMM runs at ~1 GFLOP/s and only the float32 peak is measured.
 
 Sides (each run in its own subprocess; sides alternate within every repeat; medians):
   peftlab       peftlab.train.loop.train (the product's own loop), speed levers at defaults
-  peft_trainer  HF PEFT 0.21 + transformers Trainer (bf16=True, use_cpu=True)
+  peft_trainer  HF PEFT 0.21 + transformers Trainer (bf16 as the precision says, use_cpu=True)
   peft_loop     HF PEFT in a plain PyTorch loop (model(**batch).loss, AdamW, clip, schedule)
 
 Figures: real (non-pad) tokens/s over the timed steps (after warm-up), label tokens/s, peak
@@ -273,7 +275,7 @@ def worker_peft_trainer(spec: dict) -> dict:
 
 
 def worker_gemm(spec: dict) -> dict:
-    return {"gemm": gemm_peak(spec["threads"])}
+    return {"gemm": gemm_peak(spec["threads"], bf16=spec.get("bf16", True))}
 
 
 WORKERS = {"peftlab": worker_peftlab, "peft_loop": worker_peft_loop, "peft_trainer": worker_peft_trainer,
@@ -334,7 +336,8 @@ def run_suite(name: str, variants: dict[str, dict], args, tmp: Path, peak_key: s
         variants = {k: v for k, v in variants.items() if re.search(args.only, k)}
     results: dict[str, list] = {k: [] for k in variants}
     order = alternate(list(variants), args.repeats)
-    gemm = [run_worker(Path(__file__), {"side": "gemm", "threads": args.threads, "name": "gemm"})["gemm"]]
+    gemm = [run_worker(Path(__file__), {"side": "gemm", "threads": args.threads, "name": "gemm",
+                                                "bf16": peak_key.startswith("bfloat16")})["gemm"]]
     for i, key in enumerate(order):
         spec = variants[key]
         env = spec.get("env")
@@ -355,7 +358,8 @@ def run_suite(name: str, variants: dict[str, dict], args, tmp: Path, peak_key: s
         results[key].append(r)
         print(f"[{name}] {i + 1}/{len(order)} {key}: {r['wall_s']} s, rss {r['peak_rss_gb']} GB, "
               f"busy cores before {r['busy_cores_before']}", file=sys.stderr)
-    gemm.append(run_worker(Path(__file__), {"side": "gemm", "threads": args.threads, "name": "gemm"})["gemm"])
+    gemm.append(run_worker(Path(__file__), {"side": "gemm", "threads": args.threads, "name": "gemm",
+                                                "bf16": peak_key.startswith("bfloat16")})["gemm"])
     peak = max(g[peak_key] for g in gemm)
     shapes = next((r for rs in results.values() for r in rs if "shapes" in r), None)
     summary = {"gemm": gemm, "peak_gflops": peak, "peak_key": peak_key, "variants": {}}
@@ -427,6 +431,9 @@ def main() -> None:
     ap.add_argument("--allocators", action="store_true",
                     help="packed suite: also glibc's MALLOC_MMAP_THRESHOLD_ and torch's THP_MEM_ALLOC_ENABLE")
     ap.add_argument("--json", help="write all figures to this file")
+    ap.add_argument("--precision", choices=["auto", "bf16", "no"], default="auto",
+                    help="autocast of every side: auto = bf16 where the CPU has native bf16 (avx512_bf16/amx), "
+                         "else float32 (a bf16 GEMM without it runs hundreds of times slower)")
     ap.add_argument("--wait-idle", type=float, default=60.0,
                     help="before each run wait up to this many seconds for other processes to go quiet")
     args = ap.parse_args()
@@ -435,17 +442,23 @@ def main() -> None:
         return
     if args.warmup < 1 or args.steps <= args.warmup:
         ap.error("need steps > warmup >= 1")
+    from peftlab.train.runtime import cpu_has_bf16
+
+    prec = args.precision if args.precision != "auto" else ("bf16" if cpu_has_bf16() else "no")
+    peak = "bfloat16_square_2048" if prec == "bf16" else "float32_square_2048"
+    label = "bf16" if prec == "bf16" else "float32"
     tmp = Path(tempfile.mkdtemp(prefix="peftlab-bench-"))
     init = tmp / "lora_init.safetensors"
     seed = 42
     make_init_file(init, seed)
     common = {"method": "lora", "steps": args.steps, "batch_size": args.batch_size, "seed": seed, "lr": 2e-4,
-              "precision": "bf16", "threads": args.threads, "init_file": str(init), "data": sft_data()}
+              "precision": prec, "threads": args.threads, "init_file": str(init), "data": sft_data()}
     sides = {"peftlab": {**common, "side": "peftlab"}, "peft_trainer": {**common, "side": "peft_trainer"},
              "peft_loop": {**common, "side": "peft_loop"}}
     report, figures = [], {}
     suites = args.suite.split(",")
-    print(f"torch threads {args.threads}; steps {args.steps} (first {args.warmup} untimed); "
+    print(f"precision {label} (native bf16: {cpu_has_bf16()}); torch threads {args.threads}; steps {args.steps} "
+          f"(first {args.warmup} untimed); "
           f"repeats {args.repeats}; batch {args.batch_size}", file=sys.stderr)
 
     def check_losses(s, tol_floor):
@@ -460,14 +473,14 @@ def main() -> None:
         return ok
 
     if "main" in suites:
-        s = run_suite("main", sides, args, tmp, "bfloat16_square_2048")
-        report.append(print_suite("SFT data (alpaca_en_demo, chat template), LoRA r=8, bf16", s, "peft_trainer"))
+        s = run_suite("main", sides, args, tmp, peak)
+        report.append(print_suite("SFT data (alpaca_en_demo, chat template), LoRA r=8, " + label, s, "peft_trainer"))
         check_losses(s, 0.03)
         figures["main"] = s
     if "fixed" in suites:
         fx = {k: {**v, "data": fixed_data(tmp)} for k, v in sides.items()}
-        s = run_suite("fixed", fx, args, tmp, "bfloat16_square_2048")
-        report.append(print_suite("fixed-length 512-token rows (pre-packed), LoRA r=8, bf16", s, "peft_trainer"))
+        s = run_suite("fixed", fx, args, tmp, peak)
+        report.append(print_suite("fixed-length 512-token rows (pre-packed), LoRA r=8, " + label, s, "peft_trainer"))
         check_losses(s, 0.03)
         figures["fixed"] = s
     if "fp32" in suites:
@@ -496,7 +509,7 @@ def main() -> None:
             report.append("packing: not available in this checkout (peftlab.data.packing missing)")
         if args.compile:
             ab["+ torch.compile"] = {**pl, "overrides": ["train.compile=true"]}
-        s = run_suite("ablation", ab, args, tmp, "bfloat16_square_2048")
+        s = run_suite("ablation", ab, args, tmp, peak)
         report.append(print_suite("ablation: each lever on its own (SFT data, LoRA r=8)", s, "peftlab (all levers)"))
         figures["ablation"] = s
     if "malloc" in suites:
@@ -507,8 +520,8 @@ def main() -> None:
         if Path(JEMALLOC).exists():
             ma["peftlab, jemalloc"] = {**pl, "env": {"LD_PRELOAD": JEMALLOC}}
             ma["peft_trainer, jemalloc"] = {**tr, "env": {"LD_PRELOAD": JEMALLOC}}
-        s = run_suite("malloc", ma, args, tmp, "bfloat16_square_2048")
-        report.append(print_suite("allocators: glibc tunables and jemalloc (SFT data, LoRA r=8, bf16)", s,
+        s = run_suite("malloc", ma, args, tmp, peak)
+        report.append(print_suite(f"allocators: glibc tunables and jemalloc (SFT data, LoRA r=8, {label})", s,
                                   "peft_trainer"))
         figures["malloc"] = s
     if "packed" in suites:
@@ -530,23 +543,23 @@ def main() -> None:
         if Path(JEMALLOC).exists():
             pk["peftlab (packed), jemalloc"] = {**packed, "env": {"LD_PRELOAD": JEMALLOC}}
             pk["peftlab (packed), gradient checkpointing, jemalloc"] = {**ckpt, "env": {"LD_PRELOAD": JEMALLOC}}
-        s = run_suite("packed", pk, args, tmp, "bfloat16_square_2048")
+        s = run_suite("packed", pk, args, tmp, peak)
         report.append(print_suite("SFT data with packing (peftlab) vs padded batches (PEFT + Trainer), LoRA r=8, "
-                                  "bf16", s, "peft_trainer"))
+                                  + label, s, "peft_trainer"))
         figures["packed"] = s
     if "threads" in suites:
         pl = sides["peftlab"]
         th = {f"threads={n}{' (auto)' if n == 0 else ''}, one core busy": {**pl, "threads": n, "hog": True}
               for n in (1, 2, 0)}
         th["threads=2, quiet"] = {**pl, "threads": 2}
-        s = run_suite("threads", th, args, tmp, "bfloat16_square_2048")
+        s = run_suite("threads", th, args, tmp, peak)
         report.append(print_suite("threads: a neighbour process spinning on one of the 2 cores", s,
                                   "threads=2, quiet"))
         figures["threads"] = s
     if "full" in suites:
         full = {k: {**v, "method": "full"} for k, v in sides.items()}
-        s = run_suite("full", full, args, tmp, "bfloat16_square_2048")
-        report.append(print_suite("full fine-tuning (SFT data, bf16 autocast)", s, "peft_trainer"))
+        s = run_suite("full", full, args, tmp, peak)
+        report.append(print_suite(f"full fine-tuning (SFT data, {label})", s, "peft_trainer"))
         check_losses(s, 0.05)
         figures["full"] = s
     if "main" in figures:
