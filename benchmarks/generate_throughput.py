@@ -138,12 +138,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats of every configuration")
     ap.add_argument("--reps", type=int, default=3, help="timed generations per batch size inside a run")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", default="float32,bfloat16")
+    ap.add_argument("--dtype", default="auto",
+                    help="comma-separated model dtypes; auto: float32, plus bfloat16 where the CPU has native bf16")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
+    if args.dtype == "auto":
+        from peftlab.train.runtime import cpu_has_bf16
+
+        args.dtype = "float32,bfloat16" if cpu_has_bf16() else "float32"
     configs = {}
     for dtype in args.dtype.split(","):
         for side in ("hf", "lean"):

@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--side", default="peftlab", choices=["peftlab", "peft"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"],
+                    help="auto: bf16 autocast where the CPU has native bf16, else float32")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--overrides", default="", help="peftlab train.* toggles, comma separated key=value")
     args = ap.parse_args()
@@ -55,7 +56,9 @@ def main() -> None:
     data = build_datasets(cfg.data, tok, 42)
     sampler = BatchSampler(len(data.train), 4, 42, True)
     batches = [data.collate([data.train[i] for i in sampler.next()]) for _ in range(args.steps + 1)]
-    amp = args.precision == "bf16"
+    from peftlab.train.runtime import cpu_has_bf16
+
+    amp = args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16())
     if args.side == "peft":
         from peft import LoraConfig, get_peft_model
 
