@@ -48,6 +48,7 @@ class GGUFResult:
     arch: str
     max_abs_diff_rounded: float | None  # vs the merged model with the same rounding (the exactness check)
     max_abs_diff_fp32: float | None  # vs the merged model in float32 (what the type costs)
+    top1_agreement: float | None = None  # share of probe positions whose greedy next token is the float32 one
 
 
 def rounded_like(model: nn.Module, kind: str) -> nn.Module:
@@ -98,23 +99,25 @@ def export_gguf(out_dir: str | Path, *, run: str | Path | None = None, adapter: 
     gguf_arch(model)  # refuse an unknown architecture before any work
     encoder = chat_encoder(tokenizer, template)
     out_dir = Path(out_dir)
-    diff_r = diff_f = None
+    diff_r = diff_f = top1 = None
     with atomic_dir(out_dir) as tmp:
         written = write_gguf(model, tokenizer, tmp / MODEL_FILE, kind, name=Path(str(merged.model_cfg.name)).name,
                              pre=pre)
         if verify:
-            diff_r, diff_f = _check(model, tokenizer, tmp, kind, merged.probe)
+            diff_r, diff_f, top1 = _check(model, tokenizer, tmp, kind, merged.probe)
         (tmp / "Modelfile").write_text(modelfile(tokenizer, encoder))
         info = {"peftlab_version": __version__, "base_model": merged.model_cfg.name,
                 "adapter": str(merged.adapter_dir), "method": merged.method_name, "type": kind, "arch": written.arch,
                 "max_abs_logit_diff_vs_rounded": diff_r, "max_abs_logit_diff_vs_fp32": diff_f,
+                "top1_agreement_vs_fp32": top1,
                 "untied_embeddings": merged.untied}
         (tmp / "peftlab_export.json").write_text(json.dumps(info, indent=2))
-    return GGUFResult(out_dir, out_dir / MODEL_FILE, kind, written.arch, diff_r, diff_f)
+    return GGUFResult(out_dir, out_dir / MODEL_FILE, kind, written.arch, diff_r, diff_f, top1)
 
 
-def _check(model: nn.Module, tokenizer, tmp: Path, kind: str, probe: torch.Tensor) -> tuple[float, float]:
-    """Read ``tmp/model.gguf`` back with transformers; (diff vs rounded model, diff vs fp32 model)."""
+def _check(model: nn.Module, tokenizer, tmp: Path, kind: str, probe: torch.Tensor) -> tuple[float, float, float]:
+    """Read ``tmp/model.gguf`` back with transformers; (diff vs rounded model, diff vs fp32 model,
+    greedy next-token agreement with the fp32 model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     back = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=MODEL_FILE, dtype=torch.float32)
@@ -136,7 +139,7 @@ def _check(model: nn.Module, tokenizer, tmp: Path, kind: str, probe: torch.Tenso
         raise ConfigError("the GGUF file's tokenizer, read back by transformers, splits text differently from the "
                           f"model's ({a[:8]}... vs {b[:8]}...); nothing was written. Pass --gguf-pre with "
                           "llama.cpp's pre-tokenizer name for this tokenizer")
-    return diff_r, diff_f
+    return diff_r, diff_f, float((got.argmax(-1) == exact.argmax(-1)).float().mean())
 
 
 def _refuse_unportable(peft_cfg, adapter_dir) -> None:
