@@ -137,6 +137,24 @@ def test_lru_cache_waits_for_busy_adapters_and_stays_correct(setup):
     assert store.evictions >= 1 and store.loads >= 3
 
 
+def test_evicted_adapters_come_back_from_host_memory_unless_their_files_changed(setup):
+    """S-LoRA's two tiers: one resident slot, every adapter read from disk once; answers stay right."""
+    base, adapters, tok, refs = setup
+    engine, store = _engine(base, adapters, tok, max_batch=1, max_loaded=1)
+    named = [(p, a, n) for p, a, n in PROMPTS if a]
+    for _ in range(2):  # twice round: the second pass loads every adapter again, from host memory
+        for prompt, adapter, n in named:
+            assert engine.generate([_seq(tok, prompt, adapter, n)])[0].generated == refs[prompt]
+    distinct = len({a for _, a, _ in named})
+    assert store.loads == 2 * len(named) and store.disk_reads == distinct and store.evictions >= 2 * len(named) - 1
+    # without a host tier every load reads the files again
+    engine, store = _engine(base, adapters, tok, max_batch=1, max_loaded=1)
+    store.host_max = 0
+    for prompt, adapter, n in named:
+        engine.generate([_seq(tok, prompt, adapter, n)])
+    assert store.disk_reads == store.loads == len(named)
+
+
 @pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
 def test_stop_strings_cancel_limits_and_seeds(setup):
     base, adapters, tok, refs = setup

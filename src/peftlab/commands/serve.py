@@ -28,6 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429")
     p.add_argument("--max-loaded", type=int, default=8, help="adapters resident at once (LRU)")
+    p.add_argument("--host-adapters", type=int, default=1024,
+                   help="adapters kept checked and parsed in host memory beyond the resident ones (LRU; 0: none)")
     p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
     p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
     p.add_argument("--max-request-bytes", type=int, default=1_000_000)
@@ -88,7 +90,8 @@ def run(args) -> int:
         print(warning, file=sys.stderr, flush=True)
     set_threads(args.threads)
     s = build_serving(args.args, run=args.run, adapters=args.adapter, adapters_dir=args.adapters,
-                      max_loaded=args.max_loaded, max_batch=args.max_batch, max_queue=args.max_queue,
+                      max_loaded=args.max_loaded, host_max=args.host_adapters, max_batch=args.max_batch,
+                      max_queue=args.max_queue,
                       max_context=args.max_context, served_name=args.served_name)
     limits = Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens)
     app = create_app(s.engine, s.store, s.encoder, base_name=s.base_name, api_key=key, limits=limits)

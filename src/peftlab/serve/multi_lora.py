@@ -370,10 +370,14 @@ class MultiLoRAModel(nn.Module):
         """Load a LoRA adapter directory (peftlab's or Hugging Face PEFT's) as ``name``."""
         adapter_dir = Path(adapter_dir)
         config, factors = self.check_dir(name, adapter_dir)
+        return self.load_checked(name, config, factors, adapter_dir)
+
+    def load_checked(self, name: str, config: dict, factors: dict, source: str | Path) -> AdapterInfo:
+        """``load`` from what ``check_dir`` returned (an adapter server keeps those in host memory)."""
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         rslora = bool(config.get("use_rslora", False))
         return self.add(name, factors, lora_scaling(alpha, r, rslora), alpha=alpha, use_rslora=rslora,
-                        source=str(adapter_dir), meta={"target_modules": config.get("target_modules")})
+                        source=str(source), meta={"target_modules": config.get("target_modules")})
 
     def replace(self, name: str, adapter_dir: str | Path) -> AdapterInfo:
         """Hot-swap: the LoRA adapter in ``adapter_dir`` takes the place of loaded adapter ``name``, in

@@ -6,9 +6,16 @@
 
 An adapter name is one path component (letters, digits, ``.``, ``_``, ``-``; no ``..``), and the
 directory it names must resolve (symlinks followed) to a direct child of the adapters directory:
-no name can reach a file outside it. At most ``max_loaded`` adapters are resident; loading one
-more evicts the least recently used adapter that no running sequence holds (``acquire`` /
-``release`` count holders). Adapters given explicitly (``pinned``) are never evicted.
+no name can reach a file outside it. At most ``max_loaded`` adapters are resident (in the stacked
+slots where the math runs); loading one more evicts the least recently used adapter that no running
+sequence holds (``acquire`` / ``release`` count holders). Adapters given explicitly (``pinned``) are
+never evicted.
+
+Two tiers, as S-LoRA (Sheng et al., 2023) keeps them: besides the resident few, up to ``host_max``
+adapters stay in host memory as checked, parsed factors (least recently used dropped first), so an
+adapter evicted from the slots comes back without reading, parsing or checking its files again — a
+thousand adapters over one base cost their factors' bytes, not a thousand loads per pass. The host
+copy is keyed by the files' version, so a new version on disk is read and checked anew.
 
 Hot-swap: saving a new version of a resident adapter into its directory (peftlab's save writes a
 temporary directory and renames it into place, so a reader never sees half a version) replaces its
@@ -47,9 +54,13 @@ class UnknownAdapter(ConfigError):
 
 class AdapterStore:
     def __init__(self, mm: MultiLoRAModel, root: str | Path | None, max_loaded: int = 8,
-                 pinned: dict[str, str | Path] | None = None):
+                 pinned: dict[str, str | Path] | None = None, host_max: int | None = 1024):
         if max_loaded < 1:
             raise ConfigError(f"max_loaded must be >= 1, got {max_loaded}")
+        if host_max is not None and host_max < 0:
+            raise ConfigError(f"host_max must be >= 0 (0: no host tier), got {host_max}")
+        self.host_max = 1024 if host_max is None else host_max
+        self._host: OrderedDict[str, tuple] = OrderedDict()  # adapter -> (version, config, factors), oldest first
         self.mm = mm
         self.root = Path(root).resolve() if root is not None else None
         if self.root is not None and not self.root.is_dir():
@@ -64,6 +75,7 @@ class AdapterStore:
         self.loads = 0
         self.evictions = 0
         self.swaps = 0  # in-place replacements of a resident adapter by a new version of its files
+        self.disk_reads = 0  # adapter directories read and checked (the rest came from host memory)
         for name, path in self.pinned.items():
             mm.load(name, path)
             self._resident_version[name] = _version(path)
@@ -157,7 +169,8 @@ class AdapterStore:
                     self.evictions += 1
                 version = _version(path)
                 try:
-                    self.mm.load(name, path)
+                    config, factors = self._host_factors(name, path, version)
+                    self.mm.load_checked(name, config, factors, path)
                 except ConfigError as e:
                     raise ConfigError(self._public(name, path, e)) from None
                 self._resident_version[name] = version
@@ -166,6 +179,21 @@ class AdapterStore:
             self._lru.move_to_end(name)
             self._holders[name] = self._holders.get(name, 0) + 1
             return True
+
+    def _host_factors(self, name: str, path: Path, version: tuple) -> tuple[dict, dict]:
+        """(config, factors) of ``name`` at ``version``: from host memory, else read, checked and kept."""
+        held = self._host.get(name)
+        if held is not None and held[0] == version:
+            self._host.move_to_end(name)
+            return held[1], held[2]
+        config, factors = self.mm.check_dir(name, path)
+        self.disk_reads += 1
+        if self.host_max:
+            self._host[name] = (version, config, factors)
+            self._host.move_to_end(name)
+            while len(self._host) > self.host_max:
+                self._host.popitem(last=False)
+        return config, factors
 
     def release(self, name: str) -> None:
         with self._lock:
