@@ -35,25 +35,39 @@ from _bench import alternate, median, peak_rss_gb, run_worker  # noqa: E402
 
 
 def make_adapters(root: Path, n: int, rank: int, model_name: str) -> None:
+    """``n`` PEFT LoRA directories: the first written by MultiLoRAModel.save, the rest with its config
+    files and their own random factors (what save would write, without n fingerprint passes)."""
+    import shutil
+
     import torch
+    from safetensors.torch import save_file
 
     from peftlab.config import ModelConfig
     from peftlab.model.load import load_model
     from peftlab.model.targets import find_targets, linear_shape
+    from peftlab.registry import PEFT_PREFIX
     from peftlab.serve.multi_lora import MultiLoRAModel
 
     model, _ = load_model(ModelConfig(name=model_name), with_tokenizer=False)
+    shapes = {p: linear_shape(model.get_submodule(p)) for p in find_targets(model, ["q_proj", "v_proj"])}
     mm = MultiLoRAModel(model)
-    paths = find_targets(model, ["q_proj", "v_proj"])
     for i in range(n):
         g = torch.Generator().manual_seed(i)
-        factors = {}
-        for p in paths:
-            in_f, out_f = linear_shape(model.get_submodule(p))
-            factors[p] = (torch.randn(rank, in_f, generator=g) / in_f**0.5, torch.randn(out_f, rank, generator=g) * 0.5)
-        mm.add("a", factors, scaling=1.0, alpha=float(rank))
-        mm.save("a", root / f"a{i:04d}", base_model_name=model_name)
-        mm.delete("a")
+        factors = {p: (torch.randn(rank, i_f, generator=g) / i_f**0.5, torch.randn(o_f, rank, generator=g) * 0.5)
+                   for p, (i_f, o_f) in shapes.items()}
+        if i == 0:
+            mm.add("a", factors, scaling=1.0, alpha=float(rank))
+            mm.save("a", root / "a0000", base_model_name=model_name)
+            continue
+        out = root / f"a{i:04d}"
+        out.mkdir()
+        for f in (root / "a0000").iterdir():
+            if f.suffix == ".json":
+                shutil.copy(f, out / f.name)
+        state = {}
+        for p, (a, b) in factors.items():
+            state[f"{PEFT_PREFIX}{p}.lora_A.weight"], state[f"{PEFT_PREFIX}{p}.lora_B.weight"] = a, b
+        save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
