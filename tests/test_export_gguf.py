@@ -220,3 +220,33 @@ def test_smollm2_export_reads_back(kind, tmp_path):
     res = export_gguf(tmp_path / "out", adapter=adapter, kind=kind)
     assert res.max_abs_diff_rounded <= 1e-4
     assert json.loads((tmp_path / "out" / "peftlab_export.json").read_text())["arch"] == "llama"
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_export_and_the_lora(small, tmp_path):
+    """llama.cpp itself (llama-cpp-python, built from source; not a default dependency) loads both files:
+    the same token ids, and logits within f16 compute round-off of the merged model's."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (compiles llama.cpp)")
+    from peftlab.export.gguf import write_gguf
+
+    base, adapter = small
+    export_gguf(tmp_path / "merged", adapter=adapter, kind="f16", verify=False)
+    export_gguf(tmp_path / "lora", adapter=adapter, adapter_only=True, kind="f16")
+    merged, tok = _hf_merged(adapter, tmp_path / "hf")
+    ids = tok(TEXT, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        want = gguf_export.rounded_like(merged, "f16")(input_ids=torch.tensor([ids])).logits[0].numpy()
+    plain, _ = load_model(ModelConfig(name=str(base)))
+    write_gguf(plain, tok, tmp_path / "base.gguf", "f16")
+
+    def scores(**kw) -> np.ndarray:
+        llm = llama_cpp.Llama(n_ctx=256, logits_all=True, verbose=False, n_threads=2, **kw)
+        assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids  # llama.cpp's own tokenizer
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+
+    scale = float(np.abs(want).max())
+    for got in (scores(model_path=str(tmp_path / "merged" / "model.gguf")),
+                scores(model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "lora" / "adapter.gguf"))):
+        assert float(np.abs(got - want).max()) < 0.02 * scale
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
