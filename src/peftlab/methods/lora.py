@@ -49,6 +49,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.params import default_param_groups
+from . import lora_experts
 from ..model.targets import peft_target_modules, set_weight_matrix, weight_matrix
 from ..registry import Method, get, register
 from . import peft_format
@@ -75,6 +76,7 @@ class LoRAConfig:
     sparsity_dropout: float = 0.0  # drop rows of B and columns of A with this probability (training)
     enable_lora: dict = field(default_factory=dict)  # fused layer -> slice mask, e.g. {c_attn: [true, false, true]}
     additional_targets: list[str] | None = None  # modules trained in full and saved (PEFT modules_to_save)
+    target_parameters: list[str] | None = None  # fused MoE expert tensors, e.g. [mlp.experts.gate_up_proj]
     init_from: str | None = None  # start training from this adapter's tensors
     merge_first: list[str] | None = None  # merge these adapters into the base, then train a fresh one
 
@@ -96,6 +98,15 @@ class LoRAConfig:
             if not isinstance(mask, list) or not mask or not all(isinstance(b, bool) for b in mask) or not any(mask):
                 raise ConfigError(f"peft.enable_lora.{name} must be a list of true/false with at least one true "
                                   f"(one per equal output slice, e.g. [true, false, true] for q,k,v), got {mask!r}")
+        if self.target_parameters is not None:
+            if not isinstance(self.target_parameters, list) or not all(isinstance(t, str) and t
+                                                                        for t in self.target_parameters):
+                raise ConfigError("peft.target_parameters must be a list of parameter names, e.g. "
+                                  f"[mlp.experts.gate_up_proj, mlp.experts.down_proj]; got {self.target_parameters!r}")
+            if self.method != "lora" or self.init not in ("kaiming", "gaussian") or self.dropout:
+                raise ConfigError("peft.target_parameters (LoRA on fused expert tensors) works with plain LoRA, "
+                                  "init kaiming or gaussian and dropout 0 (dropout cannot be factored out of W + ΔW); "
+                                  f"got method={self.method}, init={self.init}, dropout={self.dropout}")
         if self.enable_lora and self.init in ("pissa", "olora"):
             raise ConfigError(f"peft.init={self.init} initialises whole layers; it cannot combine with peft.enable_lora")
 
@@ -150,11 +161,14 @@ def apply(model: nn.Module, cfg: LoRAConfig) -> None:
         return LoRAEmbedding(base, cfg.r, cfg.alpha, cfg.use_rslora)
 
     apply_lora_family(model, cfg, linear, embedding)
+    if cfg.target_parameters:
+        lora_experts.apply(model, list(cfg.target_parameters), cfg.r, cfg.alpha, cfg.use_rslora)
 
 
 def merge(model: nn.Module) -> None:
     """Fold every LoRA update into its base weight (a quantised base is dequantised first) and put
     the plain layers back; extra trained modules replace the originals."""
+    lora_experts.merge(model)
     merge_wrappers(model, WRAPPERS, merge_delta)
 
 
@@ -242,6 +256,7 @@ def to_peft_config(cfg: LoRAConfig, model: nn.Module) -> dict:
         "modules_to_save": peft_format.additional_targets_for_peft(cfg),
         "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
         "inference_mode": True,
+        **({"target_parameters": list(cfg.target_parameters)} if cfg.target_parameters else {}),
     }
 
 
@@ -276,6 +291,7 @@ def from_peft_config(d: dict):
         use_rslora=bool(d.get("use_rslora", False)),
         init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
         additional_targets=peft_format.additional_targets_from_peft(d),
+        target_parameters=list(d["target_parameters"]) if d.get("target_parameters") else None,
     )
 
 
