@@ -34,6 +34,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "configure": HIGH - {"configure"} | {"data", "model", "quant"},
     "rundir": HIGH - {"configure", "rundir"} | {"methods", "data", "model", "quant"},
     "validate": HIGH | {"config", "registry", "methods", "data", "model", "quant"},
+    "ds_config": HIGH | {"config", "registry", "methods", "data", "model", "quant", "validate"},
     "errors": {"*"},
     "version": {"*"},
     "io": {"*"},

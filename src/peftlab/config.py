@@ -148,6 +148,7 @@ class TrainConfig:
     progress: bool = True
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     distributed: str = "ddp"  # ddp | fsdp (ZeRO-3-like) | fsdp_grad_op (ZeRO-2-like); under torchrun only
+    deepspeed: str | None = None  # a DeepSpeed JSON (ds_z3_config.json): mapped onto these keys at load (ds_config.py)
     # speed levers (benchmarks/README.md measures each one)
     fused_loss: bool = True  # LM head + CE in chunks whose backward keeps no logits
     loss_chunk: int = 1024  # label rows per LM-head chunk
@@ -201,6 +202,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
+    notes: list = field(default_factory=list, repr=False, compare=False)  # what loading mapped (not saved)
 
     def to_dict(self) -> dict:
         return {

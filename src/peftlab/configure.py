@@ -22,6 +22,7 @@ from .config import (
     build_dataclass,
     read_yaml,
 )
+from .ds_config import map_deepspeed
 from .errors import ConfigError
 
 
@@ -37,13 +38,20 @@ def config_from_dict(raw: dict) -> Config:
     peft_raw = dict(raw.get("peft") or {})
     method = registry.get(str(peft_raw.get("method", DEFAULT_METHOD)))
     peft_raw["method"] = method.name
-    return Config(
+    train_raw, notes = dict(raw.get("train") or {}), []
+    if train_raw.get("deepspeed"):  # mapped once, here: the resolved config keeps the mapped keys, not the file
+        mapped, notes = map_deepspeed(str(train_raw.pop("deepspeed")), train_raw)
+        train_raw.update(mapped)
+    train_raw.pop("deepspeed", None)
+    cfg = Config(
         model=build_dataclass(ModelConfig, raw.get("model"), "model"),
         peft=build_dataclass(method.config_cls, peft_raw, "peft"),
         data=build_dataclass(DataConfig, raw.get("data"), "data"),
-        train=build_dataclass(TrainConfig, raw.get("train"), "train"),
+        train=build_dataclass(TrainConfig, train_raw, "train"),
         pref=build_dataclass(PreferenceConfig, raw.get("pref"), "pref"),
     )
+    cfg.notes = [f"train.deepspeed: {n}" for n in notes]
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -20,6 +20,9 @@ def run(args) -> int:
     from ..train.loop import train
 
     cfg = config_from_args(args.args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in cfg.notes:
+            print(note, flush=True)
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0

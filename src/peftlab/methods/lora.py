@@ -49,10 +49,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.params import default_param_groups
-from . import lora_experts
 from ..model.targets import peft_target_modules, set_weight_matrix, weight_matrix
 from ..registry import Method, get, register
-from . import peft_format
+from . import lora_experts, peft_format
 from .lowrank import WRAPPERS, LoRAEmbedding, LoRALinear, apply_lora_family, merge_delta
 from .merging import merge_wrappers
 
