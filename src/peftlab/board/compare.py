@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..eval.harness import DEFAULT_PROMPTS
-from ..lab.report import COST, QUALITY, QUALITY_NOTE, _answer, _cells, _prompts, ensure_samples, load_run, param_rows
+from ..lab.report import (
+    COST,
+    QUALITY,
+    QUALITY_NOTE,
+    _answer,
+    _cells,
+    _prompts,
+    ensure_samples,
+    load_run,
+    param_rows,
+)
 from .workspace import Workspace
 
 MAX_RUNS = 8

@@ -16,7 +16,7 @@ import json
 import re
 import shlex
 import typing
-from functools import lru_cache
+from functools import cache
 
 import yaml
 
@@ -42,7 +42,7 @@ BOARD_KEYS = ("train.output_dir", "train.overwrite")  # the board decides where 
 KEY_RX = re.compile(r"\b(model|peft|data|train|pref)\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _comments(cls: type) -> dict[str, str]:
     """field name -> the ``# comment`` beside it in the class's source (the form's help text)."""
     out = {}
@@ -121,6 +121,8 @@ def overrides_of(values: dict) -> list[str]:
 def _path_values(key: str, value) -> list[str]:
     if value is None:
         return []
+    if isinstance(value, str) and key in ("data.train", "peft.merge_first"):  # a list, as config.coerce splits it
+        value = [v.strip() for v in value.split(",") if v.strip()]
     items = value if isinstance(value, list) else [value]
     out = []
     for v in items:

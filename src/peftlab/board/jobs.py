@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ConfigError
 from ..io import atomic_write_text
@@ -56,7 +57,9 @@ class Jobs:
                 raise ConfigError(f"{', '.join(busy)} is still running; the board runs {self.max_running} "
                                   "at a time (stop it first, or start the board with --parallel N)")
             cmd = [sys.executable, "-m", "peftlab", "train", *overrides]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+            src = str(Path(__file__).resolve().parents[2])  # the child runs this same peftlab
+            path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
             log = open(self.ws.record_path(run_id, ".log"), "wb")
             try:
                 proc = subprocess.Popen(cmd, cwd=self.ws.root, stdout=log, stderr=subprocess.STDOUT,

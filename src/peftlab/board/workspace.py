@@ -20,8 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..rundir import (CONFIG, is_run_dir, peak_memory_bytes, read_json, read_metrics, read_summary, run_artifact,
-                      saved_config)
+from ..rundir import (
+    CONFIG,
+    is_run_dir,
+    peak_memory_bytes,
+    read_json,
+    read_metrics,
+    read_summary,
+    run_artifact,
+    saved_config,
+)
 from ..validate import check_name, check_path
 
 BOARD_DIR = ".board"
@@ -103,6 +111,9 @@ class Workspace:
         except OSError:
             return ""
         rows = [r for r in text.replace("\r", "\n").split("\n") if r.strip()]
+        # a progress bar redraws its line: keep only the newest drawing of each run of them
+        rows = [r for i, r in enumerate(rows) if not (r.startswith("train:") and i + 1 < len(rows)
+                                                       and rows[i + 1].startswith("train:"))]
         return "\n".join(rows[-lines:])
 
     # -------------------------------------------------------------------- finding runs

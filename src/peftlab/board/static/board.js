@@ -120,3 +120,8 @@ async function readEvents(resp, onEvent) {
     }
   }
 }
+
+// node.replaceChildren with arrays flattened (the DOM call would print an array as text)
+function fill(node, ...kids) {
+  node.replaceChildren(...kids.flat(Infinity).filter(k => k !== null && k !== undefined));
+}
