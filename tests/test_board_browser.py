@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from boardkit import TINY_RUN, board_server
 
+from boardkit import TINY_RUN, board_server
 from peftlab import registry
 from peftlab.rundir import read_metrics, read_summary
 
