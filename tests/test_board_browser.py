@@ -30,12 +30,20 @@ SHOTS = os.environ.get("PEFTLAB_BOARD_SHOTS")
 STEPS = 6
 
 
+def missing(what: str):
+    """Skip where the browser cannot run; fail on CI (.ci/run sets PEFTLAB_REQUIRE_BROWSER=1)."""
+    (pytest.fail if os.environ.get("PEFTLAB_REQUIRE_BROWSER") else pytest.skip)(what)
+
+
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
-        pytest.skip("the browser tests need Debian's chromium: apt-get install -y chromium (and pip install "
-                    "playwright; never `playwright install`)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (see pyproject's dev extra)")
+        missing("the browser tests need Debian's chromium: apt-get install -y chromium "
+                "(Playwright drives it; never `playwright install`)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing("the browser tests need Playwright's Python package: pip install playwright (in the dev extra)")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         yield b
