@@ -71,10 +71,19 @@ def page(browser):
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def shot(page, name):
-    if SHOTS:
-        Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / f"board-{name}.png"), full_page=name != "new")
+def shot(page, name, element=None):
+    """With PEFTLAB_BOARD_SHOTS: the page (the form from its top: it is long), or one element of it."""
+    if not SHOTS:
+        return
+    Path(SHOTS).mkdir(parents=True, exist_ok=True)
+    path = str(Path(SHOTS) / f"board-{name}.png")
+    if element is not None:
+        page.locator(element).screenshot(path=path)
+    elif name == "new":
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=path)
+    else:
+        page.screenshot(path=path, full_page=True)
 
 
 def fill_form(page, url, name, extra):
@@ -120,6 +129,7 @@ def test_form_launch_watch_done(board, page):
     page.click("#previewbtn")
     page.wait_for_selector("#preview mark.trained", timeout=120_000)
     assert page.locator("#preview span.prompt").count() >= 1  # prompt tokens told apart from trained ones
+    shot(page, "preview", "#preview")
     page.select_option("#method", "ia3")
     page.wait_for_selector("[id='row-peft.r']", state="detached")
     ia3 = {f.name for f in dataclasses.fields(registry.get("ia3").config_cls)} - {"method"}
