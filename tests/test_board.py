@@ -171,3 +171,21 @@ def test_launch_refuses_a_second_run_and_stop_ends_it_cleanly(board):
     with pytest.raises(ProcessLookupError):
         os.kill(record["pid"], 0)
     assert post(url, "/api/stop", {"run": "runs/long"}).status_code == 400  # nothing left to stop
+
+
+def test_a_run_that_fails_says_so_with_its_log(board):
+    """A config the form accepts but training cannot run (the data file is missing: found when the
+    data loads, as on the command line) ends as "failed", with the CLI's error in the log."""
+    url, ws, *_ = board
+    r = post(url, "/api/launch", {"name": "nodata", "values": {**TINY_RUN, "data.path": "missing.jsonl"}})
+    assert r.status_code == 200, r.text
+
+    def status():
+        rows = httpx.get(url + "/api/runs").json()["runs"]
+        return next(x for x in rows if x["id"] == "runs/nodata")["status"]
+
+    wait_for(lambda: status() != "running", 120, "the run to end")
+    assert status() == "failed"
+    state = httpx.get(url + "/api/run", params={"id": "runs/nodata"}).json()
+    assert state["row"]["note"] == "exit status 2"
+    assert "peftlab train: error:" in state["log"] and "missing.jsonl" in state["log"]

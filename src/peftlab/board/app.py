@@ -106,6 +106,11 @@ def create_app(ws: Workspace, *, token: str | None = None, loopback: bool = True
         msg = str(exc)
         return JSONResponse({"error": msg, "field": forms.field_of(msg, ())}, status_code=400)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):  # a bug or an OS error: a message, never a traceback
+        return JSONResponse({"error": f"the board could not do that: {type(exc).__name__}: {exc}", "field": None},
+                            status_code=500)
+
     async def body(request: Request) -> dict:
         try:
             data = json.loads(await request.body())
@@ -169,7 +174,9 @@ def create_app(ws: Workspace, *, token: str | None = None, loopback: bool = True
     @app.post("/api/stop")
     async def api_stop(request: Request):
         run_id = (await body(request)).get("run")
-        ws.run_dir(run_id) if isinstance(run_id, str) else None
+        if not isinstance(run_id, str):
+            raise BoardError(400, "run: give the run's id, e.g. runs/NAME", "run")
+        ws.run_dir(run_id)
         return await asyncio.to_thread(jobs.stop, run_id)
 
     def run_state(run_id: str) -> dict:

@@ -63,6 +63,7 @@ def run(args) -> int:
         raise ConfigError(f"--host {args.host} would let anyone who reaches this port launch training on this "
                           "machine; set $PEFTLAB_BOARD_TOKEN or give --token-file, or listen on 127.0.0.1")
     ws = Workspace(args.workspace)
+    os.chdir(ws.root)  # relative paths in run configs (a model directory, data) mean what they do for its runs
     app = create_app(ws, token=token, loopback=loopback, max_running=args.parallel)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
