@@ -174,18 +174,42 @@ def test_launch_refuses_a_second_run_and_stop_ends_it_cleanly(board):
 
 
 def test_a_run_that_fails_says_so_with_its_log(board):
-    """A config the form accepts but training cannot run (the data file is missing: found when the
-    data loads, as on the command line) ends as "failed", with the CLI's error in the log."""
+    """A config the form accepts but training refuses (a model directory with only pickled weights:
+    found by train's pre-flight checks, as on the command line) ends as "failed", with the CLI's
+    error in the log."""
     url, ws, *_ = board
-    r = post(url, "/api/launch", {"name": "nodata", "values": {**TINY_RUN, "data.path": "missing.jsonl"}})
+    (ws / "pickled").mkdir()
+    (ws / "pickled" / "pytorch_model.bin").write_bytes(b"not unpickled")
+    r = post(url, "/api/launch", {"name": "pickled", "values": {"model.name": "pickled"}})
     assert r.status_code == 200, r.text
 
     def status():
         rows = httpx.get(url + "/api/runs").json()["runs"]
-        return next(x for x in rows if x["id"] == "runs/nodata")["status"]
+        return next(x for x in rows if x["id"] == "runs/pickled")["status"]
 
     wait_for(lambda: status() != "running", 120, "the run to end")
     assert status() == "failed"
-    state = httpx.get(url + "/api/run", params={"id": "runs/nodata"}).json()
+    state = httpx.get(url + "/api/run", params={"id": "runs/pickled"}).json()
     assert state["row"]["note"] == "exit status 2"
-    assert "peftlab train: error:" in state["log"] and "missing.jsonl" in state["log"]
+    assert "peftlab train: error: model.name 'pickled' has weights only as pickle files" in state["log"]
+
+
+def test_the_command_serves_the_workspace_and_stops_on_ctrl_c(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab", "board", "--workspace", str(tmp_path), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"open (http://127\.0\.0\.1:\d+/)", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        data = httpx.get(m.group(1) + "api/runs", timeout=30).json()
+        assert data["workspace"] == str(tmp_path.resolve()) and data["runs"] == []
+        assert "peftlab board" in httpx.get(m.group(1), timeout=30).text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    assert "peftlab board: stopped" in proc.stderr.read()

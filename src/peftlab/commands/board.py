@@ -77,6 +77,9 @@ def run(args) -> int:
     print(f"peftlab board: workspace {ws.root}; open http://{host}:{port}/"
           + ("?token=<the token>" if token else ""), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])  # Ctrl-C: uvicorn shuts down (the board stops its runs), then re-raises it
+    except KeyboardInterrupt:
+        pass
     print("peftlab board: stopped", file=sys.stderr)
     return 0
