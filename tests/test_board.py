@@ -92,7 +92,7 @@ def test_paths_outside_the_workspace_are_refused_with_the_field(board, key, valu
         assert res["ok"] is False and res["field"] == key and says in res["error"], res
     r = post(url, "/api/launch", {"name": "escape-try", "values": {key: value}})
     assert r.status_code == 400 and r.json()["field"] == key and says in r.json()["error"]
-    assert not (ws / "runs" / "escape-try").exists() and not (ws / ".board" / "runs__escape-try.json").exists()
+    assert not (ws / "runs" / "escape-try").exists() and not (ws / ".board" / "runs+escape-try.json").exists()
 
 
 @pytest.mark.parametrize("run_id", ["../outside", "/etc", "runs/escape", "runs/..", "runs/nope", "a//b"])
@@ -166,7 +166,7 @@ def test_launch_refuses_a_second_run_and_stop_ends_it_cleanly(board):
     assert row("runs/long")["status"] == "killed"
     assert "peftlab train: interrupted" in httpx.get(url + "/api/run", params={"id": "runs/long"}).json()["log"]
     assert not (ws / "runs" / "long" / "summary.json").exists()
-    record = json.loads((ws / ".board" / "runs__long.json").read_text())
+    record = json.loads((ws / ".board" / "runs+long.json").read_text())
     assert record["command"][:2] == ["peftlab", "train"] and "train.output_dir=runs/long" in record["command"]
     with pytest.raises(ProcessLookupError):
         os.kill(record["pid"], 0)
@@ -213,3 +213,15 @@ def test_the_command_serves_the_workspace_and_stops_on_ctrl_c(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     assert "peftlab board: stopped" in proc.stderr.read()
+
+
+def test_launch_records_map_back_to_their_runs(tmp_path):
+    """A launched run is listed from its record before train writes config.yaml; names with
+    underscores (allowed) map back to themselves."""
+    from peftlab.board.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    for rid in ("runs/a__b", "runs/a_b", "runs/a.b"):
+        ws.record_path(rid, ".json").write_text("{}")
+    assert ws.find() == (["runs/a.b", "runs/a__b", "runs/a_b"], [])
+    assert ws.run_dir("runs/a__b") == tmp_path.resolve() / "runs" / "a__b"

@@ -2,7 +2,7 @@
 
 A launch runs ``python -m peftlab train key=value ... train.output_dir=runs/<name>`` in the
 workspace (so relative paths mean what they mean on the command line), in its own process group,
-with stdout and stderr in ``.board/<id>.log``. The board's record (``.board/<id>.json``) holds the
+with stdout and stderr in ``.board/runs+<name>.log``. The board's record (``.json`` beside it) holds the
 command, pid, start and, once it ends, the end time and the return code. "Stop" sends SIGINT
 (the CLI's KeyboardInterrupt path: it prints "interrupted" and exits 130), then SIGTERM and
 SIGKILL if the process is still there after ``grace`` seconds. One run at a time unless the board

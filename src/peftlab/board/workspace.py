@@ -1,10 +1,10 @@
 """The board's workspace: the one directory it reads and writes, and the runs and sweeps inside it.
 
     WORKSPACE/
-      runs/<name>/          what the board launches (``peftlab train`` writes it)
-      .board/<name>.json    the board's record of a launch: command, pid, start, end, return code
-      .board/<name>.log     the launched process's stdout and stderr
-      anything else         runs and sweeps made elsewhere are found wherever they are (3 levels deep)
+      runs/<name>/              what the board launches (``peftlab train`` writes it)
+      .board/runs+<name>.json   the board's record of a launch: command, pid, start, end, return code
+      .board/runs+<name>.log    the launched process's stdout and stderr
+      anything else             runs and sweeps made elsewhere, found up to 4 levels deep
 
 Every path that comes from a request goes through ``Workspace.inside``: a path with ``..``, an
 absolute path outside the workspace, or one whose symlinks lead out is refused with a
@@ -78,7 +78,7 @@ class Workspace:
         for part in parts:
             check_name(part, key)
         path = self.inside(run_id, key)
-        if not (is_run_dir(path) or (path / "sweep.json").is_file() or self.record(run_id)):
+        if not (is_run_dir(path) or (path / "sweep.json").is_file() or self.record(run_id) is not None):
             raise ConfigError(f"{key} {run_id!r} is not a run or sweep in the workspace; "
                               "pick one from the runs page")
         return path
@@ -88,7 +88,7 @@ class Workspace:
         check_name(name, "name")
         run_id = f"{RUNS_DIR}/{name}"
         path = self.inside(run_id, "name")
-        if path.exists() or self.record(run_id):
+        if path.exists() or self.record(run_id) is not None:
             raise ConfigError(f"name {name!r}: a run called that exists already in {self.root / RUNS_DIR}; "
                               "choose another name")
         return run_id, path
@@ -96,7 +96,7 @@ class Workspace:
     # -------------------------------------------------------------------- the board's launch records
 
     def record_path(self, run_id: str, suffix: str) -> Path:
-        return self.root / BOARD_DIR / (run_id.replace("/", "__") + suffix)
+        return self.root / BOARD_DIR / (run_id.replace("/", "+") + suffix)  # "+" is in no name: reversible
 
     def record(self, run_id: str) -> dict | None:
         return read_json(self.record_path(run_id, ".json"))
@@ -133,7 +133,7 @@ class Workspace:
                 rel = c.relative_to(self.root).as_posix()
                 if (c / "sweep.json").is_file():
                     sweeps.append(rel)
-                elif (c / CONFIG).is_file() or self.record(rel):
+                elif (c / CONFIG).is_file() or self.record(rel) is not None:
                     runs.append(rel)
                     continue
                 if depth < SCAN_DEPTH:
@@ -141,7 +141,7 @@ class Workspace:
 
         walk(self.root, 1)
         for rec in sorted((self.root / BOARD_DIR).glob("*.json")):  # launched, config not written yet
-            run_id = rec.stem.replace("__", "/")
+            run_id = rec.stem.replace("+", "/")
             if run_id not in runs:
                 runs.append(run_id)
         return runs, sweeps
