@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 
 import httpx
@@ -149,7 +150,7 @@ def test_listening_beyond_loopback_needs_a_token(tmp_path, monkeypatch):
 
 def test_launch_refuses_a_second_run_and_stop_ends_it_cleanly(board):
     url, ws, *_ = board
-    r = post(url, "/api/launch", {"name": "long", "values": {**TINY_RUN, "train.steps": "500"}})
+    r = post(url, "/api/launch", {"name": "long", "values": TINY_RUN})  # one epoch: hundreds of steps
     assert r.status_code == 200, r.text
     assert r.json()["run"] == "runs/long"
 
@@ -159,6 +160,10 @@ def test_launch_refuses_a_second_run_and_stop_ends_it_cleanly(board):
     assert row("runs/long")["status"] == "running"
     wait_for(lambda: (ws / "runs" / "long" / "metrics.jsonl").is_file() and
              (ws / "runs" / "long" / "metrics.jsonl").read_text().count("\n") >= 1, 120, "the first step")
+    # a run by epochs: its length comes from train's announcement in the log (train examples // batch)
+    log = httpx.get(url + "/api/run", params={"id": "runs/long"}).json()["log"]
+    n_train = int(re.search(r"^data: \d+ records, (\d+) train", log, re.M).group(1))
+    assert row("runs/long")["target_steps"] == n_train // 4
     second = post(url, "/api/launch", {"name": "second", "values": TINY_RUN})
     assert second.status_code == 400 and "runs/long is still running" in second.json()["error"]
     stopped = post(url, "/api/stop", {"run": "runs/long"}).json()
@@ -195,7 +200,6 @@ def test_a_run_that_fails_says_so_with_its_log(board):
 
 
 def test_the_command_serves_the_workspace_and_stops_on_ctrl_c(tmp_path):
-    import re
     import signal
     import subprocess
     import sys

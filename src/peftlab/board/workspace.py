@@ -15,6 +15,7 @@ absolute path outside the workspace, or one whose symlinks lead out is refused w
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ BOARD_DIR = ".board"
 RUNS_DIR = "runs"
 SCAN_DEPTH = 4  # runs/<name>, sweeps/<sweep>/runs/<name>
 RECENT_S = 120.0  # a run not launched here whose metrics changed this recently counts as running
+STEPS_RX = re.compile(r"^\w+: trainable [\d,]+ / [\d,]+ \([\d.]+%\); (\d+) steps;", re.M)  # train's announcement
 
 
 class Workspace:
@@ -115,6 +117,17 @@ class Workspace:
         rows = [r for i, r in enumerate(rows) if not (r.startswith("train:") and i + 1 < len(rows)
                                                        and rows[i + 1].startswith("train:"))]
         return "\n".join(rows[-lines:])
+
+    def announced_steps(self, run_id: str) -> int | None:
+        """The run's total steps as train announces them in its log ("...; 120 steps; ..."): a run
+        by epochs knows its length only once the data is loaded."""
+        try:
+            with open(self.record_path(run_id, ".log"), "rb") as f:
+                head = f.read(16_000).decode("utf-8", errors="replace")
+        except OSError:
+            return None
+        m = STEPS_RX.search(head)
+        return int(m.group(1)) if m else None
 
     # -------------------------------------------------------------------- finding runs
 
@@ -211,7 +224,7 @@ def run_row(ws: Workspace, run_id: str, running: set[str]) -> RunRow:
     row.wall_time = summary.get("wall_time_s")
     row.peak_memory = peak_memory_bytes(summary) if summary else None
     row.steps = summary.get("steps") or (metrics[-1].get("step") if metrics else None)
-    row.target_steps = summary.get("target_steps") or rec.get("target_steps")
+    row.target_steps = summary.get("target_steps") or rec.get("target_steps") or ws.announced_steps(run_id)
     artifact = run_artifact(path)
     row.artifact = artifact.name if artifact else None
     return row
