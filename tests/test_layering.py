@@ -18,17 +18,19 @@ PKG = "peftlab"
 
 # (importer room, imported room): forbidden edges. A "room" is the first component below peftlab
 # (``methods``, ``train``, ...); top-level files are rooms of their own (``registry``, ``config``).
-HIGH = {"train", "export", "serve", "lab", "eval", "commands", "api", "cli", "configure", "rundir"}
+HIGH = {"train", "export", "serve", "lab", "eval", "board", "commands", "api", "cli", "configure", "rundir"}
 FORBIDDEN: dict[str, set[str]] = {
     "methods": HIGH | {"data"},
     "data": HIGH | {"methods"},
     "model": HIGH | {"methods", "data"},
     "quant": HIGH | {"methods", "data"},
-    "train": {"commands", "lab", "serve", "eval", "api", "cli"},
-    "serve": {"train", "lab", "commands", "api", "cli"},
-    "eval": {"lab", "commands", "serve", "api", "cli"},
-    "export": {"train", "eval", "lab", "serve", "commands", "api", "cli"},
-    "lab": {"commands", "serve", "api", "cli"},
+    "train": {"commands", "lab", "serve", "eval", "board", "api", "cli"},
+    "serve": {"train", "lab", "board", "commands", "api", "cli"},
+    "eval": {"lab", "commands", "serve", "board", "api", "cli"},
+    "export": {"train", "eval", "lab", "serve", "board", "commands", "api", "cli"},
+    "lab": {"commands", "serve", "board", "api", "cli"},
+    # the board stands on lab and serve: it launches training as a subprocess, never the loop in-process
+    "board": {"train", "commands", "api", "cli"},
     "registry": HIGH | {"data", "config"},
     "config": HIGH | {"methods", "registry", "data", "model", "quant"},
     "configure": HIGH - {"configure"} | {"data", "model", "quant"},

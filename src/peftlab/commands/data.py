@@ -22,26 +22,10 @@ def add_arguments(p) -> None:
     q.add_argument("--no-color", dest="color", action="store_false")
 
 
-def tokenizer_for(model_cfg):
-    """The tokenizer a run with ``model_cfg`` would use, without loading the model's weights."""
-    from ..model.load import is_config_name, load_tokenizer, model_config_from_name
-
-    if model_cfg.tokenizer:
-        name = model_cfg.tokenizer
-    elif is_config_name(model_cfg.name):
-        arch = model_config_from_name(model_cfg.name, model_cfg.config_overrides).model_type
-        name = "gpt2" if arch == "gpt2" else "smollm2-135m"
-    else:
-        name = model_cfg.name
-    tok = load_tokenizer(name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def run(args) -> int:
     from ..data.dataset import build_datasets
     from ..data.inspect import report
+    from ..model.load import tokenizer_for
 
     if args.data_command != "inspect":
         print("usage: peftlab data inspect [CONFIG] [key=value ...]", file=sys.stderr)

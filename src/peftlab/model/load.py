@@ -463,3 +463,18 @@ def quantize_base(model, kind: str | None):
     from ..quant.convert import quantize_model
 
     return quantize_model(model, kind)
+
+
+def tokenizer_for(model_cfg):
+    """The tokenizer a run with ``model_cfg`` would use, without loading the model's weights."""
+    if model_cfg.tokenizer:
+        name = model_cfg.tokenizer
+    elif is_config_name(model_cfg.name):
+        arch = model_config_from_name(model_cfg.name, model_cfg.config_overrides).model_type
+        name = "gpt2" if arch == "gpt2" else "smollm2-135m"
+    else:
+        name = model_cfg.name
+    tok = load_tokenizer(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
