@@ -9,7 +9,7 @@
                    LoRA r=8 on q,k,v,o + trainable embeddings and norms
      full-attn     the same trainable parameters and interpolation, full attention in training
                    (peft.group_ratio=1: one group, the model's own attention)
-     none          no training (position interpolation only, and plain RoPE extrapolation)
+     none          no training (position interpolation only)
 3. Perplexity at 512 tokens, full attention, on held-out wiki blocks (the run's eval split).
 4. Step time and peak RSS of S²-Attn vs full attention at longer lengths (one process each).
 
@@ -69,8 +69,8 @@ def main() -> None:
         results[name] = {"eval_loss_512": s["eval_loss"], "ppl_512": math.exp(s["eval_loss"]),
                          "train_s": s["wall_time_s"], "peak_rss_mb": s.get("peak_rss_mb")}
         print(name, results[name], flush=True)
-    for name, extra in {"none, interpolation x4": ["peft.method=longlora", "peft.context_factor=4"],
-                        "none, extrapolation": ["peft.method=longlora", "peft.context_factor=1"]}.items():
+    # (plain RoPE extrapolation past 128 positions is refused by the data validator: the context is 128)
+    for name, extra in {"none, interpolation x4": ["peft.method=longlora", "peft.context_factor=4"]}.items():
         s = train(work / name.replace(" ", "").replace(",", "-"), [*long, *extra, "train.steps=1", "train.lr=1e-12"])
         results[name] = {"eval_loss_512": s["eval_loss"], "ppl_512": math.exp(s["eval_loss"])}
         print(name, results[name], flush=True)
