@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.params import freeze
-from ..model.targets import find_targets, linear_shape, peft_target_modules, set_submodule
+from ..model.targets import find_targets, layer_dtype_device, linear_shape, peft_target_modules, set_submodule
 from ..registry import Method, StepEffects, register
 from .adapter import decoder_layers
 from .lora import check_alpha
@@ -81,9 +81,8 @@ class MoELoRALinear(nn.Module):
         self.base_layer = base_layer
         self.num_experts, self.r, self.top_k = num_experts, r, top_k
         self.scaling = alpha / r
-        w = base_layer.weight
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-        kw = {"device": w.device, "dtype": dtype}
+        dtype, device = layer_dtype_device(base_layer)  # a quantised base has no float weight
+        kw = {"device": device, "dtype": dtype if dtype in (torch.float32, torch.float64) else torch.float32}
         self.moe_A = nn.Linear(in_f, num_experts * r, bias=False, **kw)
         self.moe_B = nn.Linear(num_experts * r, out_f, bias=False, **kw)
         self.moe_router = nn.Linear(in_f, num_experts, bias=False, **kw)

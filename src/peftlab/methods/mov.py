@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.params import freeze
-from ..model.targets import linear_shape, peft_target_modules, set_submodule
+from ..model.targets import layer_dtype_device, linear_shape, peft_target_modules, set_submodule
 from ..registry import Method, register
 from .ia3 import placements
 
@@ -48,15 +48,11 @@ class MoVLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, feedforward: bool, num_experts: int):
         super().__init__()
         in_f, out_f = linear_shape(base_layer)
-        device = base_layer.weight.device
+        _, device = layer_dtype_device(base_layer)
         self.base_layer = base_layer
         self.feedforward = feedforward
         self.mov_experts = nn.Parameter(torch.ones(num_experts, in_f if feedforward else out_f, device=device))
         self.mov_router = nn.Linear(in_f, num_experts, bias=False, device=device)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """l(x) [..., n] = softmax(W_g x) @ experts, for x [..., in]."""
