@@ -18,7 +18,16 @@ import json
 import pytest
 import torch
 
-from conftest import batch_logits, batch_of, perturb, randomize, small_model, tiny_overrides, train_config, with_method
+from conftest import (
+    batch_logits,
+    batch_of,
+    perturb,
+    randomize,
+    small_model,
+    tiny_overrides,
+    train_config,
+    with_method,
+)
 from peftlab.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -266,10 +275,10 @@ def test_resume_across_a_restart_equals_an_uninterrupted_run(tmp_path, method, o
 
 @pytest.mark.parametrize("method", ["chain_lora", "periodic_lora"])
 def test_chains_refuse_a_quantised_base_up_front(method):
+    import dataclasses
+
     from conftest import tiny_model_config
     from peftlab.model.load import load_model
-
-    import dataclasses
 
     model, _ = load_model(dataclasses.replace(tiny_model_config("llama", vocab=1024), quantize="nf4"),
                           with_tokenizer=False)
