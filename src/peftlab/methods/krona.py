@@ -6,7 +6,8 @@ Edalati et al., "KronA: Parameter Efficient Tuning with Kronecker Adapter" (2022
 
 (a, b) and (c, d) are ``lycoris.factorization(out, factor)`` / ``factorization(in, factor)``: the
 divisor pair nearest the square root (``factor`` = -1), or (f, n / f) with ``factor`` = f, so A is
-[f, f] and B [out / f, in / f]. A starts at zero and B Kaiming-uniform, so the model starts as the
+[f, f] and B [out / f, in / f] (where f does not divide n, LoKr's rule: the nearest pair whose smaller
+member is at most f). A starts at zero and B Kaiming-uniform, so the model starts as the
 base. Trainable per adapted layer: a c + b d.
 
 KronA is LoKr (``methods/lycoris.py``) with both Kronecker factors kept whole (LoKr factors W2 as
