@@ -57,6 +57,14 @@ METHODS: dict[str, tuple[list[str], float]] = {
     # FourierFT's ΔW moves ~ scaling·lr/(out·in) per step: a far larger lr than LoRA's (the paper's LLaMA scaling)
     "fourierft": (["peft.method=fourierft", "peft.n_frequency=1000", "peft.scaling=300"], 3e-2),
     "vblora": (["peft.method=vblora", "peft.r=4", "peft.num_vectors=256", "peft.vector_length=64"], 1e-2),
+    # issue 18's survey methods, part A; learning rates fixed before running (each family's neighbour's), not tuned
+    "krona": (["peft.method=krona", "peft.scale=1"], 1e-3),
+    "compacter": (["peft.method=compacter", "peft.bottleneck=64", "peft.phm_dim=4", "peft.phm_rank=1"], 1e-3),
+    "mov": (["peft.method=mov", "peft.num_experts=10"], 3e-3),
+    "loramoe": (["peft.method=loramoe", "peft.r=4", "peft.num_experts=6", "peft.expert_groups=[3,3]"], 1e-3),
+    "chain_lora": (["peft.method=chain_lora", "peft.r=8", "peft.alpha=16", "peft.chain_links=3"], 1e-3),
+    "periodic_lora": (["peft.method=periodic_lora", "peft.r=8", "peft.alpha=16", "peft.unload_every=10",
+                       "peft.unload_momentum=0.5"], 1e-3),
 }
 
 

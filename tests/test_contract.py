@@ -270,6 +270,37 @@ def ln_count(D: dict) -> int:
     return D["L"] * 2 * d + d if D["llama"] else D["L"] * 4 * d + 2 * d
 
 
+# ---- issue 18's survey methods, part A (KronA, Compacter, MoV, LoRAMoE, Chain of LoRA, PeriodicLoRA)
+
+
+def krona_count(D: dict, f: int) -> int:
+    """KronA: A [a, c] + B [b, d] per layer, out = a b, in = c d ((f, n / f), or the pair nearest sqrt)."""
+    pairs = [[(f, n // f) if f > 0 else divisors_near_root(n) for n in (o, i)] for i, o in linears(D)]
+    return D["L"] * sum(a * c + b * d for (a, b), (c, d) in pairs)
+
+
+def compacter_count(D: dict, sites: int, n: int, r: int) -> int:
+    """Compacter: the shared rules n³ + per adapter 2 r (b + d) + b + d (two PHM projections with biases)."""
+    d = D["d"]
+    return n ** 3 + D["L"] * sites * (2 * r * (B + d) + B + d)
+
+
+def mov_count(D: dict, experts: int) -> int:
+    """MoV: N (n + in) per (IA)3 target (n = out, or in for the FFN's down projection)."""
+    d, t, ff = D["d"], D["t"], D["ff"]
+    per_layer = 2 * (t + d) + 2 * ff if D["llama"] else (3 * d + d) + 2 * ff
+    return D["L"] * experts * per_layer
+
+
+def ffn_linears(D: dict) -> list[tuple[int, int]]:
+    """(in, out) of the FFN's linear layers of one decoder layer."""
+    d, ff = D["d"], D["ff"]
+    return [(d, ff), (d, ff), (ff, d)] if D["llama"] else [(d, ff), (ff, d)]
+
+
+COMPACTER = r"peftlab_compacter\.phm_rule|.+\.adapter_(down|up)\.(phm_s|phm_t|bias)"
+
+
 def sized(formula: Callable[[dict], dict[str, int]]) -> Callable[[nn.Module, Any], dict[str, int]]:
     """An ``expected`` from {regex: count} over ``dims(model)``."""
     return lambda model, cfg: formula(dims(model))
@@ -502,6 +533,37 @@ CONTRACT: dict[str, list[Case]] = {
         beyond("moe_lora_top2", {"r": R, "num_experts": [2, 3], "top_k": 2}, lambda D: {MOE: moe_count(D, [2, 3])},
                mergeable=False, overfit_ratio=0.1),
     ],
+    # issue 18's survey methods, part A
+    "krona": [
+        beyond("krona", {"scale": 2.0}, lambda D: {r".+\.lokr_w(1|2)": krona_count(D, -1)}),
+        beyond("krona_factor_nf4", {"factor": 4}, lambda D: {r".+\.lokr_w(1|2)": krona_count(D, 4)},
+               model={"quantize": "nf4"}, archs=("llama",)),
+    ],
+    "compacter": [
+        beyond("compacter", {"bottleneck": B, "phm_dim": 4}, lambda D: {COMPACTER: compacter_count(D, 2, 4, 1)},
+               mergeable=False),
+        beyond("compacter_pp", {"bottleneck": B, "phm_dim": 2, "phm_rank": 2, "sites": ["ffn"]},
+               lambda D: {COMPACTER: compacter_count(D, 1, 2, 2)}, mergeable=False, archs=("llama",)),
+    ],
+    # the router's softmax sums to 1 up to rounding: identity within 1e-5 of the logits' scale
+    "mov": [
+        beyond("mov", {"num_experts": 3}, lambda D: {r".+\.mov_(experts|router\.weight)": mov_count(D, 3)},
+               identity_atol=1e-5, mergeable=False, lr=3e-2, overfit_ratio=0.6),
+        beyond("mov_nf4", {"num_experts": 2}, lambda D: {r".+\.mov_(experts|router\.weight)": mov_count(D, 2)},
+               identity_atol=1e-5, mergeable=False, lr=3e-2, overfit_ratio=0.6, model={"quantize": "nf4"},
+               archs=("llama",)),
+    ],
+    "loramoe": [
+        beyond("loramoe", {"r": R, "num_experts": 4, "expert_groups": [1, 3]},
+               lambda D: {MOE: D["L"] * sum(4 * (R * (i + o) + i) for i, o in ffn_linears(D))},
+               mergeable=False, overfit_ratio=0.1),
+        beyond("loramoe_nf4", {"r": R, "num_experts": 2, "expert_groups": [1, 1]},
+               lambda D: {MOE: D["L"] * sum(2 * (R * (i + o) + i) for i, o in ffn_linears(D))},
+               mergeable=False, overfit_ratio=0.1, model={"quantize": "nf4"}, archs=("llama",)),
+    ],
+    "chain_lora": [Case("chain_lora", {**SMALL, "chain_links": 3}, lora_expected, steps=30)],
+    "periodic_lora": [Case("periodic_lora", {**SMALL, "unload_every": 8, "unload_momentum": 0.5}, lora_expected,
+                           steps=30)],
     "full": [beyond("full", {}, lambda D: {OUTSIDE: outside_count(D), r".+\.(layers|h)\.\d+\..+": D["L"] * layer_count(D)},
                     lr=1e-3)],
 }

@@ -179,7 +179,7 @@ METHOD_OPTIONS = {"prompt_tuning": {"num_virtual_tokens": 4}, "p_tuning": {"num_
 def test_every_base_keeping_method_is_covered():
     assert {"lora", "dora", "vera", "adalora", "ia3", "adapter", "mam", "moe_lora", "prompt_tuning", "p_tuning",
             "prefix_tuning", "p_tuning_v2"} <= set(ADAPTER_METHODS)
-    assert not {"full", "bitfit", "lisa", "relora", "delta_lora"} & set(ADAPTER_METHODS)
+    assert not {"full", "bitfit", "lisa", "relora", "delta_lora", "chain_lora", "periodic_lora"} & set(ADAPTER_METHODS)
 
 
 @pytest.mark.parametrize("method", ADAPTER_METHODS)
@@ -202,7 +202,7 @@ def test_adapter_off_reference_equals_a_frozen_base_copy_bit_for_bit(method):
         assert torch.equal(row_logps(model, batch, fused=False)[0], adapted)  # every wrapper is back
 
 
-@pytest.mark.parametrize("method", ["full", "bitfit", "lisa", "relora", "delta_lora"])
+@pytest.mark.parametrize("method", ["full", "bitfit", "lisa", "relora", "delta_lora", "chain_lora", "periodic_lora"])
 def test_methods_that_change_the_base_get_a_frozen_copy(method):
     from conftest import with_method
 

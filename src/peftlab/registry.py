@@ -45,12 +45,15 @@ class StepEffects:
               smallest |m| first, both moments at the same positions (ReLoRA's restart).
     lr_scale: multiply the learning rate of the next step (ReLoRA's re-warm-up); the schedule
               sets it afresh the step after.
+    reset:    these parameters' AdamW state is dropped (moments and step count): the next step
+              starts them as a fresh optimiser would (Chain of LoRA's and PeriodicLoRA's restarts).
     """
 
     metrics: dict = field(default_factory=dict)
     regroup: bool = False
     prune: tuple[list[Tensor], float] | None = None
     lr_scale: float = 1.0
+    reset: list[Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ so files use peft_type ``BOTTLENECK_ADAPTER`` (``MAM_ADAPTER`` for mam) with PEF
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -103,30 +104,40 @@ def sublayer(layer_path: str, layer: nn.Module, site: str) -> str:
                       f"{', '.join(names)}; its children: {children}")
 
 
+def linear_projection(i: int, o: int, zero: bool, device=None) -> nn.Linear:
+    """nn.Linear(i, o) (Kaiming-uniform), or all zeros for the up projection."""
+    layer = nn.Linear(i, o, device=device)
+    if zero:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
 class BottleneckAdapter(nn.Module):
     """A sublayer F plus a bottleneck adapter, serial or parallel.
 
     Calls ``base`` with the layer's own arguments; F's output is a tensor [B, T, d] or a tuple
     whose first item is (attention). ``adapter_down`` [b, d] (Kaiming-uniform, nn.Linear's
     default), ``adapter_up`` [d, b] zero-init; both with biases, fp32, input cast to them.
+    ``projection(in, out, zero)`` builds the two projections another way (Compacter's PHM layers;
+    ``zero``: the up projection, which must start as the zero map); each has a ``bias`` [out].
     """
 
     def __init__(self, base: nn.Module, d: int, bottleneck: int, activation: str, placement: str,
-                 scaling: float = 1.0, device=None):
+                 scaling: float = 1.0, device=None, projection: Callable[[int, int, bool], nn.Module] | None = None):
         super().__init__()
         self.base = base
         self.placement = placement
         self.scaling = scaling
-        self.adapter_down = nn.Linear(d, bottleneck, device=device)
+        make = projection or (lambda i, o, zero: linear_projection(i, o, zero, device))
+        self.adapter_down = make(d, bottleneck, False)
         self.adapter_act = ACTIVATIONS[activation]()
-        self.adapter_up = nn.Linear(bottleneck, d, device=device)
-        nn.init.zeros_(self.adapter_up.weight)
-        nn.init.zeros_(self.adapter_up.bias)
+        self.adapter_up = make(bottleneck, d, True)
 
     def adapt(self, h: torch.Tensor) -> torch.Tensor:
         """A(h): [..., d] -> [..., d]."""
-        w = self.adapter_down.weight
-        return self.adapter_up(self.adapter_act(self.adapter_down(h.to(w.dtype))))
+        dtype = self.adapter_down.bias.dtype
+        return self.adapter_up(self.adapter_act(self.adapter_down(h.to(dtype))))
 
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
@@ -143,14 +154,14 @@ class BottleneckAdapter(nn.Module):
 
 
 def add_adapters(model: nn.Module, placement: str, sites: list[str], bottleneck: int, activation: str,
-                 scaling: float) -> None:
+                 scaling: float, projection: Callable[[int, int, bool], nn.Module] | None = None) -> None:
     d = model_dims(model)["d"]
     device = model.get_input_embeddings().weight.device
     for path, layer in decoder_layers(model):
         for site in sites:
             name = sublayer(path, layer, site)
             setattr(layer, name, BottleneckAdapter(getattr(layer, name), d, bottleneck, activation, placement,
-                                                   scaling, device=device))
+                                                   scaling, device=device, projection=projection))
 
 
 def apply(model: nn.Module, cfg: AdapterConfig) -> None:

@@ -96,7 +96,7 @@ class IA3Linear(nn.Module):
         return f"feedforward={self.feedforward}, merged={self.merged}"
 
 
-def _resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
+def resolve_targets(model: nn.Module, cfg) -> tuple[list[str], list[str]]:
     """(targets, feed-forward targets) as names or a regex, from the config or the architecture."""
     if cfg.targets is not None:
         targets = cfg.targets
@@ -114,17 +114,22 @@ def _resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
     )
 
 
-def apply(model: nn.Module, cfg: IA3Config) -> None:
-    freeze(model)
-    targets, feedforward = _resolve(model, cfg)
+def placements(model: nn.Module, cfg) -> list[tuple[str, bool]]:
+    """(path, feed-forward?) of every layer (IA)3 scales — also MoV's placement (methods/mov.py)."""
+    targets, feedforward = resolve_targets(model, cfg)
     paths = find_targets(model, targets)
     ff_paths = set(find_targets(model, feedforward, what="peft.feedforward")) if feedforward else set()
     if ff_paths - set(paths):
         extra = sorted(ff_paths - set(paths))[0]
         raise ConfigError(f"peft.feedforward selects {extra!r}, which peft.targets does not adapt; "
                           "feed-forward layers must be among the targets")
-    for path in paths:
-        set_submodule(model, path, IA3Linear(model.get_submodule(path), path in ff_paths))
+    return [(path, path in ff_paths) for path in paths]
+
+
+def apply(model: nn.Module, cfg: IA3Config) -> None:
+    freeze(model)
+    for path, feedforward in placements(model, cfg):
+        set_submodule(model, path, IA3Linear(model.get_submodule(path), feedforward))
 
 
 def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:

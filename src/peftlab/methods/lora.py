@@ -310,10 +310,12 @@ register(
 )
 
 
-def register_variant(name: str, config_cls: type, apply_fn, on_step, extra_fields: tuple[str, ...]) -> Method:
-    """Register a LoRA training-procedure variant (ReLoRA, Delta-LoRA): LoRA's layers, optimiser
-    groups and file layout, its own ``apply`` and ``on_step``, the base layers saved with the
-    adapter (the variant changes them), ``peft_type`` = the upper-cased name plus ``extra_fields``."""
+def register_variant(name: str, config_cls: type, apply_fn, on_step, extra_fields: tuple[str, ...],
+                     on_train_start=None) -> Method:
+    """Register a LoRA training-procedure variant (ReLoRA, Delta-LoRA, Chain of LoRA, PeriodicLoRA):
+    LoRA's layers, optimiser groups and file layout, its own ``apply``, ``on_step`` (and
+    ``on_train_start``), the base layers saved with the adapter (the variant changes them),
+    ``peft_type`` = the upper-cased name plus ``extra_fields``."""
     peft_type = name.upper()
 
     def variant_peft_config(cfg, model: nn.Module) -> dict:
@@ -329,6 +331,7 @@ def register_variant(name: str, config_cls: type, apply_fn, on_step, extra_field
             to_peft_config=variant_peft_config,
             param_groups=param_groups,
             on_step=on_step,
+            on_train_start=on_train_start,
             set_speed=set_speed,
             edits_base=lambda cfg: True,  # ReLoRA merges into the base, Delta-LoRA updates it
         )

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.params import freeze
-from ..model.targets import find_targets, linear_shape, peft_target_modules, set_submodule
+from ..model.targets import find_targets, layer_dtype_device, linear_shape, peft_target_modules, set_submodule
 from ..registry import Method, StepEffects, register
 from .adapter import decoder_layers
 from .lora import check_alpha
@@ -81,9 +81,8 @@ class MoELoRALinear(nn.Module):
         self.base_layer = base_layer
         self.num_experts, self.r, self.top_k = num_experts, r, top_k
         self.scaling = alpha / r
-        w = base_layer.weight
-        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-        kw = {"device": w.device, "dtype": dtype}
+        dtype, device = layer_dtype_device(base_layer)  # a quantised base has no float weight
+        kw = {"device": device, "dtype": dtype if dtype in (torch.float32, torch.float64) else torch.float32}
         self.moe_A = nn.Linear(in_f, num_experts * r, bias=False, **kw)
         self.moe_B = nn.Linear(num_experts * r, out_f, bias=False, **kw)
         self.moe_router = nn.Linear(in_f, num_experts, bias=False, **kw)
@@ -162,12 +161,10 @@ def _token_mask(batch: dict, shape: torch.Size) -> torch.Tensor | None:
     return None
 
 
-def aux_loss(model: nn.Module, cfg: MoELoRAConfig, batch: dict) -> torch.Tensor | None:
-    """coef · mean over routers of N · Σ_i f_i P_i for the micro-batch just run (real tokens only).
-
-    Also accumulates (detached) router statistics for ``on_step``'s metrics.
-    """
-    terms = []
+def routings(model: nn.Module, batch: dict):
+    """Yield (layer, probs [K, N], chosen [K, N], mask [B, T] or None) of every MoE layer's last training
+    forward over the micro-batch's K real tokens (all positions when the batch has no mask), clearing
+    it; records the (detached) expert load and router entropy for ``on_step``'s metrics."""
     stats = model.__dict__.setdefault("_moe_stats", {"aux": [], "load": [], "entropy": []})
     for layer in moe_layers(model).values():
         if layer.last_routing is None:
@@ -181,15 +178,27 @@ def aux_loss(model: nn.Module, cfg: MoELoRAConfig, batch: dict) -> torch.Tensor 
         if probs.shape[0] == 0:
             continue
         f = chosen.mean(0) / chosen.sum(-1).mean()  # share of routed slots per expert, sums to 1
-        p = probs.mean(0)
-        terms.append(layer.num_experts * (f * p).sum())
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() / math.log(max(layer.num_experts, 2))
         stats["load"].append(f.detach())
         stats["entropy"].append(float(entropy.detach()))
+        yield layer, probs, chosen, mask
+
+
+def record_aux(model: nn.Module, aux: torch.Tensor) -> None:
+    """The micro-batch's auxiliary loss (before its coefficient), for ``on_step``'s ``moe_aux_loss``."""
+    model.__dict__["_moe_stats"]["aux"].append(float(aux.detach()))
+
+
+def aux_loss(model: nn.Module, cfg: MoELoRAConfig, batch: dict) -> torch.Tensor | None:
+    """coef · mean over routers of N · Σ_i f_i P_i for the micro-batch just run (real tokens only)."""
+    terms = []
+    for layer, probs, chosen, _ in routings(model, batch):
+        f = chosen.mean(0) / chosen.sum(-1).mean()
+        terms.append(layer.num_experts * (f * probs.mean(0)).sum())
     if not terms:
         return None
     aux = torch.stack(terms).mean()
-    stats["aux"].append(float(aux.detach()))
+    record_aux(model, aux)
     return cfg.aux_loss_coef * aux if cfg.aux_loss_coef else None
 
 
@@ -199,7 +208,7 @@ def on_step(model: nn.Module, cfg: MoELoRAConfig, step: int) -> StepEffects | No
     if not stats or not stats["load"]:
         return None
     loads = stats["load"]
-    out = {"moe_aux_loss": round(sum(stats["aux"]) / len(stats["aux"]), 6),
+    out = {"moe_aux_loss": round(sum(stats["aux"]) / max(len(stats["aux"]), 1), 6),
            "moe_load_max": round(max(float(f.max()) for f in loads), 4),  # 1/N is perfectly balanced
            "moe_load_min": round(min(float(f.min()) for f in loads), 4),
            "moe_router_entropy": round(sum(stats["entropy"]) / len(stats["entropy"]), 4)}  # 1 = uniform

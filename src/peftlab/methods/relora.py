@@ -2,7 +2,8 @@
 
 Lialin et al., "ReLoRA: High-Rank Training Through Low-Rank Updates" (2023), arXiv:2307.05695.
 
-    every K steps:  W <- W + s B A;   A <- fresh random init, B <- 0;
+    every K steps:  W <- W + s B A;   A <- fresh random init, B <- 0   (``restart``, shared with
+                    Chain of LoRA and PeriodicLoRA: methods/lora_chains.py);
                     zero ``reset_prune`` of the adapter's Adam state (smallest |m|, both moments);
                     learning rate re-warmed linearly over ``restart_warmup`` steps ("jagged" schedule)
 
@@ -27,7 +28,7 @@ from ..model.targets import set_weight_matrix, weight_matrix
 from ..quant.convert import is_quantized
 from ..registry import StepEffects
 from . import lora
-from .lowrank import lora_layers, wide
+from .lowrank import LoRAEmbedding, lora_layers, wide
 from .merging import shared_weight_ids, untie_base
 
 
@@ -68,9 +69,11 @@ def apply(model: nn.Module, cfg: ReLoRAConfig) -> None:
 
 
 @torch.no_grad()
-def fold(layer: nn.Module) -> None:
-    """W <- W + s B A without changing the layer's state otherwise (a quantised W is requantised)."""
+def fold(layer: nn.Module, share: float = 1.0) -> None:
+    """W <- W + share · s B A without changing the layer's state otherwise (a quantised W is requantised)."""
     delta = layer.delta_weight()
+    if share != 1.0:
+        delta = delta * share
     base = layer.base_layer
     if is_quantized(base):
         set_weight_matrix(base, weight_matrix(base) + delta.to(base.device))
@@ -79,13 +82,28 @@ def fold(layer: nn.Module) -> None:
         w.copy_((wide(w) + delta.to(w.device)).to(w.dtype))
 
 
-def restart(model: nn.Module, cfg: ReLoRAConfig) -> list[nn.Parameter]:
-    """Merge every adapter into its base and re-initialise A and B; returns the adapter's
-    trainable parameters (whose optimiser moments the restart prunes)."""
+def zero_factor(layer: nn.Module) -> nn.Parameter:
+    """The factor that starts at zero: B of a linear layer, A of an embedding."""
+    return layer.lora_embedding_A if isinstance(layer, LoRAEmbedding) else layer.lora_B.weight
+
+
+@torch.no_grad()
+def restart(model: nn.Module, cfg, keep: float = 0.0) -> list[nn.Parameter]:
+    """Merge and restart — the one mechanism ReLoRA, Chain of LoRA and PeriodicLoRA share.
+
+    For every LoRA layer W <- W + (1 - keep) · s B A; then, with ``keep`` = 0, A is re-initialised
+    (``cfg.init``) and B = 0; with ``keep`` > 0 (PeriodicLoRA's momentum), A stays and B <- keep · B.
+    Either way W + s B A is what it was, so the model's output is unchanged (up to W's rounding;
+    a quantised W is requantised, which is lossy). Returns the adapter's trainable parameters,
+    whose optimiser state the caller's ``StepEffects`` prunes or resets.
+    """
     params = []
     for layer in lora_layers(model).values():
-        fold(layer)
-        layer.reset_lora(cfg.init)
+        fold(layer, 1.0 - keep)
+        if keep:
+            zero_factor(layer).mul_(keep)
+        else:
+            layer.reset_lora(cfg.init)
         params += [p for p in layer.parameters(recurse=True) if p.requires_grad]
     return params
 

@@ -7,7 +7,8 @@ supply its own groups (LoRA+). The schedule (``lr_factor``) is a linear warm-up 
 to ``lr * min_lr_ratio``, a constant lr, or wsd: constant until the last ``train.decay`` share of the
 run, then a linear decay. A method's ``on_step`` may ask (``registry.StepEffects``) for the
 groups to follow a changed trainable set (``regroup``), for part of the AdamW moments to be
-zeroed (``prune_moments``) or for the next step's learning rate to be scaled (``scale_lr``).
+zeroed (``prune_moments``), for some parameters' state to be dropped (``reset_state``) or for the
+next step's learning rate to be scaled (``scale_lr``).
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ def prune_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], 
         m.masked_fill_(drop, 0.0)
         if v is not None:
             v.masked_fill_(drop, 0.0)
+
+
+def reset_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """Drop these parameters' AdamW state (moments and step count): AdamW starts them afresh."""
+    for p in params:
+        optimizer.state.pop(p, None)
 
 
 def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:

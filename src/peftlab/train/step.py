@@ -34,7 +34,7 @@ from ..model.params import trainable_parameters
 from .distributed import DistContext
 from .loss import count_input_tokens
 from .objective import CausalLM, Objective
-from .optim import build_optimizer, build_scheduler, prune_moments, regroup, scale_lr
+from .optim import build_optimizer, build_scheduler, prune_moments, regroup, reset_state, scale_lr
 from .preference import reduce_stats
 from .runtime import autocast, resolve_precision, to_device
 
@@ -206,6 +206,8 @@ def run_on_step(state: TrainState, step: int) -> dict:
         state.params = trainable_parameters(state.model)
     if effects.prune is not None:
         prune_moments(state.optimizer, *effects.prune)
+    if effects.reset is not None:
+        reset_state(state.optimizer, effects.reset)
     if effects.lr_scale != 1.0:
         scale_lr(state.optimizer, effects.lr_scale)
     return dict(effects.metrics)
