@@ -564,6 +564,12 @@ CONTRACT: dict[str, list[Case]] = {
     "chain_lora": [Case("chain_lora", {**SMALL, "chain_links": 3}, lora_expected, steps=30)],
     "periodic_lora": [Case("periodic_lora", {**SMALL, "unload_every": 8, "unload_momentum": 0.5}, lora_expected,
                            steps=30)],
+    # LongLoRA: LoRA on q,k,v,o + the embedding and every norm trained in full; S²-Attn in training (RoPE: llama)
+    "longlora": [beyond("longlora", {"r": R, "alpha": 2 * R},
+                        lambda D: {r".+\.lora_(A|B)\.weight": D["L"] * R * (4 * D["d"] + 2 * (D["d"] + D["t"])),
+                                   r".+\.embed_tokens\.modules_to_save\.weight": D["V"] * D["d"],
+                                   r".+norm\.modules_to_save\.weight": (2 * D["L"] + 1) * D["d"]},
+                        archs=("llama",), lr=5e-3)],
     "full": [beyond("full", {}, lambda D: {OUTSIDE: outside_count(D), r".+\.(layers|h)\.\d+\..+": D["L"] * layer_count(D)},
                     lr=1e-3)],
 }

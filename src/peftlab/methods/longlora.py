@@ -142,6 +142,7 @@ def embedding_and_norm_names(model: nn.Module) -> list[str]:
 
 def apply(model: nn.Module, cfg: LongLoRAConfig) -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     if not hasattr(model.config, "rope_parameters") or not find_targets(model, cfg.targets):
         raise ConfigError("peft.method=longlora needs a RoPE decoder (Llama, Qwen2, Mistral, ...) with the targeted "
@@ -151,6 +152,7 @@ def apply(model: nn.Module, cfg: LongLoRAConfig) -> None:
     lora.apply(model, cfg)
     interpolate_positions(model, cfg.context_factor)
     AttentionInterface.register(ATTN, s2_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN, sdpa_mask)  # eval/generation: sdpa's masks (padding, cache)
     model.config.s2_group_ratio = cfg.group_ratio
     model.set_attn_implementation(ATTN)
 
