@@ -80,7 +80,10 @@ def main() -> None:
             s = train(work / f"t{n}{name}", [f"model.name={base_dir}", *data, f"data.max_length={n}",
                                             "train.batch_size=1", "train.steps=6", "peft.method=longlora",
                                             f"peft.context_factor={max(1, n // 128)}", f"peft.group_ratio={ratio}"])
-            timing[f"{n}/{name}"] = {"s_per_step": round(s["wall_time_s"] / 6, 2), "peak_rss_mb": s.get("peak_rss_mb")}
+            steps = [json.loads(x) for x in (work / f"t{n}{name}" / "metrics.jsonl").read_text().splitlines()]
+            times = sorted(r["input_tokens"] / r["tokens_per_s"] for r in steps[1:] if r.get("tokens_per_s"))
+            timing[f"{n}/{name}"] = {"s_per_step_median": round(times[len(times) // 2], 3),
+                                     "peak_rss_mb": s.get("peak_rss_mb")}
             print(n, name, timing[f"{n}/{name}"], flush=True)
     results["timing"] = timing
     Path(args.out).write_text(json.dumps(results, indent=2))
