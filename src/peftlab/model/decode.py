@@ -94,7 +94,16 @@ def _bias(m: nn.Module) -> torch.Tensor | None:
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+    """What the cached fused weights were built from. ``_version`` alone misses in-place updates
+    that do not bump it (torch's fused AdamW kernel does not), so trainable tensors add their sum:
+    a step of training always changes it (cheap next to a rebuild: LoRA's factors are small)."""
+    return tuple((p.data_ptr(), p._version, float(p.detach().sum()) if p.requires_grad else 0.0)
+                 for p in model.parameters())
+
+
+def forget(model: nn.Module) -> None:
+    """Drop ``model``'s cached fused weights (the next decode rebuilds them from the live model)."""
+    _CACHE.pop(model, None)
 
 
 class LeanWeights:

@@ -20,7 +20,9 @@ sampled completions (``completions``) to the step's record.
 
 Resuming is exact: a generation's completions depend only on the weights and the seed
 (grpo_rollout.rollout_seed), and checkpoints fall between generations (train.save_every is a
-multiple of grpo.num_iterations).
+multiple of grpo.num_iterations). Under torchrun each process samples its own prompts' groups;
+the seeds follow the micro-batches' global order, so 2 processes with grad_accum 1 train as one
+process with grad_accum 2 (``scale_rewards=batch`` takes the std over one micro-batch's rows).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class GRPO:
         if self.cached is None or self.cached[0] != generation:
             micro, stats, self.samples = [], {}, []
             for i in range(n_micro):
-                seed = rollout_seed(self.seed, state.dist.rank, generation, i)
+                seed = rollout_seed(self.seed, generation, i * state.dist.world_size + state.dist.rank)
                 batch, s, samples = rollout(self, state, draw(), seed)
                 micro.append(batch)
                 self.samples += samples

@@ -3,8 +3,9 @@ them, and lay them out as one micro-batch for ``GRPO.loss`` (train/grpo.py).
 
     prompts [P] -> each repeated G times (adjacent) -> left-padded -> the project's decoder
     (model/decode.py: the lean KV-cache decoder with the adapters live, or HF generate) with a
-    generator seeded from (train.seed, rank, generation, micro-batch): the same seed gives the
-    same completions, so a resumed run samples exactly what the killed one would have
+    generator seeded from (train.seed, generation, the micro-batch's place in the step's global
+    order): the same seed gives the same completions, so a resumed run samples exactly what the
+    killed one would have, and N processes sample what one process does with N x the accumulation
     -> each completion cut after its first stop token (kept, as TRL keeps EOS) -> rewards -> advantages
     -> rows [prompt ; completion ; pad] (right padding, so positions are 0..n as in the decoder),
        labels on the completion only, completion_mask [R, Lc], advantages [R],
@@ -20,19 +21,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.tokenize import IGNORE
-from ..model.decode import continue_batch, left_pad
+from ..model.decode import continue_batch, forget, left_pad
 from . import grpo_loss
 from .loss import _head_logits
 from .rewards import score, weights
 from .runtime import autocast, to_device
 from .seq_logps import hidden_states
 
-SEED_STRIDE = 1_000_003  # a prime: distinct (seed, rank, generation, micro) give distinct seeds
+SEED_STRIDE = 1_000_003  # a prime: distinct (seed, generation, index) give distinct seeds
 
 
-def rollout_seed(seed: int, rank: int, generation: int, micro: int) -> int:
-    """The sampling seed of micro-batch ``micro`` of generation ``generation`` on ``rank``."""
-    return (((seed * SEED_STRIDE + rank) * SEED_STRIDE + generation) * 64 + micro) % (2**63 - 1)
+def rollout_seed(seed: int, generation: int, index: int) -> int:
+    """The sampling seed of the micro-batch at ``index`` in generation ``generation``'s global
+    order (micro-batch j of rank r of W processes: index j * W + r, as the sampler deals them)."""
+    return ((seed * SEED_STRIDE + generation) * SEED_STRIDE + index) % (2**63 - 1)
 
 
 def completion_logps(model: nn.Module, batch: dict, temperature: float) -> torch.Tensor:
@@ -84,6 +86,7 @@ def rollout(objective, state, examples: list, seed: int) -> tuple[dict, dict, li
     was_training, use_cache = model.training, getattr(model.config, "use_cache", True)
     model.eval()
     model.config.use_cache = True
+    forget(model)  # the weights changed since the last generation (every optimiser step changes them)
     try:
         generator = torch.Generator(device).manual_seed(seed)
         out = continue_batch(model, ids.to(device), mask.to(device), g.max_completion_length, objective.eos_ids,
