@@ -112,3 +112,15 @@ def test_cached_weights_follow_a_fused_adamw_step():
     fresh = decode.LeanWeights(model)
     cached = decode.lean_weights(model)
     assert torch.equal(cached.layers[0][2], fresh.layers[0][2])  # the fused q|k|v weight with the new LoRA
+
+
+def test_repeated_rows_share_one_prefill_and_still_equal_hf():
+    """GRPO's groups (each prompt repeated, adjacent) prefill each prompt once: greedy output is
+    still HF's, and sampled rows of one group differ from each other."""
+    model, _ = tiny_model("llama")
+    ids, mask = _prompts(2, seed=3)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    assert torch.equal(decode.lean_greedy(model, ids, mask, 12, [10_000], 0), _hf(model, ids, mask, 12, [10_000]))
+    sampled = decode.lean_decode(model, ids, mask, 12, [10_000], 0, temperature=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(sampled[0], sampled[1]) and torch.equal(sampled[:, :ids.shape[1]], ids)

@@ -209,8 +209,16 @@ def lean_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     all_pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, max_new_tokens + 1, device=dev)], dim=1)
     cos, sin = lw.rotary(lw.embed[:1], all_pos)  # [B, total, hd]
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, total, hd]
-    k_cache = torch.zeros(len(lw.layers), b, nkv, total, hd, dtype=dtype, device=dev)
-    v_cache = torch.zeros_like(k_cache)
+    # rows equal to the row before them (GRPO's groups: one prompt, G completions) share one prefill:
+    # the prompt runs once per distinct row and its K/V are copied to the group
+    same = torch.zeros(b, dtype=torch.bool, device=dev)
+    if b > 1:
+        same[1:] = (input_ids[1:] == input_ids[:-1]).all(1) & (mask[1:] == mask[:-1]).all(1)
+    firsts = (~same).nonzero().squeeze(1)  # [U] the rows prefilled
+    owner = (~same).long().cumsum(0) - 1  # [B] row -> its prefilled row
+    n_pre = len(firsts)
+    cache = [torch.zeros(len(lw.layers), n_pre, nkv, total, hd, dtype=dtype, device=dev)]
+    cache.append(torch.zeros_like(cache[0]))
     neg = torch.finfo(dtype).min
     key_ok = torch.cat([mask.bool(), torch.ones(b, max_new_tokens, dtype=torch.bool, device=dev)], dim=1)
     causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
@@ -223,10 +231,14 @@ def lean_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     # differently from HF's separate ones, and greedy decoding then drifts
     split = dtype != torch.float32
 
-    def forward(ids: torch.Tensor, start: int, attn_mask: torch.Tensor) -> torch.Tensor:
-        n = ids.shape[1]
+    def forward(ids: torch.Tensor, start: int, attn_mask: torch.Tensor, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        bb, n = ids.shape
+        k_cache, v_cache = cache
         x = F.embedding(ids, lw.embed)
         c, s = cos[:, :, start:start + n], sin[:, :, start:start + n]
+        if rows is not None:
+            c, s = c[rows], s[rows]
         for i, (n1, e1, w_qkv, b_qkv, w_o, b_o, n2, e2, w_gu, w_d, b_d) in enumerate(lw.layers):
             h = _rms(x, n1, e1)
             if split:  # bf16/fp16: HF's three GEMMs, so every product rounds exactly as in HF
@@ -235,15 +247,15 @@ def lean_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
                                               (q_size + kv_size, q_size + 2 * kv_size))], dim=-1)
             else:
                 qkv = F.linear(h, w_qkv, b_qkv)
-            q = qkv[..., :q_size].view(b, n, nh, hd).transpose(1, 2)
-            k = qkv[..., q_size:q_size + kv_size].view(b, n, nkv, hd).transpose(1, 2)
-            v = qkv[..., q_size + kv_size:].view(b, n, nkv, hd).transpose(1, 2)
+            q = qkv[..., :q_size].view(bb, n, nh, hd).transpose(1, 2)
+            k = qkv[..., q_size:q_size + kv_size].view(bb, n, nkv, hd).transpose(1, 2)
+            v = qkv[..., q_size + kv_size:].view(bb, n, nkv, hd).transpose(1, 2)
             q, k = _rope(q, c, s), _rope(k, c, s)
             k_cache[i, :, :, start:start + n] = k
             v_cache[i, :, :, start:start + n] = v
             keys, vals = k_cache[i, :, :, :start + n], v_cache[i, :, :, :start + n]
             o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
-            x = x + F.linear(o.transpose(1, 2).reshape(b, n, q_size), w_o, b_o)
+            x = x + F.linear(o.transpose(1, 2).reshape(bb, n, q_size), w_o, b_o)
             h = _rms(x, n2, e2)
             if split:
                 half = w_gu.shape[0] // 2
@@ -256,7 +268,11 @@ def lean_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
     out = torch.empty(b, total, dtype=input_ids.dtype, device=dev)
     out[:, :t] = input_ids
-    logits = forward(input_ids, 0, prefill_mask)
+    if n_pre == b:
+        logits = forward(input_ids, 0, prefill_mask)
+    else:
+        logits = forward(input_ids[firsts], 0, prefill_mask[firsts], firsts)[owner]
+        cache[:] = [c[:, owner] for c in cache]  # each group's copy of its prompt's K/V
     eos = torch.tensor(sorted(set(eos_ids)), device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     n_out = 0
