@@ -311,6 +311,14 @@ def test_grpo_in_the_loop_logs_rewards_kl_and_completions(tmp_path):
     assert {"eval_loss", "eval_reward", "eval_reward_exact_match"} <= set(last)
     assert len(last["completions"]) == 2 and {"prompt", "completion", "answer", "reward"} <= set(last["completions"][0])
     assert result.artifact is not None and (result.artifact / "adapter_model.safetensors").is_file()
+    pytest.importorskip("matplotlib")
+    from peftlab.lab.plots import curves_figure
+
+    fig = curves_figure({"grpo": rows})  # the report's plot: reward and KL under the loss curves
+    reward_ax, kl_ax = fig.axes[2], fig.axes[3]
+    assert reward_ax.get_title().startswith("reward") and kl_ax.get_title().startswith("KL")
+    assert list(reward_ax.get_lines()[0].get_ydata()) == [x["reward"] for x in rows]
+    assert list(kl_ax.get_lines()[0].get_ydata()) == [x["kl"] for x in rows]
 
 
 WALL_CLOCK = ("tokens_per_s", "rollout_s", "completions_per_s")
