@@ -332,10 +332,10 @@ def test_sigkill_then_resume_is_exact(tmp_path):
     import signal
 
     from safetensors.torch import load_file
-    from test_resume import run_killed
 
     from peftlab.train import checkpoint as ckpt
     from peftlab.train.loop import train
+    from test_resume import run_killed
 
     (tmp_path / "rw.py").write_text(REWARDS)
     extra = ["train.steps=6", "train.save_every=2", "grpo.num_iterations=2", "peft.dropout=0.1", "grpo.beta=0.05",
@@ -362,9 +362,9 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path):
     micro-batch's global place, so 2 processes x grad_accum 1 equal 1 process x grad_accum 2:
     losses, rewards, KL, gradient norms and the adapter (to fp32 round-off of the cross-rank sum)."""
     from safetensors.torch import load_file
-    from test_distributed import torchrun
 
     from peftlab.train.loop import train
+    from test_distributed import torchrun
 
     (tmp_path / "rw.py").write_text(REWARDS)
     extra = ["train.steps=3", "grpo.beta=0.05", "grpo.loss_type=bnpo", "train.eval_every=3",

@@ -18,8 +18,8 @@ from torch import nn
 from .. import registry
 from ..config import Config
 from ..data.preference import LabeledExample, PairExample, is_preference, unpair, with_kl_rows
-from ..errors import ConfigError
 from ..data.prompts import prompts_from_examples
+from ..errors import ConfigError
 from . import preference
 from .grpo import GRPO
 from .objective import CausalLM

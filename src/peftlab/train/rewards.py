@@ -30,9 +30,9 @@ import inspect
 import math
 import numbers
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
