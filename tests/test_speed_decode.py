@@ -91,3 +91,36 @@ def test_generate_uses_lean_path_and_matches_hf(monkeypatch):
     monkeypatch.setattr(decode, "supports", lambda m: False)
     slow = gen.generate(model, tok, enc, prompts, max_new_tokens=10, batch_size=2)
     assert fast == slow
+
+
+def test_cached_weights_follow_a_fused_adamw_step():
+    """torch's fused AdamW updates parameters in place without bumping their version counter; the
+    decoder's cache must still see the new weights (GRPO samples after every step)."""
+    from conftest import with_method
+
+    model, _ = tiny_model("llama")
+    model, _, _ = with_method(model, "lora", r=4, targets="all-linear")
+    ids, mask = torch.randint(5, 900, (2, 6), generator=torch.Generator().manual_seed(0)), torch.ones(2, 6)
+    decode.lean_greedy(model, ids, mask, 4, [10_000], 0)  # caches the weights as they start (B = 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.5, fused=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in params]
+    opt.step()
+    assert [p._version for p in params] == versions  # the trap: no version bump
+    fresh = decode.LeanWeights(model)
+    cached = decode.lean_weights(model)
+    assert torch.equal(cached.layers[0][2], fresh.layers[0][2])  # the fused q|k|v weight with the new LoRA
+
+
+def test_repeated_rows_share_one_prefill_and_still_equal_hf():
+    """GRPO's groups (each prompt repeated, adjacent) prefill each prompt once: greedy output is
+    still HF's, and sampled rows of one group differ from each other."""
+    model, _ = tiny_model("llama")
+    ids, mask = _prompts(2, seed=3)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    assert torch.equal(decode.lean_greedy(model, ids, mask, 12, [10_000], 0), _hf(model, ids, mask, 12, [10_000]))
+    sampled = decode.lean_decode(model, ids, mask, 12, [10_000], 0, temperature=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(sampled[0], sampled[1]) and torch.equal(sampled[:, :ids.shape[1]], ids)

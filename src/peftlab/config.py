@@ -5,6 +5,7 @@
     data   -> DataConfig         where the examples come from and how they become tokens
     train  -> TrainConfig        the loop: objective, optimiser, schedule, batches, checkpoints
     pref   -> PreferenceConfig   the knobs of the preference objectives (train.objective=dpo, ...)
+    grpo   -> GRPOConfig         the knobs of GRPO (train.objective=grpo: train/grpo.py)
 
 Every key is validated: an unknown key is an error that lists the valid keys of its section. A
 method's own options live only in its config class, so ``peft.r`` is valid for LoRA and an error for
@@ -84,7 +85,7 @@ class DataConfig:
         check_data_settings(self)
 
 
-OBJECTIVES = ("lm", "dpo", "orpo", "simpo", "kto", "reward")  # train.objective (train/preference.py)
+OBJECTIVES = ("lm", "dpo", "orpo", "simpo", "kto", "reward", "grpo")  # train.objective (train/pref_setup.py)
 DPO_LOSSES = ("sigmoid", "ipo", "robust")
 REFERENCES = ("auto", "adapter_off", "frozen_copy", "precomputed", "none")
 
@@ -118,6 +119,62 @@ class PreferenceConfig:
         finite(self.desirable_weight, "pref.desirable_weight", 0.0)
         finite(self.undesirable_weight, "pref.undesirable_weight", 0.0)
         finite(self.center_rewards, "pref.center_rewards", 0.0)
+
+
+GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO's knobs (train.objective=grpo), named as TRL's GRPOConfig names them. A step trains on
+    train.batch_size prompts per micro-batch, each with num_generations sampled completions."""
+
+    loss_type: str = "grpo"  # grpo (mean per completion) | bnpo (mean per token) | dr_grpo (sum / (rows x max len))
+    num_generations: int = 8  # completions per prompt (the group the advantage is relative to)
+    temperature: float = 1.0  # sampling temperature (log-probabilities are taken at the same temperature)
+    top_p: float = 1.0  # nucleus sampling
+    max_completion_length: int = 32  # new tokens per completion
+    beta: float = 0.0  # KL coefficient (k3 estimator against the model with adapters off); 0: no reference pass
+    epsilon: float = 0.2  # clip range below (and above, unless epsilon_high)
+    epsilon_high: float | None = None  # DAPO's upper clip range (None: epsilon)
+    num_iterations: int = 1  # optimiser steps per generation batch (TRL's num_iterations, μ)
+    scale_rewards: str = "group"  # group | batch | none: divide advantages by the group's (batch's) std, or not
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])  # built-in names, module:fn, path.py:fn
+    reward_weights: list[float] | None = None  # one per reward (None: all 1)
+    format_pattern: str | None = None  # the `format` reward: 1 when the completion matches this regex
+    log_completions: int = 4  # sampled completions written to metrics.jsonl at each evaluation
+
+    def validate(self) -> None:
+        from .validate import finite
+
+        if self.loss_type not in GRPO_LOSSES:
+            raise ConfigError(f"grpo.loss_type {self.loss_type!r} is not one of {', '.join(GRPO_LOSSES)}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ConfigError(f"grpo.scale_rewards {self.scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
+        if self.num_generations < 2:
+            raise ConfigError(f"grpo.num_generations must be >= 2 (an advantage is relative to the other "
+                              f"completions of the same prompt), got {self.num_generations}")
+        for key in ("max_completion_length", "num_iterations"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"grpo.{key} must be >= 1, got {getattr(self, key)}")
+        if self.log_completions < 0:
+            raise ConfigError(f"grpo.log_completions must be >= 0, got {self.log_completions}")
+        finite(self.temperature, "grpo.temperature", 0.0, low_open=True,
+               hint="GRPO samples its completions; 0.7 to 1.0 is usual")
+        finite(self.top_p, "grpo.top_p", 0.0, 1.0, low_open=True)
+        finite(self.beta, "grpo.beta", 0.0, hint="0 turns the KL term (and the reference pass) off")
+        finite(self.epsilon, "grpo.epsilon", 0.0, low_open=True)
+        if self.epsilon_high is not None:
+            finite(self.epsilon_high, "grpo.epsilon_high", 0.0, low_open=True)
+        if not self.rewards:
+            raise ConfigError("grpo.rewards is empty; name at least one reward (e.g. exact_match, or module:function)")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"grpo.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} "
+                              f"rewards ({', '.join(self.rewards)}); give one weight per reward")
+        if self.reward_weights is not None:
+            for i, w in enumerate(self.reward_weights):
+                finite(w, f"grpo.reward_weights[{i}]")
 
 
 @dataclass
@@ -202,6 +259,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     notes: list = field(default_factory=list, repr=False, compare=False)  # what loading mapped (not saved)
 
     def to_dict(self) -> dict:
@@ -211,13 +269,15 @@ class Config:
             "data": dataclasses.asdict(self.data),
             "train": dataclasses.asdict(self.train),
             "pref": dataclasses.asdict(self.pref),
+            "grpo": dataclasses.asdict(self.grpo),
         }
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "pref": PreferenceConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "pref": PreferenceConfig,
+            "grpo": GRPOConfig}
 DEFAULT_METHOD = "lora"
 
 
@@ -349,7 +409,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if len(path) < 2:
         raise ConfigError(
-            f"override key {key!r} needs a section, e.g. train.lr; sections: model, peft, data, train, pref"
+            f"override key {key!r} needs a section, e.g. train.lr; sections: model, peft, data, train, pref, grpo"
         )
     if value.strip().lower() in ("yes", "no", "on", "off", "y", "n"):
         parsed = value.strip()  # words, not YAML 1.1 booleans (train.mixed_precision=no)

@@ -15,6 +15,7 @@ from .config import (
     SECTIONS,
     Config,
     DataConfig,
+    GRPOConfig,
     ModelConfig,
     PreferenceConfig,
     TrainConfig,
@@ -30,7 +31,7 @@ def config_from_dict(raw: dict) -> Config:
     unknown = [k for k in raw if k not in (*SECTIONS, "peft")]
     if unknown:
         raise ConfigError(
-            f"unknown config section {unknown[0]!r}; valid sections: model, peft, data, train, pref"
+            f"unknown config section {unknown[0]!r}; valid sections: model, peft, data, train, pref, grpo"
         )
     for name in (*SECTIONS, "peft"):
         if raw.get(name) is not None and not isinstance(raw[name], dict):
@@ -49,6 +50,7 @@ def config_from_dict(raw: dict) -> Config:
         data=build_dataclass(DataConfig, raw.get("data"), "data"),
         train=build_dataclass(TrainConfig, train_raw, "train"),
         pref=build_dataclass(PreferenceConfig, raw.get("pref"), "pref"),
+        grpo=build_dataclass(GRPOConfig, raw.get("grpo"), "grpo"),
     )
     cfg.notes = [f"train.deepspeed: {n}" for n in notes]
     return cfg

@@ -1,9 +1,10 @@
 """Batched generation with the training template.
 
 Prompts are encoded exactly as the training prefix (``Encoder.prompt_ids``), left-padded into
-batches, and continued with KV caching. Greedy decoding of an fp32 Llama-family model goes through
-``decode.lean_greedy`` (the same tokens as HF ``generate``, without its per-token overhead);
-sampling (``temperature`` > 0, with ``top_p``) and other models use Hugging Face ``generate``.
+batches, and continued with KV caching. An fp32 Llama-family model decodes through the lean
+decoder (model/decode.py: greedy gives the same tokens as HF ``generate``, without its per-token
+overhead; sampling, ``temperature`` > 0 with ``top_p``, draws from a generator seeded by ``seed``,
+exactly as GRPO's rollouts do); other models use Hugging Face ``generate``.
 Only the new tokens are decoded.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.prompts import stop_token_ids  # noqa: F401  (its old home: callers import it from here)
 from . import decode
 
 
@@ -46,16 +48,6 @@ def load_for_generation(run: str | None, adapter: str | None, cfg_args: list[str
     return model, tok, encoder, cfg
 
 
-def stop_token_ids(tokenizer, encoder) -> set[int]:
-    """The end-of-sequence id and every template stop string that is a single token."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for s in encoder.renderer.stop_strings:
-        tok = tokenizer(s, add_special_tokens=False).input_ids
-        if len(tok) == 1:
-            ids.add(tok[0])
-    return ids
-
-
 def _as_messages(prompt) -> list[dict]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
@@ -73,37 +65,26 @@ def generate(model: nn.Module, tokenizer, encoder, prompts: list, max_new_tokens
     eos_ids = stop_token_ids(tokenizer, encoder)
     use_cache = getattr(model.config, "use_cache", True)
     model.config.use_cache = True
+    generator = None
     if seed is not None:
         torch.manual_seed(seed)
+        generator = torch.Generator(device).manual_seed(seed)
+    sampling = temperature > 0
+    # fp32: token for token HF's greedy output (tested on the real model, batch 1 and padded
+    # batches); half precision can round differently in padded batches, so HF decides there
+    lean = decode.supports(model) and model.dtype == torch.float32
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [encoder.prompt_ids(_as_messages(p)) for p in prompts[start:start + batch_size]]
-            width = max(len(c) for c in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, ids in enumerate(chunk):
-                input_ids[i, width - len(ids):] = torch.tensor(ids)
-                mask[i, width - len(ids):] = 1
-            sampling = temperature > 0
-            # fp32: token for token HF's output (tested on the real model, batch 1 and padded
-            # batches); half precision can round differently in padded batches, so HF decides there
-            if not sampling and decode.supports(model) and model.dtype == torch.float32:
+            input_ids, mask = decode.left_pad(chunk, pad_id)
+            width = input_ids.shape[1]
+            if lean and not sampling:
                 out = decode.lean_greedy(model, input_ids.to(device), mask.to(device), max_new_tokens,
                                          sorted(eos_ids), pad_id)
-            else:
-                out = None
-            out = out if out is not None else model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=sampling,
-                temperature=temperature if sampling else None,
-                top_p=top_p if sampling else None,
-                top_k=None,
-                pad_token_id=pad_id,
-                eos_token_id=sorted(eos_ids),
-            )
+            else:  # sampling: the same decoder and draws as GRPO's rollouts (model/decode.py)
+                out = decode.continue_batch(model, input_ids.to(device), mask.to(device), max_new_tokens,
+                                            sorted(eos_ids), pad_id, temperature, top_p, generator, lean)
             for row in out[:, width:]:
                 outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     finally:

@@ -3,7 +3,9 @@
 ``curves_figure(runs)`` builds a matplotlib ``Figure`` (two axes: train loss, eval loss; each
 with one line and one legend entry per run that has such values); ``plot_curves(runs, path)``
 saves it as a PNG and returns the path. ``runs`` maps a run's name to its ``metrics.jsonl``
-records (``{"step", "loss", "eval_loss"?, ...}``). Full fine-tuning (a name starting with
+records (``{"step", "loss", "eval_loss"?, ...}``). Preference runs add a row with the reward
+margin and the held-out preference accuracy; GRPO runs (records with ``completion_length``) a row
+with the mean reward of the training rollouts and the KL to the reference. Full fine-tuning (a name starting with
 ``full``) is drawn black and dashed so it stands out against the LoRA family. matplotlib is
 an optional dependency (the ``lab`` extra) and is imported here only; no pyplot global state.
 """
@@ -34,20 +36,32 @@ def _style(names: list[str]) -> dict[str, dict]:
 
 PREFERENCE = (("margin", "reward margin (train)", "chosen - rejected reward"),
               ("eval_accuracy", "preference accuracy (held out)", "share of pairs, chosen above rejected"))
+GRPO = (("reward", "reward (training rollouts)", "mean reward per completion"),
+        ("kl", "KL to the reference (train)", "k3 estimate per completion token"))
+
+
+def _second_row(runs: dict[str, list[dict]]) -> tuple | None:
+    records = [r for rs in runs.values() for r in rs]
+    if any("margin" in r for r in records):
+        return PREFERENCE
+    if any("completion_length" in r for r in records):
+        return GRPO
+    return None
 
 
 def curves_figure(runs: dict[str, list[dict]], title: str | None = None):
     """A Figure with axes[0] = train loss and axes[1] = eval loss vs step (one line per run);
     for preference runs (records with ``margin``) a second row: the train reward margin and the
-    held-out preference accuracy."""
+    held-out preference accuracy; for GRPO runs: the rollouts' mean reward and the KL."""
     from matplotlib.figure import Figure
 
-    pref = any("margin" in r for records in runs.values() for r in records)
-    fig = Figure(figsize=(11, 8.4 if pref else 4.2), dpi=110, layout="constrained")
-    axes = fig.subplots(2 if pref else 1, 2)
-    ax_train, ax_eval = axes[0] if pref else axes
-    if pref:
-        _preference_axes(runs, axes[1], _style(list(runs)))
+    row = _second_row(runs)
+    pref = row is PREFERENCE
+    fig = Figure(figsize=(11, 8.4 if row else 4.2), dpi=110, layout="constrained")
+    axes = fig.subplots(2 if row else 1, 2)
+    ax_train, ax_eval = axes[0] if row else axes
+    if row:
+        _second_axes(runs, axes[1], _style(list(runs)), row)
     styles = _style(list(runs))
     for name, records in runs.items():
         train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
@@ -62,7 +76,8 @@ def curves_figure(runs: dict[str, list[dict]], title: str | None = None):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(what)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss per pair" if pref else "cross-entropy per answer token")
+        ax.set_ylabel("loss per pair" if pref else "GRPO loss" if row is GRPO and ax is ax_train
+                      else "cross-entropy per answer token")
         ax.grid(True, alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8, ncol=1 + len(ax.get_lines()) // 9)
@@ -73,9 +88,9 @@ def curves_figure(runs: dict[str, list[dict]], title: str | None = None):
     return fig
 
 
-def _preference_axes(runs: dict[str, list[dict]], axes, styles: dict) -> None:
-    """Reward margin (train) and preference accuracy (held out) against step, one line per run."""
-    for ax, (key, what, unit) in zip(axes, PREFERENCE):
+def _second_axes(runs: dict[str, list[dict]], axes, styles: dict, row: tuple) -> None:
+    """The objective's own two curves (``PREFERENCE`` or ``GRPO``) against step, one line per run."""
+    for ax, (key, what, unit) in zip(axes, row):
         for name, records in runs.items():
             points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
             if points:
@@ -87,6 +102,8 @@ def _preference_axes(runs: dict[str, list[dict]], axes, styles: dict) -> None:
         ax.grid(True, alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"no {key} recorded", ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str | None = None) -> Path:

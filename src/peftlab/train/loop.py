@@ -112,7 +112,7 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
     steps = setup.total_steps(cfg, len(data.train), dist.world_size)
     sampler = data.sampler(t.batch_size, t.seed, cfg.data.shuffle, dist.rank, dist.world_size)
     if objective is None and t.objective != "lm":  # the reference copy (if any) is of the model as it starts
-        objective = build_objective(cfg, model, {"chunk_rows": t.loss_chunk, "fused": t.fused_loss})
+        objective = build_objective(cfg, model, {"chunk_rows": t.loss_chunk, "fused": t.fused_loss}, data)
     report = param_report(model)  # before wrapping: FSDP turns parameters into shards
     state = start_training(model, cfg, steps, dist=dist, objective=objective)
     precompute_reference(state.objective, model, data, t.batch_size, state.device, state.amp)
@@ -137,8 +137,14 @@ def _loop(run: _Run, log: _Log, eval_loss: float | None) -> float | None:
     last eval loss."""
     state, data, t = run.state, run.data, run.cfg.train
     state.model.train()
+    batches = getattr(state.objective, "batches", None)  # an objective that makes its own (GRPO's rollouts)
     while state.step < run.total:
-        micro = [data.collate([data.train[i] for i in run.sampler.next()]) for _ in range(t.grad_accum)]
+        def draw():
+            return [data.train[i] for i in run.sampler.next()]
+        if batches is not None:
+            micro = batches(state, draw, t.grad_accum)
+        else:
+            micro = [data.collate(draw()) for _ in range(t.grad_accum)]
         record = train_step(state, micro)
         if record is None:  # skipped (non-finite); train_step stops the run when too many in a row
             continue
@@ -146,10 +152,15 @@ def _loop(run: _Run, log: _Log, eval_loss: float | None) -> float | None:
         if t.threads == 0 and run.dist.world_size == 1 and step % 25 == 0:  # neighbours come and go
             set_threads(0)
         if data.eval and ((t.eval_every and step % t.eval_every == 0) or is_last):
+            objective = state.objective
+            own = getattr(objective, "eval_objective", None)  # GRPO: the held-out answers' NLL (no engine needed)
             eval_loss = evaluate_loss(state.model, data.eval, t.batch_size, data.collate, state.device, state.amp,
-                                      t.eval_batches, state.engine, state.dist, state.objective)
+                                      t.eval_batches, state.engine if own is None else None, state.dist,
+                                      own or objective)
             record["eval_loss"] = round(eval_loss, 6)
-            if hasattr(state.objective, "pop_stats"):  # preference accuracy, margin, rewards on held-out pairs
+            if hasattr(objective, "evaluate"):  # GRPO: held-out rewards, sampled completions
+                record.update(objective.evaluate(state, run.dist))
+            elif hasattr(objective, "pop_stats"):  # preference accuracy, margin, rewards on held-out pairs
                 record.update(reduce_stats(state.objective.pop_stats(), run.dist, state.device, "eval_"))
         log.write(record, step % max(t.log_every, 1) == 0 or "eval_loss" in record or is_last, eval_loss)
         if t.save_every and step % t.save_every == 0 and not is_last:

@@ -3,6 +3,8 @@
     lm                      CausalLM (SFT, pre-training): train/objective.py
     dpo / kto               preference.DPO / KTO with the reference ``pref.reference``
     simpo / orpo / reward   preference.SimPO / ORPO / RewardModel (no reference)
+    grpo                    grpo.GRPO: prompts and answers from SFT data; reference (grpo.beta > 0)
+                            the model with its modules off, or a frozen copy where the method edits the base
 
 Pairs train KTO too (each pair gives a desirable and an undesirable example); KTO's KL rows
 pair every prompt with the previous example's completion. With ``pref.reference=precomputed``
@@ -16,8 +18,10 @@ from torch import nn
 from .. import registry
 from ..config import Config
 from ..data.preference import LabeledExample, PairExample, is_preference, unpair, with_kl_rows
+from ..data.prompts import prompts_from_examples
 from ..errors import ConfigError
 from . import preference
+from .grpo import GRPO
 from .objective import CausalLM
 from .reference import Reference, precompute, resolve_kind
 
@@ -28,6 +32,13 @@ def prepare_data(cfg: Config, data) -> None:
     """Check that the data suits ``train.objective``; KTO's examples (and KL rows) from pairs."""
     name = cfg.train.objective
     first = data.train[0] if len(data.train) else None
+    if name == "grpo":
+        if is_preference(first):
+            raise ConfigError("train.objective=grpo samples its own completions from prompts with reference answers: "
+                              "give it SFT data (alpaca, sharegpt, messages: the last answer is the reference), "
+                              f"not preference records; {cfg.data.path or 'the data'} holds preference records")
+        data.train = prompts_from_examples(data.train, data.encoder.tokenizer, cfg.data.path or "the data")
+        return
     if name == "lm":
         if is_preference(first):
             raise ConfigError("the data holds preference records (prompt/chosen/rejected or prompt/completion/label) "
@@ -46,13 +57,19 @@ def prepare_data(cfg: Config, data) -> None:
         assert all(isinstance(e, LabeledExample) for e in data.train)
 
 
-def build_objective(cfg: Config, model: nn.Module, loss_options: dict):
+def build_objective(cfg: Config, model: nn.Module, loss_options: dict, data=None):
     """The objective ``train.objective`` names (the reference copy, when one is needed, is made
-    now: before the first step, from the model training starts with)."""
+    now: before the first step, from the model training starts with). GRPO needs ``data`` (its
+    tokenizer, template and held-out prompts)."""
     name, pref = cfg.train.objective, cfg.pref
     chunk, fused = loss_options.get("chunk_rows", 1024), loss_options.get("fused", True)
     if name == "lm":
         return CausalLM(**loss_options)
+    if name == "grpo":
+        reference = None
+        if cfg.grpo.beta != 0.0:
+            reference = Reference(resolve_kind("auto", registry.get(cfg.peft.method), cfg.peft, model), model)
+        return GRPO(cfg, data, reference, loss_options)
     if name == "simpo":
         return preference.SimPO(pref, chunk, fused)
     if name == "orpo":

@@ -60,13 +60,21 @@ class Reference:
         if "frozen_copy" in (kind, self.source):
             self.copy = copy.deepcopy(model).requires_grad_(False).eval()
 
+    @contextlib.contextmanager
+    def model_for(self, model: nn.Module):
+        """The reference model to run: the frozen copy, or ``model`` in eval mode with its modules
+        switched off (restored on exit). Run it without gradients."""
+        if self.source == "frozen_copy":
+            yield self.copy
+            return
+        with _eval_mode(model), adapters_off(model):
+            yield model
+
     @torch.no_grad()
     def compute(self, model: nn.Module, rows: dict, chunk: int = 1024) -> torch.Tensor:
         """Run the reference model (adapters off, or the frozen copy) over ``rows``."""
-        if self.source == "frozen_copy":
-            return row_logps(self.copy, rows, chunk, fused=False)[0]
-        with _eval_mode(model), adapters_off(model):
-            return row_logps(model, rows, chunk, fused=False)[0]
+        with self.model_for(model) as ref:
+            return row_logps(ref, rows, chunk, fused=False)[0]
 
     def logps(self, model: nn.Module, rows: dict, key: str = "ref_logps", chunk: int = 1024) -> torch.Tensor:
         if self.kind == "none":
