@@ -84,6 +84,8 @@ def test_a_valid_form_gives_the_command_and_yaml_that_reproduce_it(board):
     ("model.name", "/etc", "is outside it"),
     ("peft.init_from", "data/../../x", "contains '..'"),
     ("data.train", "ok.jsonl,../x.jsonl", "contains '..'"),
+    ("train.deepspeed", "ABS/ds.json", "is outside it"),
+    ("grpo.rewards", "exact_match,ABS/reward.py:score", "is outside it"),
 ])
 def test_paths_outside_the_workspace_are_refused_with_the_field(board, key, value, says):
     url, ws, outside, _ = board

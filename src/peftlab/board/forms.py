@@ -27,7 +27,7 @@ from ..errors import ConfigError, PeftlabError
 from ..model.load import ASSET_ALIASES, ASSETS
 from .workspace import Workspace
 
-ORDER = ("model", "peft", "data", "train", "pref")
+ORDER = ("model", "peft", "data", "train", "pref", "grpo")
 CHOICES = {
     "train.schedule": SCHEDULES, "train.objective": OBJECTIVES,
     "model.dtype": ("float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
@@ -37,9 +37,10 @@ CHOICES = {
 }
 # Keys whose value is a path (or a name that may be one): they must stay inside the workspace.
 PATH_KEYS = ("model.name", "model.tokenizer", "data.path", "data.eval_path", "data.registry", "data.train",
-             "peft.init_from", "peft.merge_first", "peft.tokenizer")
+             "peft.init_from", "peft.merge_first", "peft.tokenizer", "peft.adapters", "train.deepspeed",
+             "grpo.rewards")
 BOARD_KEYS = ("train.output_dir", "train.overwrite")  # the board decides where a run goes
-KEY_RX = re.compile(r"\b(model|peft|data|train|pref)\.([A-Za-z_][A-Za-z0-9_]*)")
+KEY_RX = re.compile(r"\b(model|peft|data|train|pref|grpo)\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
 @cache
@@ -121,12 +122,16 @@ def overrides_of(values: dict) -> list[str]:
 def _path_values(key: str, value) -> list[str]:
     if value is None:
         return []
-    if isinstance(value, str) and key in ("data.train", "peft.merge_first"):  # a list, as config.coerce splits it
-        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, str) and key in ("data.train", "peft.merge_first", "peft.adapters", "grpo.rewards"):
+        value = [v.strip() for v in value.split(",") if v.strip()]  # a list, as config.coerce splits it
     items = value if isinstance(value, list) else [value]
     out = []
     for v in items:
         v = str(v)
+        if key == "grpo.rewards":  # a user's reward from a file: path.py:function (names and module:fn are not paths)
+            if ".py:" not in v:
+                continue
+            v = v.rsplit(":", 1)[0]
         if re.match(r"^[a-z]+:", v) and not v.startswith("file:"):  # config:llama, builtin:tasks
             continue
         if key in ("model.name", "model.tokenizer", "peft.tokenizer") and (
