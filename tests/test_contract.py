@@ -184,9 +184,10 @@ def prefix_count(D: dict, h: int | None) -> int:
     return N * 2 * L * t if h is None else N * t + t * h + h + h * 2 * L * t + 2 * L * t
 
 
-def adapter_count(D: dict, sites: int) -> int:
+def adapter_count(D: dict, sites: int, dropped: int = 0) -> int:
+    """L·|sites|·(2db + b + d); AdapterDrop builds none in the lowest ``dropped`` layers."""
     d = D["d"]
-    return D["L"] * sites * (2 * d * B + B + d)
+    return (D["L"] - dropped) * sites * (2 * d * B + B + d)
 
 
 def lstm_count(D: dict) -> int:
@@ -484,6 +485,9 @@ CONTRACT: dict[str, list[Case]] = {
         beyond("adapter_serial", {"bottleneck": B}, lambda D: {ADAPTER: adapter_count(D, 2)}, mergeable=False),
         beyond("adapter_parallel", {"bottleneck": B, "placement": "parallel", "scaling": 4.0},
                lambda D: {ADAPTER: adapter_count(D, 2)}, mergeable=False),
+        beyond("adapter_drop", {"bottleneck": B, "drop_layers": 1},
+               lambda D: {r".+\.(layers|h)\.[1-9]\d*\.(self_attn|attn|mlp)\.adapter_(down|up)\.(weight|bias)":
+                          adapter_count(D, 2, dropped=1)}, mergeable=False),
     ],
     "mam": [beyond("mam", {"num_virtual_tokens": N, "encoder_hidden_size": H, "bottleneck": B},
                    lambda D: {PROMPT: prefix_count(D, H), r".+\.mlp\.adapter_(down|up)\..+": adapter_count(D, 1)},
