@@ -76,3 +76,72 @@ def test_adapter_drop_refuses_dropping_every_layer():
         with_method(small_model("llama"), "adapter", drop_layers=2)
     with pytest.raises(ConfigError, match="drop_layers_inference=0 is below peft.drop_layers=1"):
         with_method(small_model("llama"), "adapter", drop_layers=1, drop_layers_inference=0)
+
+
+# ---------------------------------------------------------------------------- UniPELT
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_unipelt_prefix_gate_scales_the_prefix_values_per_query(impl):
+    """The registered attention equals the formula o_i = Σ_real a_ij v_j + g_i Σ_prefix a_ij v_j with a
+    the softmax over [P_k; K] (GQA: 4 query heads over 2 key/value heads), for either kernel."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401  (registered names)
+
+    from peftlab.methods.unipelt import _gated_attention
+
+    model, _, _ = with_method(small_model("llama"), "unipelt", r=2, num_virtual_tokens=3, encoder_hidden_size=8,
+                              bottleneck=4)
+    attn = decoder_layers(model)[0][1].self_attn.base
+    g = torch.Generator().manual_seed(0)
+    b, t, n, hd = 2, 5, 3, 16
+    q = torch.randn(b, 4, t, hd, generator=g)
+    k, v = torch.randn(b, 2, n + t, hd, generator=g), torch.randn(b, 2, n + t, hd, generator=g)
+    causal = torch.ones(t, n + t, dtype=torch.bool).tril(diagonal=n)
+    mask = torch.zeros(t, n + t).masked_fill(~causal, float("-inf"))[None, None].expand(b, 1, t, n + t)
+    gate = torch.rand(b, t, 1, generator=g)
+    attn._peftlab_prefix_gate = gate
+    out, _ = _gated_attention(impl)(attn, q, k, v, mask if impl == "eager" else causal[None, None].expand(b, 1, t, n + t),
+                                    scaling=hd ** -0.5, dropout=0.0)
+    attn._peftlab_prefix_gate = None
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    a = torch.softmax(q @ kk.transpose(2, 3) * hd ** -0.5 + mask, dim=-1)  # [b, 4, t, n + t]
+    a = torch.cat([a[..., :n] * gate[:, None], a[..., n:]], dim=-1)
+    want = (a @ vv).transpose(1, 2)  # [b, t, 4, hd]
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_unipelt_gates_are_used():
+    """A fully open prefix gate (sigmoid(1e6) = 1) is plain prefix tuning (the gate switched off);
+    a closed one changes the output; closing the LoRA and adapter gates removes their updates."""
+    from peftlab.methods.unipelt import GatedAdapter, GatedLoRA, GatedPrefixAttention
+
+    model, _, _ = with_method(small_model("llama"), "unipelt", r=2, num_virtual_tokens=3, encoder_hidden_size=8,
+                              bottleneck=4)
+    perturb(model, std=0.3)
+    batch = batch_of(2)
+
+    def set_bias(kind, value):
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, kind):
+                    getattr(m, {GatedLoRA: "gate_lora", GatedAdapter: "gate_adapter",
+                                GatedPrefixAttention: "gate_prefix"}[kind]).bias.fill_(value)
+
+    set_bias(GatedPrefixAttention, 1e6)
+    opened = logits(model, batch)
+    for m in model.modules():
+        if isinstance(m, GatedPrefixAttention):
+            m.gate_prefix.register_forward_hook(lambda mod, i, o: o.fill_(float("inf")))  # sigmoid(inf) = 1
+    assert torch.equal(logits(model, batch), opened)
+    set_bias(GatedLoRA, -1e6)
+    set_bias(GatedAdapter, -1e6)
+    no_updates = logits(model, batch)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, GatedLoRA):
+                m.lora.lora_B.weight.zero_()
+            if isinstance(m, GatedAdapter):
+                m.adapter.adapter_up.weight.zero_()
+                m.adapter.adapter_up.bias.zero_()
+    torch.testing.assert_close(logits(model, batch), no_updates, atol=1e-5, rtol=0)
+    assert not torch.allclose(no_updates, opened, atol=1e-3)

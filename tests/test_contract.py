@@ -190,6 +190,14 @@ def adapter_count(D: dict, sites: int, dropped: int = 0) -> int:
     return (D["L"] - dropped) * sites * (2 * d * B + B + d)
 
 
+def unipelt_count(D: dict) -> int:
+    """UniPELT (r = R): gated LoRA on q, v (GPT-2: the q and v slices of c_attn) r (in + out) + in + 1 each,
+    a gated serial FFN adapter (2db + b + d) + d + 1, prefix tuning + a prefix gate d + 1, per layer."""
+    d, t, L = D["d"], D["t"], D["L"]
+    lora = (R * (d + d) + d + 1) + (R * (d + t) + d + 1) if D["llama"] else 2 * R * d + 2 * R * d + d + 1
+    return L * (lora + 2 * d * B + B + d + d + 1 + d + 1) + prefix_count(D, H)
+
+
 def lstm_count(D: dict) -> int:
     d, h = D["d"], H
     lstm = 2 * (4 * h * d + 4 * h * h + 8 * h) + 2 * (4 * h * 2 * h + 4 * h * h + 8 * h)
@@ -492,6 +500,15 @@ CONTRACT: dict[str, list[Case]] = {
     "mam": [beyond("mam", {"num_virtual_tokens": N, "encoder_hidden_size": H, "bottleneck": B},
                    lambda D: {PROMPT: prefix_count(D, H), r".+\.mlp\.adapter_(down|up)\..+": adapter_count(D, 1)},
                    lr=5e-2, **{**VIRTUAL, "overfit_ratio": 0.6})],
+    "unipelt": [
+        beyond("unipelt", {"r": R, "num_virtual_tokens": N, "encoder_hidden_size": H, "bottleneck": B},
+               lambda D: {r".+\.(lora_(A|B)|adapter_(down|up)|gate_(lora|adapter|prefix))\.(weight|bias)|"
+                          + PROMPT: unipelt_count(D)}, archs=("llama",), lr=5e-2, **{**VIRTUAL, "overfit_ratio": 0.6}),
+        beyond("unipelt_gpt2", {"r": R, "num_virtual_tokens": N, "encoder_hidden_size": H, "bottleneck": B,
+                                "lora_targets": ["c_attn"]},
+               lambda D: {r".+\.(lora_(A|B)|adapter_(down|up)|gate_(lora|adapter|prefix))\.(weight|bias)|"
+                          + PROMPT: unipelt_count(D)}, archs=("gpt2",), lr=5e-2, **{**VIRTUAL, "overfit_ratio": 0.6}),
+    ],
     # (IA)3 scales in fp32 (PEFT's dtype for ia3_l), also inside an fp64 model
     "ia3": [beyond("ia3", {}, lambda D: {r".+\.ia3_l": ia3_count(D)}, lr=0.1, overfit_ratio=0.6, fp64=False,
                    peft_config=parity("ia3"))],
