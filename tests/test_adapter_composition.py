@@ -145,3 +145,74 @@ def test_unipelt_gates_are_used():
                 m.adapter.adapter_up.bias.zero_()
     torch.testing.assert_close(logits(model, batch), no_updates, atol=1e-5, rtol=0)
     assert not torch.allclose(no_updates, opened, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- AdapterFusion
+
+
+def saved_adapter(tmp_path, name: str, arch: str = "llama", method: str = "adapter", seed: int = 1, **options) -> str:
+    from peftlab.export.adapter import save_adapter
+
+    model, _, cfg = with_method(small_model(arch), method, **options)
+    perturb(model, std=0.2, seed=seed)
+    return str(save_adapter(model, cfg, tmp_path / name))
+
+
+def test_fusion_of_one_adapter_at_init_is_that_adapter(tmp_path):
+    """N = 1: the softmax is 1 and V = I, so the fused model equals the adapter's own model."""
+    from peftlab.export.adapter import load_adapter
+
+    path = saved_adapter(tmp_path, "a", bottleneck=4)
+    alone = small_model("llama")
+    load_adapter(alone, path)
+    fused, _, _ = with_method(small_model("llama"), "adapter_fusion", adapters=[path])
+    batch = batch_of(3)
+    torch.testing.assert_close(logits(fused, batch), logits(alone, batch), atol=1e-5, rtol=0)
+
+
+def test_fusion_attention_formula():
+    """out = y + Σ_n softmax_n((Q y)·(K a_n)) V a_n with a_n the serial / parallel adapter updates."""
+    from peftlab.methods.adapter_fusion import FusedAdapters
+
+    torch.manual_seed(0)
+    d = 8
+    base = torch.nn.Linear(d, d)
+    serial = BottleneckAdapter(torch.nn.Identity(), d, 3, "relu", "serial")
+    parallel = BottleneckAdapter(torch.nn.Identity(), d, 2, "tanh", "parallel", scaling=2.0)
+    fused = FusedAdapters(base, [serial, parallel], d)
+    perturb(fused, std=0.3)
+    x = torch.randn(2, 5, d)
+    with torch.no_grad():
+        y = base(x)
+        a = torch.stack([serial.adapt(y), 2.0 * parallel.adapt(x)], dim=2)  # [B, T, 2, d]
+        q = y @ fused.fusion_query.weight.T
+        k = a @ fused.fusion_key.weight.T
+        v = a @ fused.fusion_value.weight.T
+        s = torch.softmax((q[:, :, None, :] * k).sum(-1), dim=-1)
+        want = y + (s[..., None] * v).sum(2)
+        torch.testing.assert_close(fused(x), want, atol=1e-6, rtol=1e-6)
+
+
+def test_fusion_validates_the_adapter_dirs_up_front(tmp_path):
+    good = saved_adapter(tmp_path, "good", bottleneck=4)
+    lora = saved_adapter(tmp_path, "lora", method="lora", r=2)
+    from peftlab.export.adapter import save_adapter
+
+    other, _, cfg = with_method(small_model("llama", hidden=96, heads=4), "adapter", bottleneck=4)
+    wide = str(save_adapter(other, cfg, tmp_path / "wide2"))
+    ffn_only = saved_adapter(tmp_path, "ffn", bottleneck=4, sites=["ffn"])
+    cases = [
+        ([str(tmp_path / "missing")], "missing.* does not exist"),
+        ([str(tmp_path)], "is not an adapter"),
+        ([good, lora], "lora.* is a LORA adapter"),
+        ([good, wide], "wide2 was trained for another base model.*hidden_size: adapter 96 vs model 64"),
+        ([good, ffn_only], "ffn has sites=\\['ffn'\\] but .*good has"),
+    ]
+    for adapters, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            with_method(small_model("llama"), "adapter_fusion", adapters=adapters)
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    for f in (tmp_path / "good").iterdir():
+        (run_dir / "adapter" / f.name).write_bytes(f.read_bytes())
+    with_method(small_model("llama"), "adapter_fusion", adapters=[str(run_dir), good])  # a run dir works too

@@ -500,6 +500,10 @@ CONTRACT: dict[str, list[Case]] = {
     "mam": [beyond("mam", {"num_virtual_tokens": N, "encoder_hidden_size": H, "bottleneck": B},
                    lambda D: {PROMPT: prefix_count(D, H), r".+\.mlp\.adapter_(down|up)\..+": adapter_count(D, 1)},
                    lr=5e-2, **{**VIRTUAL, "overfit_ratio": 0.6})],
+    # AdapterFusion over two saved task adapters (peft.adapters=TASKS: made by task_adapters on the case's base)
+    "adapter_fusion": [beyond("adapter_fusion", {"adapters": "TASKS"},
+                              lambda D: {r".+\.fusion_(query|key|value)\.weight": D["L"] * 2 * 3 * D["d"] ** 2},
+                              identity_atol=None, mergeable=False, lr=3e-3)],
     "unipelt": [
         beyond("unipelt", {"r": R, "num_virtual_tokens": N, "encoder_hidden_size": H, "bottleneck": B},
                lambda D: {r".+\.(lora_(A|B)|adapter_(down|up)|gate_(lora|adapter|prefix))\.(weight|bias)|"
@@ -535,8 +539,33 @@ PARITY = [p for p in PARAMS if p.values[0].peft_config is not None
 # ---------------------------------------------------------------------------- plumbing
 
 
+_TASK_ADAPTERS: dict[str, list[str]] = {}
+
+
+def task_adapters(arch: str) -> list[str]:
+    """AdapterFusion's inputs: two adapters saved on the 1,024-vocabulary base of ``arch`` (serial b = B;
+    parallel b = B/2, s = 2), moved off their init so each changes the output its own way."""
+    if arch not in _TASK_ADAPTERS:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix="peftlab-fusion-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        dirs = []
+        for i, peft in enumerate([{"bottleneck": B}, {"bottleneck": B // 2, "placement": "parallel", "scaling": 2.0}]):
+            case = dataclasses.replace(beyond(f"task{i}", peft, lambda D: {}), method="adapter")
+            model, _, cfg = applied(case, arch)
+            perturb(model, std=0.2, seed=i + 1)
+            dirs.append(str(save_adapter(model, cfg, Path(root) / f"task{i}")))
+        _TASK_ADAPTERS[arch] = dirs
+    return _TASK_ADAPTERS[arch]
+
+
 def peft_settings(case: Case, arch: str) -> dict:
     raw = {"method": case.method, **case.peft}
+    if raw.get("adapters") == "TASKS":
+        raw["adapters"] = task_adapters(arch)
     if raw.get("targets") == "EMB":
         raw["targets"] = {"gpt2": ["c_attn", "wte"], "llama": ["q_proj", "v_proj", "embed_tokens"]}[arch]
     return raw
