@@ -216,3 +216,63 @@ def test_fusion_validates_the_adapter_dirs_up_front(tmp_path):
     for f in (tmp_path / "good").iterdir():
         (run_dir / "adapter" / f.name).write_bytes(f.read_bytes())
     with_method(small_model("llama"), "adapter_fusion", adapters=[str(run_dir), good])  # a run dir works too
+
+
+# ---------------------------------------------------------------------------- LoRA-drop
+
+
+def test_lora_drop_keeps_the_layers_the_importance_formula_picks():
+    """After step W the kept layers are the fewest, most important first, whose share of
+    g_l = Σ_modules Σ_tokens ||s B A x||² (on step W's batch, with the weights step W saw) reaches the
+    threshold; the others share one pair per kind and the optimiser trains exactly the new set."""
+    from conftest import train_config
+    from peftlab.methods.lora_drop import HOLDER, SharedLoRALinear, choose
+    from peftlab.methods.lowrank import LoRALinear
+    from peftlab.train.step import start_training, train_step
+
+    model, _, cfg = with_method(small_model("llama", **three_layers("llama")), "lora_drop", r=2, alpha=4,
+                                warmup_steps=3, threshold=0.6)
+    batch = batch_of(4)
+    state = start_training(model, train_config(cfg, 1e-2), 6)
+    model.train()
+    for _ in range(2):
+        train_step(state, [batch])
+    snapshot = copy.deepcopy(model)
+    inputs = {}
+    for name, m in snapshot.named_modules():
+        if isinstance(m, LoRALinear):
+            m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
+    with torch.no_grad():
+        snapshot(**batch)
+        g = {}
+        for name, m in snapshot.named_modules():
+            if isinstance(m, LoRALinear):
+                out = m.scaling * inputs[name] @ m.lora_A.weight.T @ m.lora_B.weight.T
+                layer = int(name.split(".layers.")[1].split(".")[0])
+                g[layer] = g.get(layer, 0.0) + float(out.pow(2).sum())
+    total = sum(g.values())
+    shares = sorted(g, key=lambda i: -g[i])
+    want, acc = [], 0.0
+    for i in shares:
+        want.append(i)
+        acc += g[i] / total
+        if acc >= 0.6:
+            break
+    train_step(state, [batch])  # step W = 3: measured and pruned
+    assert cfg.keep_layers == sorted(want) == choose(g, 0.6)
+    torch.testing.assert_close(torch.tensor(cfg.importance), torch.tensor([g[i] / total for i in sorted(g)]),
+                               atol=1e-5, rtol=1e-4)
+    shared = [m for m in model.modules() if isinstance(m, SharedLoRALinear)]
+    assert len(shared) == 7 * (3 - len(want)) and len(getattr(model, HOLDER)) == 7
+    trained = {id(p) for group in state.optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in model.parameters() if p.requires_grad}
+    train_step(state, [batch])  # and it keeps training
+
+
+def test_lora_drop_refuses_to_resume_past_its_pruning_step():
+    from peftlab.methods.lora_drop import on_step
+
+    model, _, cfg = with_method(small_model("llama"), "lora_drop", r=2, warmup_steps=3)
+    on_step(model, cfg, 2)  # before the pruning step: nothing to restore
+    with pytest.raises(ConfigError, match="cannot resume from step 5.*peft.keep_layers"):
+        on_step(model, cfg, 5)

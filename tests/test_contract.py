@@ -142,6 +142,27 @@ def lora_expected(model: nn.Module, cfg) -> dict[str, int]:
     return {**out, **extra_expected(model, cfg)}
 
 
+def lora_drop_expected(model: nn.Module, cfg) -> dict[str, int]:
+    """LoRA-drop: LoRA's r (in + out) on the kept layers' targets (every layer before pruning), plus one
+    shared pair r (in + out) per kind of target (the module path within a layer) for the rest."""
+    if cfg.keep_layers is None:
+        return lora_expected(model, cfg)
+    out = {}
+    for path, m in linear_targets(model, cfg.targets):
+        i, o = shape(m)
+        layer, kind = re.match(r".*\.(?:layers|h)\.(\d+)\.(.+)$", path).groups()
+        if int(layer) in cfg.keep_layers:
+            out[f"{path}.lora_A.weight"], out[f"{path}.lora_B.weight"] = r_in_out(cfg.r, i, o)
+        else:
+            key = "peftlab_lora_drop." + kind.replace(".", "__")
+            out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = r_in_out(cfg.r, i, o)
+    return out
+
+
+def r_in_out(r: int, i: int, o: int) -> tuple[int, int]:
+    return r * i, r * o
+
+
 def vera_expected(model: nn.Module, cfg) -> dict[str, int]:
     """VeRA: out + r per layer (b and d); the shared A and B are not parameters."""
     out = {}
@@ -471,6 +492,14 @@ CONTRACT: dict[str, list[Case]] = {
                       lambda D: {r"peftlab_vblora\.vblora_vector_bank": 16 * 16,
                                  r".+\.vblora_logits_(A|B)": D["L"] * sum(4 * 16 * (i + o) // 16 for i, o in linears(D))},
                       identity_atol=None, lr=3e-2, peft_config=parity("vblora"))],
+    # LoRA-drop prunes at step 3 of the overfit run (regrouping the optimiser) and saves keep_layers;
+    # keep_layers=[1] builds the pruned form directly (layer 0's modules share one pair per kind)
+    "lora_drop": [
+        Case("lora_drop", {**SMALL, "warmup_steps": 3, "threshold": 0.5}, lora_drop_expected),
+        Case("lora_drop_pruned", {**SMALL, "keep_layers": [1]}, lora_drop_expected),
+        Case("lora_drop_nf4", {**SMALL, "keep_layers": [0]}, lora_drop_expected, model={"quantize": "nf4"},
+             archs=("llama",)),
+    ],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
     "prompt_tuning": [beyond("prompt_tuning", {"num_virtual_tokens": N}, lambda D: {PROMPT: N * D["d"]},
