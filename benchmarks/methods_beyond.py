@@ -57,6 +57,20 @@ METHODS: dict[str, tuple[list[str], float]] = {
     # FourierFT's ΔW moves ~ scaling·lr/(out·in) per step: a far larger lr than LoRA's (the paper's LLaMA scaling)
     "fourierft": (["peft.method=fourierft", "peft.n_frequency=1000", "peft.scaling=300"], 3e-2),
     "vblora": (["peft.method=vblora", "peft.r=4", "peft.num_vectors=256", "peft.vector_length=64"], 1e-2),
+    # issue 18, survey B: AdapterDrop (the serial adapter without adapters in the lowest n of 30 layers),
+    # UniPELT, AdapterFusion (over benchmarks/adapter_fusion_demo.py's codes and zh-numbers adapters, which
+    # must exist: run that first), LoRA-drop and LoRA at half the rank (about LoRA-drop's budget)
+    "adapter_drop_10": (["peft.method=adapter", "peft.placement=serial", "peft.bottleneck=64",
+                         "peft.drop_layers=10"], 1e-3),
+    "adapter_drop_20": (["peft.method=adapter", "peft.placement=serial", "peft.bottleneck=64",
+                         "peft.drop_layers=20"], 1e-3),
+    "unipelt": (["peft.method=unipelt", "peft.r=8", "peft.alpha=16", "peft.bottleneck=64", "peft.num_virtual_tokens=10",
+                 "peft.encoder_hidden_size=512", "peft.init=vocab"], 1e-3),
+    "adapter_fusion": (["peft.method=adapter_fusion", "peft.adapters=[/tmp/peftlab-bench/adapter_fusion/codes,"
+                        "/tmp/peftlab-bench/adapter_fusion/zh-numbers]"], 1e-3),
+    "lora_drop": (["peft.method=lora_drop", "peft.r=8", "peft.alpha=16", "peft.warmup_steps=10",
+                   "peft.threshold=0.9"], 1e-3),
+    "lora_r4": (["peft.method=lora", "peft.r=4", "peft.alpha=8"], 1e-3),
 }
 
 
@@ -90,7 +104,9 @@ def run_one(name: str, steps: int, out_dir: str) -> dict:
     wall = time.time() - started
     summary = json.loads((result.run_dir / "summary.json").read_text())
     first = next((m["loss"] for m in result.metrics), None)
-    return {"method": name, "options": " ".join(o.split(".", 1)[1] for o in overrides[1:]), "lr": lr,
+    step_s = sorted(m["input_tokens"] / m["tokens_per_s"] for m in result.metrics if m.get("tokens_per_s"))
+    return {"median_step_s": round(step_s[len(step_s) // 2], 3) if step_s else None,
+            "kept_layers": getattr(cfg.peft, "keep_layers", None),"method": name, "options": " ".join(o.split(".", 1)[1] for o in overrides[1:]), "lr": lr,
             "trainable": summary["trainable"], "total": summary["total"], "eval_loss": result.eval_loss,
             "first_train_loss": first, "last_train_loss": result.metrics[-1]["loss"], "steps": result.steps,
             "wall_s": round(wall, 1), "adamw_state_mb": round(peak_state[0] / 2**20, 1),
