@@ -276,3 +276,77 @@ def test_lora_drop_refuses_to_resume_past_its_pruning_step():
     on_step(model, cfg, 2)  # before the pruning step: nothing to restore
     with pytest.raises(ConfigError, match="cannot resume from step 5.*peft.keep_layers"):
         on_step(model, cfg, 5)
+
+
+# ---------------------------------------------------------------------------- in the loop: stages, resume, QLoRA
+
+
+def test_adapter_fusion_two_stages_from_run_dirs_and_reload(tmp_path):
+    """Stage one: two adapter runs; stage two: the fusion over their run dirs trains through the loop,
+    and its saved adapter reloads into a fresh base with the trained model's logits."""
+    from peftlab.configure import load_config
+    from peftlab.export.adapter import load_adapter
+    from peftlab.model.load import load_model
+    from peftlab.train.loop import train
+    from test_method_hooks_in_the_loop import run_overrides
+
+    runs = []
+    for i, bottleneck in enumerate((4, 6)):
+        method = ["peft.method=adapter", f"peft.bottleneck={bottleneck}", "train.lr=1e-2", f"train.seed={i}"]
+        runs.append(str(train(load_config(None, run_overrides(tmp_path, method, 2, f"task{i}"))).run_dir))
+    cfg = load_config(None, run_overrides(tmp_path, ["peft.method=adapter_fusion", f"peft.adapters=[{runs[0]},{runs[1]}]",
+                                                     "train.lr=1e-2"], 3, "fusion"))
+    result = train(cfg)
+    assert all(m["loss"] == m["loss"] for m in result.metrics)
+    fresh, _ = load_model(cfg.model, seed=0, with_tokenizer=False)
+    load_adapter(fresh, result.artifact)
+    batch = batch_of(0, high=500)
+    assert torch.equal(logits(fresh, batch), logits(result.model, batch))
+
+
+def test_lora_drop_resume_is_exact_before_pruning_and_refused_after(tmp_path):
+    from peftlab.configure import load_config
+    from peftlab.train.loop import train
+    from test_method_hooks_in_the_loop import run_overrides
+
+    method = ["peft.method=lora_drop", "peft.r=2", "peft.warmup_steps=3", "peft.threshold=0.5", "train.lr=1e-2"]
+    straight = train(load_config(None, run_overrides(tmp_path, method, 5, "a")))
+    train(load_config(None, run_overrides(tmp_path, [*method, "train.save_every=1"], 2, "b")))
+    resumed = train(load_config(None, run_overrides(tmp_path, [*method, "train.save_every=1"], 5, "b")), resume=True)
+    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in straight.metrics]
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="cannot resume from step 5"):
+        train(load_config(None, run_overrides(tmp_path, [*method, "train.save_every=1"], 7, "b")), resume=True)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("unipelt", {"r": 2, "num_virtual_tokens": 2, "encoder_hidden_size": 8, "bottleneck": 4}),
+    ("adapter", {"bottleneck": 4, "drop_layers": 1}),
+])
+def test_on_a_4bit_base_trains_and_round_trips(method, options, tmp_path):
+    """QLoRA bases: the methods call the quantised layers, train, and reload bit-identically."""
+    from conftest import train_steps
+    from peftlab.export.adapter import load_adapter, save_adapter
+
+    model, m, cfg = with_method(_nf4(), method, **options)
+    losses = train_steps(model, cfg, batch_of(0), steps=8, lr=3e-2)
+    assert losses[-1] < losses[0]
+    if m.finalize is not None:
+        m.finalize(model, cfg)
+    save_adapter(model, cfg, tmp_path / "a")
+    fresh = _nf4()
+    load_adapter(fresh, tmp_path / "a")
+    batch = batch_of(1)
+    assert torch.equal(logits(fresh, batch), logits(model, batch))
+
+
+def _nf4():
+    """The 1,024-vocabulary tiny Llama with NF4-quantised linear layers."""
+    import dataclasses
+
+    from conftest import SMALL_VOCAB, tiny_model_config
+    from peftlab.model.load import load_model
+
+    cfg = dataclasses.replace(tiny_model_config("llama", vocab=SMALL_VOCAB), quantize="nf4")
+    return load_model(cfg, seed=0, with_tokenizer=False)[0]
