@@ -139,10 +139,10 @@ def test_unipelt_gates_are_used():
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, GatedLoRA):
-                m.lora.lora_B.weight.zero_()
+                m.base.lora_B.weight.zero_()
             if isinstance(m, GatedAdapter):
-                m.adapter.adapter_up.weight.zero_()
-                m.adapter.adapter_up.bias.zero_()
+                m.base.adapter_up.weight.zero_()
+                m.base.adapter_up.bias.zero_()
     torch.testing.assert_close(logits(model, batch), no_updates, atol=1e-5, rtol=0)
     assert not torch.allclose(no_updates, opened, atol=1e-3)
 

@@ -81,30 +81,32 @@ def _open(gate: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedLoRA(nn.Module):
-    """h = W x + G_L(x) · s B A x around peftlab's ``LoRALinear`` (``lora``, which keeps the base)."""
+    """h = W x + G_L(x) · s B A x around peftlab's ``LoRALinear`` (``base``; it keeps W as its
+    ``base_layer``, so ``base_only.adapters_off`` finds the frozen layer through both)."""
 
     def __init__(self, lora: LoRALinear):
         super().__init__()
-        self.lora = lora
+        self.base = lora
         self.gate_lora = _gate(lora.in_features, lora.lora_A.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.lora.base_layer(x)
-        return y + (_open(self.gate_lora, x) * self.lora.lora_forward(x)).to(y.dtype)
+        y = self.base.base_layer(x)
+        return y + (_open(self.gate_lora, x) * self.base.lora_forward(x)).to(y.dtype)
 
 
 class GatedAdapter(nn.Module):
-    """y = F(x) + G_A(F(x)) · A(F(x)) around peftlab's serial ``BottleneckAdapter`` (``adapter``)."""
+    """y = F(x) + G_A(F(x)) · A(F(x)) around peftlab's serial ``BottleneckAdapter`` (``base``, which
+    keeps F as its own ``base``)."""
 
     def __init__(self, adapter: BottleneckAdapter, d: int):
         super().__init__()
-        self.adapter = adapter
+        self.base = adapter
         self.gate_adapter = _gate(d, adapter.adapter_up.weight.device)
 
     def forward(self, *args, **kwargs):
-        out = self.adapter.base(*args, **kwargs)
+        out = self.base.base(*args, **kwargs)
         y = out[0] if isinstance(out, tuple) else out
-        y = y + (_open(self.gate_adapter, y) * self.adapter.adapt(y)).to(y.dtype)
+        y = y + (_open(self.gate_adapter, y) * self.base.adapt(y)).to(y.dtype)
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
 
