@@ -12,7 +12,8 @@ arXiv:2402.07721.
         h = W x + s B_k A_k x; the optimiser is regrouped (``StepEffects.regroup``)
 
 Trainable while warming up: LoRA's Σ r·(in + out); after: Σ_{kept layers} r·(in + out) +
-Σ_kinds r·(in + out) (one shared pair per kind). ``peft.keep_layers=[...]`` builds the pruned form
+Σ_kinds r·(in + out) (one shared pair per kind). Under DDP the sums are added over the ranks first,
+so every rank keeps the same layers. ``peft.keep_layers=[...]`` builds the pruned form
 directly (no warm-up): saving records the kept layers there, so a saved adapter loads as it was
 trained. Merges like LoRA (each layer folds s B A, shared or own, into W); QLoRA bases work as
 for LoRA. Resume is exact up to step W (the importance is measured on step W's own forward passes);
@@ -33,7 +34,7 @@ from ..errors import ConfigError
 from ..model.targets import replace_module
 from ..registry import StepEffects, register
 from . import peft_format
-from .lora import LORA_TENSORS, LoRAConfig, param_groups, to_peft_config
+from .lora import LORA_TENSORS, LoRAConfig, param_groups, set_speed, to_peft_config
 from .lowrank import LoRALinear, apply_lora_family, merge_delta, reset_factors, wide
 from .merging import merge_wrappers
 
@@ -168,6 +169,11 @@ def on_step(model: nn.Module, cfg: LoRADropConfig, step: int) -> StepEffects | N
             m.lora_drop_sq = 0.0  # only step W's forwards count
         return None
     measured = {i: sum(m.lora_drop_sq for _, _, m in ms) for i, ms in layers.items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank saw its own shard
+        sums = torch.tensor([measured[i] for i in sorted(measured)], dtype=torch.float64,
+                            device=next(iter(mods)).lora_A.weight.device)
+        torch.distributed.all_reduce(sums)
+        measured = dict(zip(sorted(measured), sums.tolist()))
     if step > cfg.warmup_steps or not any(measured.values()):
         raise ConfigError(f"LoRA-drop cannot resume from step {step}: it chose its layers at step {cfg.warmup_steps} "
                           "from that step's activations, which a checkpoint does not hold. Start the run again, or "
@@ -200,4 +206,5 @@ def lora_drop_peft_config(cfg: LoRADropConfig, model: nn.Module) -> dict:
 register(peft_format.family_method(
     "lora_drop", LoRADropConfig, apply, (*LORA_TENSORS, HOLDER), merge=merge, peft_type="LORA_DROP",
     to_peft_config=lora_drop_peft_config, param_groups=param_groups, on_step=on_step, saved_config=saved_config,
+    set_speed=set_speed,
 ))
