@@ -323,12 +323,17 @@ def test_lora_drop_resume_is_exact_before_pruning_and_refused_after(tmp_path):
 @pytest.mark.parametrize("method,options", [
     ("unipelt", {"r": 2, "num_virtual_tokens": 2, "encoder_hidden_size": 8, "bottleneck": 4}),
     ("adapter", {"bottleneck": 4, "drop_layers": 1}),
+    ("adapter_fusion", {"adapters": "TASKS"}),
 ])
 def test_on_a_4bit_base_trains_and_round_trips(method, options, tmp_path):
     """QLoRA bases: the methods call the quantised layers, train, and reload bit-identically."""
     from conftest import train_steps
     from peftlab.export.adapter import load_adapter, save_adapter
 
+    if options.get("adapters") == "TASKS":
+        from test_contract import task_adapters
+
+        options = {"adapters": task_adapters("llama")}
     model, m, cfg = with_method(_nf4(), method, **options)
     losses = train_steps(model, cfg, batch_of(0), steps=8, lr=3e-2)
     assert losses[-1] < losses[0]
