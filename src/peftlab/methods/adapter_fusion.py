@@ -76,11 +76,14 @@ def adapter_dir(d: str) -> Path:
 def read_task_adapter(d: str, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """(its adapter settings, its tensors by module path) after checking it fits ``model``."""
     p = adapter_dir(d)
-    config = json.loads((p / "adapter_config.json").read_text())
+    try:
+        config = json.loads((p / "adapter_config.json").read_text())
+        record = json.loads((p / "peftlab.json").read_text()) if (p / "peftlab.json").is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"peft.adapters: {d}: a JSON file there is damaged (line {e.lineno}: {e.msg})") from None
     if config.get("peft_type") != "BOTTLENECK_ADAPTER":
         raise ConfigError(f"peft.adapters: {d} is a {config.get('peft_type')} adapter; AdapterFusion fuses "
                           "bottleneck adapters (train each task with peft.method=adapter)")
-    record = json.loads((p / "peftlab.json").read_text()) if (p / "peftlab.json").is_file() else {}
     saved = record.get("base_fingerprint") or {}
     diff = [f"{k}: adapter {saved[k]} vs model {getattr(model.config, k, None)}" for k in SHAPE_KEYS
             if k in saved and getattr(model.config, k, None) not in (None, saved[k])]
