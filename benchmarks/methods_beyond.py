@@ -149,6 +149,7 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--out", default="benchmarks/results/methods_beyond.json")
     p.add_argument("--runs", default="/tmp/peftlab-bench/methods_beyond")
+    p.add_argument("--skip-base", action="store_true", help="do not measure the untouched base model's eval loss")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
     args = p.parse_args()
     if args.one:
@@ -159,8 +160,9 @@ def main() -> int:
         return 0
     rows = []
     started = time.time()
-    base = float(subprocess.run([sys.executable, __file__, "--methods", "base", "--runs", args.runs],
-                                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    base = None if args.skip_base else float(subprocess.run(
+        [sys.executable, __file__, "--methods", "base", "--runs", args.runs],
+        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     for name in args.methods.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
                                "--runs", args.runs], capture_output=True, text=True)
