@@ -65,6 +65,20 @@ METHODS: dict[str, tuple[list[str], float]] = {
     "chain_lora": (["peft.method=chain_lora", "peft.r=8", "peft.alpha=16", "peft.chain_links=3"], 1e-3),
     "periodic_lora": (["peft.method=periodic_lora", "peft.r=8", "peft.alpha=16", "peft.unload_every=10",
                        "peft.unload_momentum=0.5"], 1e-3),
+    # issue 18, survey B: AdapterDrop (the serial adapter without adapters in the lowest n of 30 layers),
+    # UniPELT, AdapterFusion (over benchmarks/adapter_fusion_demo.py's codes and zh-numbers adapters, which
+    # must exist: run that first), LoRA-drop and LoRA at half the rank (about LoRA-drop's budget)
+    "adapter_drop_10": (["peft.method=adapter", "peft.placement=serial", "peft.bottleneck=64",
+                         "peft.drop_layers=10"], 1e-3),
+    "adapter_drop_20": (["peft.method=adapter", "peft.placement=serial", "peft.bottleneck=64",
+                         "peft.drop_layers=20"], 1e-3),
+    "unipelt": (["peft.method=unipelt", "peft.r=8", "peft.alpha=16", "peft.bottleneck=64", "peft.num_virtual_tokens=10",
+                 "peft.encoder_hidden_size=512", "peft.init=vocab"], 1e-3),
+    "adapter_fusion": (["peft.method=adapter_fusion", "peft.adapters=[/tmp/peftlab-bench/adapter_fusion/codes,"
+                        "/tmp/peftlab-bench/adapter_fusion/zh-numbers]"], 1e-3),
+    "lora_drop": (["peft.method=lora_drop", "peft.r=8", "peft.alpha=16", "peft.warmup_steps=10",
+                   "peft.threshold=0.9"], 1e-3),
+    "lora_r4": (["peft.method=lora", "peft.r=4", "peft.alpha=8"], 1e-3),
 }
 
 
@@ -98,7 +112,9 @@ def run_one(name: str, steps: int, out_dir: str) -> dict:
     wall = time.time() - started
     summary = json.loads((result.run_dir / "summary.json").read_text())
     first = next((m["loss"] for m in result.metrics), None)
-    return {"method": name, "options": " ".join(o.split(".", 1)[1] for o in overrides[1:]), "lr": lr,
+    step_s = sorted(m["input_tokens"] / m["tokens_per_s"] for m in result.metrics if m.get("tokens_per_s"))
+    return {"median_step_s": round(step_s[len(step_s) // 2], 3) if step_s else None,
+            "kept_layers": getattr(cfg.peft, "keep_layers", None),"method": name, "options": " ".join(o.split(".", 1)[1] for o in overrides[1:]), "lr": lr,
             "trainable": summary["trainable"], "total": summary["total"], "eval_loss": result.eval_loss,
             "first_train_loss": first, "last_train_loss": result.metrics[-1]["loss"], "steps": result.steps,
             "wall_s": round(wall, 1), "adamw_state_mb": round(peak_state[0] / 2**20, 1),
@@ -141,6 +157,7 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--out", default="benchmarks/results/methods_beyond.json")
     p.add_argument("--runs", default="/tmp/peftlab-bench/methods_beyond")
+    p.add_argument("--skip-base", action="store_true", help="do not measure the untouched base model's eval loss")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
     args = p.parse_args()
     if args.one:
@@ -151,8 +168,9 @@ def main() -> int:
         return 0
     rows = []
     started = time.time()
-    base = float(subprocess.run([sys.executable, __file__, "--methods", "base", "--runs", args.runs],
-                                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    base = None if args.skip_base else float(subprocess.run(
+        [sys.executable, __file__, "--methods", "base", "--runs", args.runs],
+        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     for name in args.methods.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
                                "--runs", args.runs], capture_output=True, text=True)

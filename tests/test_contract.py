@@ -142,6 +142,27 @@ def lora_expected(model: nn.Module, cfg) -> dict[str, int]:
     return {**out, **extra_expected(model, cfg)}
 
 
+def lora_drop_expected(model: nn.Module, cfg) -> dict[str, int]:
+    """LoRA-drop: LoRA's r (in + out) on the kept layers' targets (every layer before pruning), plus one
+    shared pair r (in + out) per kind of target (the module path within a layer) for the rest."""
+    if cfg.keep_layers is None:
+        return lora_expected(model, cfg)
+    out = {}
+    for path, m in linear_targets(model, cfg.targets):
+        i, o = shape(m)
+        layer, kind = re.match(r".*\.(?:layers|h)\.(\d+)\.(.+)$", path).groups()
+        if int(layer) in cfg.keep_layers:
+            out[f"{path}.lora_A.weight"], out[f"{path}.lora_B.weight"] = r_in_out(cfg.r, i, o)
+        else:
+            key = "peftlab_lora_drop." + kind.replace(".", "__")
+            out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = r_in_out(cfg.r, i, o)
+    return out
+
+
+def r_in_out(r: int, i: int, o: int) -> tuple[int, int]:
+    return r * i, r * o
+
+
 def vera_expected(model: nn.Module, cfg) -> dict[str, int]:
     """VeRA: out + r per layer (b and d); the shared A and B are not parameters."""
     out = {}
@@ -184,9 +205,18 @@ def prefix_count(D: dict, h: int | None) -> int:
     return N * 2 * L * t if h is None else N * t + t * h + h + h * 2 * L * t + 2 * L * t
 
 
-def adapter_count(D: dict, sites: int) -> int:
+def adapter_count(D: dict, sites: int, dropped: int = 0) -> int:
+    """L·|sites|·(2db + b + d); AdapterDrop builds none in the lowest ``dropped`` layers."""
     d = D["d"]
-    return D["L"] * sites * (2 * d * B + B + d)
+    return (D["L"] - dropped) * sites * (2 * d * B + B + d)
+
+
+def unipelt_count(D: dict) -> int:
+    """UniPELT (r = R): gated LoRA on q, v (GPT-2: the q and v slices of c_attn) r (in + out) + in + 1 each,
+    a gated serial FFN adapter (2db + b + d) + d + 1, prefix tuning + a prefix gate d + 1, per layer."""
+    d, t, L = D["d"], D["t"], D["L"]
+    lora = (R * (d + d) + d + 1) + (R * (d + t) + d + 1) if D["llama"] else 2 * R * d + 2 * R * d + d + 1
+    return L * (lora + 2 * d * B + B + d + d + 1 + d + 1) + prefix_count(D, H)
 
 
 def lstm_count(D: dict) -> int:
@@ -493,6 +523,14 @@ CONTRACT: dict[str, list[Case]] = {
                       lambda D: {r"peftlab_vblora\.vblora_vector_bank": 16 * 16,
                                  r".+\.vblora_logits_(A|B)": D["L"] * sum(4 * 16 * (i + o) // 16 for i, o in linears(D))},
                       identity_atol=None, lr=3e-2, peft_config=parity("vblora"))],
+    # LoRA-drop prunes at step 3 of the overfit run (regrouping the optimiser) and saves keep_layers;
+    # keep_layers=[1] builds the pruned form directly (layer 0's modules share one pair per kind)
+    "lora_drop": [
+        Case("lora_drop", {**SMALL, "warmup_steps": 3, "threshold": 0.5}, lora_drop_expected),
+        Case("lora_drop_pruned", {**SMALL, "keep_layers": [1]}, lora_drop_expected),
+        Case("lora_drop_nf4", {**SMALL, "keep_layers": [0]}, lora_drop_expected, model={"quantize": "nf4"},
+             archs=("llama",)),
+    ],
     "relora": [Case("relora", {**SMALL, "reset_every": 10, "restart_warmup": 2}, lora_expected, steps=30)],
     "delta_lora": [Case("delta_lora", SMALL, lora_expected, lr=5e-3)],
     "prompt_tuning": [beyond("prompt_tuning", {"num_virtual_tokens": N}, lambda D: {PROMPT: N * D["d"]},
@@ -515,10 +553,26 @@ CONTRACT: dict[str, list[Case]] = {
         beyond("adapter_serial", {"bottleneck": B}, lambda D: {ADAPTER: adapter_count(D, 2)}, mergeable=False),
         beyond("adapter_parallel", {"bottleneck": B, "placement": "parallel", "scaling": 4.0},
                lambda D: {ADAPTER: adapter_count(D, 2)}, mergeable=False),
+        beyond("adapter_drop", {"bottleneck": B, "drop_layers": 1},
+               lambda D: {r".+\.(layers|h)\.[1-9]\d*\.(self_attn|attn|mlp)\.adapter_(down|up)\.(weight|bias)":
+                          adapter_count(D, 2, dropped=1)}, mergeable=False),
     ],
     "mam": [beyond("mam", {"num_virtual_tokens": N, "encoder_hidden_size": H, "bottleneck": B},
                    lambda D: {PROMPT: prefix_count(D, H), r".+\.mlp\.adapter_(down|up)\..+": adapter_count(D, 1)},
                    lr=5e-2, **{**VIRTUAL, "overfit_ratio": 0.6})],
+    # AdapterFusion over two saved task adapters (peft.adapters=TASKS: made by task_adapters on the case's base)
+    "adapter_fusion": [beyond("adapter_fusion", {"adapters": "TASKS"},
+                              lambda D: {r".+\.fusion_(query|key|value)\.weight": D["L"] * 2 * 3 * D["d"] ** 2},
+                              identity_atol=None, mergeable=False, lr=3e-3)],
+    "unipelt": [
+        beyond("unipelt", {"r": R, "num_virtual_tokens": N, "encoder_hidden_size": H, "bottleneck": B},
+               lambda D: {r".+\.(lora_(A|B)|adapter_(down|up)|gate_(lora|adapter|prefix))\.(weight|bias)|"
+                          + PROMPT: unipelt_count(D)}, archs=("llama",), lr=5e-2, **{**VIRTUAL, "overfit_ratio": 0.6}),
+        beyond("unipelt_gpt2", {"r": R, "num_virtual_tokens": N, "encoder_hidden_size": H, "bottleneck": B,
+                                "lora_targets": ["c_attn"]},
+               lambda D: {r".+\.(lora_(A|B)|adapter_(down|up)|gate_(lora|adapter|prefix))\.(weight|bias)|"
+                          + PROMPT: unipelt_count(D)}, archs=("gpt2",), lr=5e-2, **{**VIRTUAL, "overfit_ratio": 0.6}),
+    ],
     # (IA)3 scales in fp32 (PEFT's dtype for ia3_l), also inside an fp64 model
     "ia3": [beyond("ia3", {}, lambda D: {r".+\.ia3_l": ia3_count(D)}, lr=0.1, overfit_ratio=0.6, fp64=False,
                    peft_config=parity("ia3"))],
@@ -582,8 +636,33 @@ PARITY = [p for p in PARAMS if p.values[0].peft_config is not None
 # ---------------------------------------------------------------------------- plumbing
 
 
+_TASK_ADAPTERS: dict[str, list[str]] = {}
+
+
+def task_adapters(arch: str) -> list[str]:
+    """AdapterFusion's inputs: two adapters saved on the 1,024-vocabulary base of ``arch`` (serial b = B;
+    parallel b = B/2, s = 2), moved off their init so each changes the output its own way."""
+    if arch not in _TASK_ADAPTERS:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix="peftlab-fusion-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        dirs = []
+        for i, peft in enumerate([{"bottleneck": B}, {"bottleneck": B // 2, "placement": "parallel", "scaling": 2.0}]):
+            case = dataclasses.replace(beyond(f"task{i}", peft, lambda D: {}), method="adapter")
+            model, _, cfg = applied(case, arch)
+            perturb(model, std=0.2, seed=i + 1)
+            dirs.append(str(save_adapter(model, cfg, Path(root) / f"task{i}")))
+        _TASK_ADAPTERS[arch] = dirs
+    return _TASK_ADAPTERS[arch]
+
+
 def peft_settings(case: Case, arch: str) -> dict:
     raw = {"method": case.method, **case.peft}
+    if raw.get("adapters") == "TASKS":
+        raw["adapters"] = task_adapters(arch)
     if raw.get("targets") == "EMB":
         raw["targets"] = {"gpt2": ["c_attn", "wte"], "llama": ["q_proj", "v_proj", "embed_tokens"]}[arch]
     return raw

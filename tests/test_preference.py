@@ -188,7 +188,12 @@ def test_adapter_off_reference_equals_a_frozen_base_copy_bit_for_bit(method):
 
     base = small_model("llama")
     frozen = copy.deepcopy(base)
-    model, m, cfg = with_method(base, method, **METHOD_OPTIONS.get(method, {}))
+    options = METHOD_OPTIONS.get(method, {})
+    if method == "adapter_fusion":  # fuses saved adapters: two made on this base
+        from test_contract import task_adapters
+
+        options = {"adapters": task_adapters("llama")}
+    model, m, cfg = with_method(base, method, **options)
     perturb(model, std=0.2)
     batch = pair_batch()
     assert resolve_kind("auto", m, cfg, model) == "adapter_off"

@@ -8,10 +8,16 @@ He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning" (20
     parallel:  y = F(x) + s · A(x)         beside the sublayer, reading its input (He et al.)
     mam:       parallel adapter at the FFN (b = 512, s = 4) + prefix tuning (n = 30, MLP h = 512)
 
+AdapterDrop (Rücklé et al., "AdapterDrop: On the Efficiency of Adapters in Transformers" (2021),
+arXiv:2010.11918) is an option of this adapter: ``drop_layers = n`` builds no adapter in the lowest
+n decoder layers, so with a frozen base nothing below layer n requires a gradient and the backward
+pass stops there (no input-gradient work in the frozen layers); ``drop_layers_inference = m >= n``
+also skips the adapters of layers n..m-1 when the model is in eval mode (faster inference).
+
 F is the attention sublayer (its output projection included) or the FFN of each decoder layer; the
 adapter wraps that module and calls it (``self.base``), so the layer's residual connection and
 norms are untouched. W_up and b_up start at zero, so the adapted model equals the base at step 0.
-Trainable per wrapped sublayer: 2·d·b + b + d.
+Trainable per wrapped sublayer: 2·d·b + b + d; with AdapterDrop, (L - n)·|sites|·(2·d·b + b + d).
 
 Cannot merge (the nonlinearity sits between the two projections). PEFT has no bottleneck adapter,
 so files use peft_type ``BOTTLENECK_ADAPTER`` (``MAM_ADAPTER`` for mam) with PEFT's key prefix.
@@ -46,8 +52,15 @@ class AdapterConfig:
     bottleneck: int = 64  # b
     activation: str = "relu"  # relu | gelu | silu | tanh
     scaling: float = 1.0  # s (parallel only; He et al. use 4)
+    drop_layers: int = 0  # AdapterDrop: no adapters in the lowest n layers (training and inference)
+    drop_layers_inference: int | None = None  # AdapterDrop at inference: skip layers below m in eval mode (None: n)
 
     def validate(self) -> None:
+        if self.drop_layers < 0:
+            raise ConfigError(f"peft.drop_layers must be >= 0 (the lowest layers without adapters), got {self.drop_layers}")
+        if self.drop_layers_inference is not None and self.drop_layers_inference < self.drop_layers:
+            raise ConfigError(f"peft.drop_layers_inference={self.drop_layers_inference} is below peft.drop_layers="
+                              f"{self.drop_layers}: layers without a trained adapter cannot use one at inference")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"peft.placement {self.placement!r} is not one of {', '.join(PLACEMENTS)}")
         bad = [s for s in self.sites if s not in SITES]
@@ -129,6 +142,7 @@ class BottleneckAdapter(nn.Module):
         self.base = base
         self.placement = placement
         self.scaling = scaling
+        self.skip_in_eval = False  # AdapterDrop at inference: in eval mode return F(x) alone
         make = projection or (lambda i, o, zero: linear_projection(i, o, zero, device))
         self.adapter_down = make(d, bottleneck, False)
         self.adapter_act = ACTIVATIONS[activation]()
@@ -141,6 +155,8 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
+        if self.skip_in_eval and not self.training:
+            return out
         y = out[0] if isinstance(out, tuple) else out
         if self.placement == "serial":
             y = y + self.adapt(y).to(y.dtype)
@@ -150,23 +166,38 @@ class BottleneckAdapter(nn.Module):
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
     def extra_repr(self) -> str:
-        return f"placement={self.placement}, scaling={self.scaling:g}"
+        skip = ", skip_in_eval=True" if self.skip_in_eval else ""
+        return f"placement={self.placement}, scaling={self.scaling:g}{skip}"
 
 
 def add_adapters(model: nn.Module, placement: str, sites: list[str], bottleneck: int, activation: str,
-                 scaling: float, projection: Callable[[int, int, bool], nn.Module] | None = None) -> None:
+                 scaling: float, projection: Callable[[int, int, bool], nn.Module] | None = None,
+                 drop_layers: int = 0, drop_layers_inference: int | None = None) -> None:
+    """Wrap ``sites`` of every decoder layer from ``drop_layers`` up; mark the adapters of layers
+    below ``drop_layers_inference`` to be skipped in eval mode (AdapterDrop)."""
     d = model_dims(model)["d"]
     device = model.get_input_embeddings().weight.device
-    for path, layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    if drop_layers >= len(layers) or (drop_layers_inference or 0) > len(layers):
+        raise ConfigError(f"peft.drop_layers={drop_layers} / peft.drop_layers_inference={drop_layers_inference}: "
+                          f"the model has {len(layers)} decoder layers; drop fewer than {len(layers)} in training "
+                          "so at least one layer keeps its adapter")
+    skip_below = drop_layers if drop_layers_inference is None else drop_layers_inference
+    for i, (path, layer) in enumerate(layers):
+        if i < drop_layers:
+            continue
         for site in sites:
             name = sublayer(path, layer, site)
-            setattr(layer, name, BottleneckAdapter(getattr(layer, name), d, bottleneck, activation, placement,
-                                                   scaling, device=device, projection=projection))
+            wrapped = BottleneckAdapter(getattr(layer, name), d, bottleneck, activation, placement, scaling,
+                                        device=device, projection=projection)
+            wrapped.skip_in_eval = i < skip_below
+            setattr(layer, name, wrapped)
 
 
 def apply(model: nn.Module, cfg: AdapterConfig) -> None:
     freeze(model)
-    add_adapters(model, cfg.placement, cfg.sites, cfg.bottleneck, cfg.activation, cfg.scaling)
+    add_adapters(model, cfg.placement, cfg.sites, cfg.bottleneck, cfg.activation, cfg.scaling,
+                 cfg.drop_layers, cfg.drop_layers_inference)
 
 
 def apply_mam(model: nn.Module, cfg: MAMConfig) -> None:
@@ -178,12 +209,14 @@ def apply_mam(model: nn.Module, cfg: MAMConfig) -> None:
 def to_peft_config(cfg: AdapterConfig, model: nn.Module) -> dict:
     return {"peft_type": "BOTTLENECK_ADAPTER", "task_type": "CAUSAL_LM", "placement": cfg.placement,
             "sites": list(cfg.sites), "bottleneck": cfg.bottleneck, "activation": cfg.activation,
-            "scaling": cfg.scaling, "inference_mode": True}
+            "scaling": cfg.scaling, "drop_layers": cfg.drop_layers,
+            "drop_layers_inference": cfg.drop_layers_inference, "inference_mode": True}
 
 
 def from_peft_config(d: dict) -> AdapterConfig:
     return AdapterConfig(placement=d["placement"], sites=list(d["sites"]), bottleneck=int(d["bottleneck"]),
-                         activation=d.get("activation", "relu"), scaling=float(d.get("scaling", 1.0)))
+                         activation=d.get("activation", "relu"), scaling=float(d.get("scaling", 1.0)),
+                         drop_layers=int(d.get("drop_layers", 0)), drop_layers_inference=d.get("drop_layers_inference"))
 
 
 def mam_to_peft_config(cfg: MAMConfig, model: nn.Module) -> dict:
