@@ -48,7 +48,7 @@ def main() -> int:
     first_with_grad = {}
     for n, model in models.items():
         seen = {}
-        hooks = [layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(
+        hooks = [layer.register_forward_hook(lambda m, a, o, i=i, seen=seen: seen.__setitem__(
             i, (o[0] if isinstance(o, tuple) else o).requires_grad)) for i, (_, layer) in enumerate(decoder_layers(model))]
         model(**batch).loss.backward()
         for h in hooks:

@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 
-from conftest import batch_of, perturb, small_model, with_method
 from conftest import batch_logits as logits
+from conftest import batch_of, perturb, small_model, with_method
 from peftlab.errors import ConfigError
 from peftlab.methods.adapter import BottleneckAdapter, decoder_layers
 
