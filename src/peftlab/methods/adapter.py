@@ -197,7 +197,7 @@ def add_adapters(model: nn.Module, placement: str, sites: list[str], bottleneck:
 def apply(model: nn.Module, cfg: AdapterConfig) -> None:
     freeze(model)
     add_adapters(model, cfg.placement, cfg.sites, cfg.bottleneck, cfg.activation, cfg.scaling,
-                 cfg.drop_layers, cfg.drop_layers_inference)
+                 drop_layers=cfg.drop_layers, drop_layers_inference=cfg.drop_layers_inference)
 
 
 def apply_mam(model: nn.Module, cfg: MAMConfig) -> None:
