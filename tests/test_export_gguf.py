@@ -112,7 +112,7 @@ def test_gguf_tokenizer_and_metadata_match_what_llama_cpp_writes(small, tmp_path
     assert fields[K.LLM.BLOCK_COUNT.format(arch=arch)] == conf["num_hidden_layers"]
     assert fields[K.LLM.EMBEDDING_LENGTH.format(arch=arch)] == conf["hidden_size"]
     assert fields[K.Attention.HEAD_COUNT_KV.format(arch=arch)] == conf["num_key_value_heads"]
-    assert fields[K.Tokenizer.MODEL] == "gpt2" and fields[K.Tokenizer.PRE] == "gpt2"
+    assert fields[K.Tokenizer.MODEL] == "gpt2" and fields[K.Tokenizer.PRE] == "gpt-2"
     assert fields[K.Tokenizer.EOS_ID] == tok.eos_token_id and "<|im_start|>" in fields[K.Tokenizer.CHAT_TEMPLATE]
     assert len(fields[K.Tokenizer.LIST]) == conf["vocab_size"]  # padded to the embedding rows
     # every hyper-parameter and tokenizer key llama.cpp's converter wrote for SmolLM2 is here too

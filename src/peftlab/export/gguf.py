@@ -11,7 +11,7 @@ What it knows (anything else is refused by name, never written half-right):
     architectures   LlamaForCausalLM, MistralForCausalLM (llama.cpp arch "llama"), Qwen2ForCausalLM ("qwen2")
     tokenizers      byte-level BPE (llama.cpp "gpt2") whose pre-tokenizer is one llama.cpp names:
                     SmolLM/SmolLM2 ("smollm"), Qwen2 ("qwen2"), Llama 3 ("llama-bpe"), plain GPT-2
-                    byte-level ("gpt2") — or ``pre=`` given
+                    byte-level ("gpt-2") — or ``pre=`` given
     types           f16, bf16, q8_0 for matrices (rows whose length is not a multiple of 32 fall back
                     to f16 under q8_0, as llama.cpp does); vectors (norms, biases) stay f32
 
@@ -119,10 +119,10 @@ def tokenizer_pre(tokenizer, pre: str | None) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None
     if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
-        return "gpt2"  # byte-level with GPT-2's split regex and nothing else: llama.cpp's "gpt2"
+        return "gpt-2"  # byte-level with GPT-2's split regex and nothing else: llama.cpp's "gpt-2"
     raise ConfigError(
         "GGUF export: this tokenizer's pre-tokenizer is not one the writer recognises "
-        f"({', '.join(KNOWN_PRE)}, gpt2); llama.cpp needs its name to split text the same way. Pass it "
+        f"({', '.join(KNOWN_PRE)}, gpt-2); llama.cpp needs its name to split text the same way. Pass it "
         "explicitly with --gguf-pre NAME (llama.cpp's name, e.g. 'llama-bpe', 'qwen2', 'smollm')"
     )
 
