@@ -79,7 +79,8 @@ class Jobs:
         self._write(job.run_id, job.record)
 
     def stop(self, run_id: str) -> dict:
-        """End the run cleanly (SIGINT, then SIGTERM, then SIGKILL after ``grace`` seconds each)."""
+        """End the run cleanly: SIGINT (the CLI's KeyboardInterrupt path; 4 x ``grace`` seconds, as a loaded
+        machine can take long to reach it), then SIGTERM, then SIGKILL after ``grace`` seconds each."""
         with self._lock:
             job = self._jobs.get(run_id)
         if job is None or job.proc.poll() is not None:
@@ -91,7 +92,7 @@ class Jobs:
             except ProcessLookupError:
                 break
             try:
-                job.proc.wait(self.grace)
+                job.proc.wait(self.grace * (4 if sig == signal.SIGINT else 1))
                 break
             except subprocess.TimeoutExpired:
                 continue
