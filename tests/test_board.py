@@ -152,7 +152,8 @@ def test_listening_beyond_loopback_needs_a_token(tmp_path, monkeypatch):
 
 def test_launch_refuses_a_second_run_and_stop_ends_it_cleanly(board):
     url, ws, *_ = board
-    r = post(url, "/api/launch", {"name": "long", "values": TINY_RUN})  # one epoch: hundreds of steps
+    # 20 epochs: thousands of steps, so an idle machine cannot finish it before the stop
+    r = post(url, "/api/launch", {"name": "long", "values": {**TINY_RUN, "train.epochs": "20"}})
     assert r.status_code == 200, r.text
     assert r.json()["run"] == "runs/long"
 
@@ -165,7 +166,7 @@ def test_launch_refuses_a_second_run_and_stop_ends_it_cleanly(board):
     # a run by epochs: its length comes from train's announcement in the log (train examples // batch)
     log = httpx.get(url + "/api/run", params={"id": "runs/long"}).json()["log"]
     n_train = int(re.search(r"^data: \d+ records, (\d+) train", log, re.M).group(1))
-    assert row("runs/long")["target_steps"] == n_train // 4
+    assert row("runs/long")["target_steps"] == 20 * (n_train // 4)
     second = post(url, "/api/launch", {"name": "second", "values": TINY_RUN})
     assert second.status_code == 400 and "runs/long is still running" in second.json()["error"]
     stopped = post(url, "/api/stop", {"run": "runs/long"}).json()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..config import Config, split_config_args
 from ..configure import load_config
@@ -18,3 +19,17 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: list[str], defaults: list[str] | None = None) -> Config:
     path, overrides = split_config_args(args)
     return load_config(path, [*(defaults or []), *overrides])
+
+
+def export_out(args) -> Path:
+    """An export command's ``--out``, after checking its ``key=value`` overrides: a non-empty
+    directory is refused unless ``--overwrite`` (merge, export)."""
+    from ..errors import ConfigError
+
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"unexpected argument {bad[0]!r}: give config overrides as key=value")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    return out

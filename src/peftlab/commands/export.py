@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from ._args import export_out
 
 NAME = "export"
 HELP = "export a run for local runtimes: GGUF for llama.cpp and Ollama (merged model or LoRA alone), or HF"
@@ -32,22 +32,14 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..errors import ConfigError
 
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"unexpected argument {bad[0]!r}: give config overrides as key=value")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
     if args.format == "hf":
         if args.adapter_only:
             raise ConfigError("--adapter-only goes with --format gguf; a Hugging Face adapter is the run's adapter/ "
                               "directory already")
-        from ..export.merge import export_merged
+        from . import merge
 
-        result = export_merged(out, adapter=args.adapter, run=args.run, overrides=args.overrides,
-                               verify=not args.no_verify, template=args.template)
-        print(f"merged {result.method} adapter into {result.base} -> {result.out_dir} ({result.dtype})")
-        return 0
+        return merge.run(args)  # `peftlab merge`, at the base checkpoint's dtype
+    out = export_out(args)
     from ..export.gguf_export import export_gguf
 
     res = export_gguf(out, run=args.run, adapter=args.adapter, overrides=args.overrides, kind=args.kind,

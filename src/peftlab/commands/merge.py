@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from ._args import export_out
 
 NAME = "merge"
 HELP = "merge an adapter into its base and export a plain Hugging Face model directory"
@@ -24,20 +24,17 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..errors import ConfigError
     from ..export.merge import export_merged
 
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"unexpected argument {bad[0]!r}: give config overrides as key=value")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
-    result = export_merged(out, adapter=args.adapter, run=args.run, overrides=args.overrides, dtype=args.dtype,
-                           verify=not args.no_verify, template=args.template)
+    result = export_merged(export_out(args), adapter=args.adapter, run=args.run, overrides=args.overrides,
+                           dtype=getattr(args, "dtype", None), verify=not args.no_verify, template=args.template)
+    report(result)
+    return 0
+
+
+def report(result) -> None:
     print(f"merged {result.method} adapter into {result.base} -> {result.out_dir} ({result.dtype})")
     if result.max_abs_diff is not None:
         print(f"max |logit difference| vs the unmerged model: {result.max_abs_diff:.3g}")
     if result.untied:
         print("note: the adapter changed the tied output head; input and output embeddings are untied in the export")
-    return 0
