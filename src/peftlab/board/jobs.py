@@ -25,6 +25,9 @@ from ..errors import ConfigError
 from ..io import atomic_write_text
 from .workspace import Workspace
 
+RUN_TRAIN = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from peftlab.cli import main; sys.exit(main(['train', *sys.argv[1:]]))")
+
 
 @dataclass
 class Job:
@@ -56,7 +59,10 @@ class Jobs:
             if len(busy) >= self.max_running:
                 raise ConfigError(f"{', '.join(busy)} is still running; the board runs {self.max_running} "
                                   "at a time (stop it first, or start the board with --parallel N)")
-            cmd = [sys.executable, "-m", "peftlab", "train", *overrides]
+            # SIGINT is the board's clean stop. A board started in the background of a non-interactive shell
+            # has SIGINT ignored, and Python leaves an inherited SIG_IGN alone, so the child restores the
+            # KeyboardInterrupt handler before running the CLI (the stop would otherwise wait for SIGTERM).
+            cmd = [sys.executable, "-c", RUN_TRAIN, *overrides]
             src = str(Path(__file__).resolve().parents[2])  # the child runs this same peftlab
             path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
