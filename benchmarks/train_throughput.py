@@ -82,6 +82,12 @@ def fixed_data(tmp: Path, max_length: int = 512) -> dict:
     return {"path": str(path), "format": "text", "template": "auto", "max_length": max_length}
 
 
+def short_data() -> dict:
+    """Short chat rows with exact answers (builtin:tasks, ~50 tokens, 41-74): the closed-task shape
+    whose padding is a third of a batch and whose answers are a sixth of its tokens."""
+    return {"path": "builtin:tasks", "template": "auto", "max_length": 512}
+
+
 def data_overrides(data: dict) -> list[str]:
     return [f"data.{k}={v}" for k, v in data.items()] + ["data.eval_split=0"]
 
@@ -420,7 +426,10 @@ def main() -> None:
                     help="comma list of: main (SFT data, 3 sides), fixed (fixed-length 512 rows), "
                          "ablation (each peftlab lever on its own), full (full fine-tuning), "
                          "fp32 (loss agreement in fp32), threads (busy neighbour), packed (peftlab with "
-                         "data.packing and memory options vs PEFT + Trainer), malloc (allocators)")
+                         "data.packing and memory options vs PEFT + Trainer), malloc (allocators), "
+                         "short (builtin:tasks rows at --short-batch: peftlab with and without train.unpad "
+                         "vs both PEFT sides)")
+    ap.add_argument("--short-batch", type=int, default=8, help="batch size of the short suite")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2, help="steps excluded from timing")
     ap.add_argument("--repeats", type=int, default=3)
@@ -495,6 +504,7 @@ def main() -> None:
         ab = {"peftlab (all levers)": pl,
               "- fused loss": {**pl, "overrides": ["train.fused_loss=false"]},
               "- fast LoRA function": {**pl, "overrides": ["train.fast_lora=false"]},
+              "- unpad": {**pl, "overrides": ["train.unpad=false"]},
               "- both": {**pl, "overrides": ["train.fused_loss=false", "train.fast_lora=false"]},
               "fp32 (no autocast)": {**pl, "precision": "no"},
               "+ gradient checkpointing": {**pl, "overrides": ["model.gradient_checkpointing=true"]},
@@ -547,6 +557,15 @@ def main() -> None:
         report.append(print_suite("SFT data with packing (peftlab) vs padded batches (PEFT + Trainer), LoRA r=8, "
                                   + label, s, "peft_trainer"))
         figures["packed"] = s
+    if "short" in suites:
+        sh = {k: {**v, "data": short_data(), "batch_size": args.short_batch} for k, v in sides.items()}
+        sh = {"peftlab": sh["peftlab"], "peftlab, train.unpad=false": {**sh["peftlab"], "overrides": ["train.unpad=false"]},
+              "peft_trainer": sh["peft_trainer"], "peft_loop": sh["peft_loop"]}
+        s = run_suite("short", sh, args, tmp, peak)
+        report.append(print_suite(f"short rows (builtin:tasks, batch {args.short_batch}), LoRA r=8, " + label, s,
+                                  "peft_loop"))
+        check_losses(s, 0.03)
+        figures["short"] = s
     if "threads" in suites:
         pl = sides["peftlab"]
         th = {f"threads={n}{' (auto)' if n == 0 else ''}, one core busy": {**pl, "threads": n, "hog": True}

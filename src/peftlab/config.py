@@ -211,6 +211,7 @@ class TrainConfig:
     loss_chunk: int = 1024  # label rows per LM-head chunk
     fast_lora: bool = True  # LoRA layers without dropout run one autograd function saving only x
     skip_pad_mask: bool = True  # right-padded batches: causal attention without the padding mask
+    unpad: bool = True  # right-padded batches run their real tokens only, as one row (train/unpad.py)
     compile: bool = False  # torch.compile the backbone (slow first steps; recompiles per shape)
 
     def validate(self) -> None:

@@ -88,11 +88,12 @@ class _LoRALinearFn(torch.autograd.Function):
         bias_c = bias.to(cdt) if bias is not None else None
         x2 = xc.reshape(-1, xc.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
-            # the plain path's ops in its order (base, then B(A x) * s, then the sum), so the two
-            # paths agree to the last bit wherever the same kernels run
+            # base, then s (A x) B^T accumulated into it by the GEMM itself: no [N, out] temporary
+            # for the update and no separate scale and add passes over it (equal to the plain
+            # path's ``base + B(A x) * s`` within one rounding of the sum)
             out = F.linear(x2, w, bias_c)
             u = F.linear(x2, ac)  # [N, r]
-            out = out + F.linear(u, bc) * scaling
+            out.addmm_(u, bc.t(), alpha=scaling)
         ctx.save_for_backward(xc, u, ac, bc, w)
         ctx.scaling = scaling
         ctx.x_dtype = x.dtype

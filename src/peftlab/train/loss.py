@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data.tokenize import IGNORE
 from .fused_loss import fused_head_loss
+from .unpad import unpadded_hidden, worth_unpadding
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -101,7 +102,7 @@ def right_padded(mask: torch.Tensor | None) -> bool:
 
 
 def causal_lm_loss(model: nn.Module, batch: dict, chunk_rows: int = 1024,
-                   fused: bool = True, skip_pad_mask: bool = True) -> tuple[torch.Tensor, int]:
+                   fused: bool = True, skip_pad_mask: bool = True, unpad: bool = False) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of label tokens) for one micro-batch.
 
     batch: input_ids [B, T], attention_mask [B, T] (or a 4-D additive mask for packing),
@@ -113,11 +114,17 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk_rows: int = 1024,
     ``skip_pad_mask``: a right-padded batch goes in without its mask. Causal attention alone
     keeps every real token from seeing the padding after it (padding rows carry no labels),
     so the loss is the same, and attention takes SDPA's causal kernel instead of a dense mask.
+    ``unpad`` (``train.unpad``, where ``unpad.unpad_blocker`` allows it): a right-padded batch runs
+    its real tokens only, as one flattened row (``train/unpad.py``); the same loss, no work on pads.
     """
     labels = batch["labels"]
-    if skip_pad_mask and "position_ids" not in batch and right_padded(batch.get("attention_mask")):
-        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-    hidden = backbone_hidden(model, batch)
+    mask = batch.get("attention_mask")
+    if unpad and "position_ids" not in batch and "inputs_embeds" not in batch and worth_unpadding(mask):
+        hidden = unpadded_hidden(model.base_model, model, batch["input_ids"], mask)
+    else:
+        if skip_pad_mask and "position_ids" not in batch and right_padded(mask):
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        hidden = backbone_hidden(model, batch)
     targets = labels[:, 1:]
     keep = targets != IGNORE
     h = hidden[:, :-1][keep]  # [N, d]

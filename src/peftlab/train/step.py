@@ -37,6 +37,7 @@ from .objective import CausalLM, Objective
 from .optim import build_optimizer, build_scheduler, prune_moments, regroup, reset_state, scale_lr
 from .preference import reduce_stats
 from .runtime import autocast, resolve_precision, to_device
+from .unpad import unpad_blocker
 
 
 class TrainingDiverged(PeftlabError):
@@ -75,7 +76,8 @@ def apply_speed_options(model: nn.Module, method: registry.Method, t) -> dict:
         method.set_speed(model, t.fast_lora and not t.compile, not sharded)  # no cached FSDP-gathered weights
     if t.compile:
         model.base_model.compile()
-    return {"chunk_rows": t.loss_chunk, "fused": t.fused_loss, "skip_pad_mask": t.skip_pad_mask}
+    unpad = bool(t.unpad) and unpad_blocker(model, method.name, compiled=t.compile) is None
+    return {"chunk_rows": t.loss_chunk, "fused": t.fused_loss, "skip_pad_mask": t.skip_pad_mask, "unpad": unpad}
 
 
 def start_training(model: nn.Module, cfg: Config, total_steps: int, *, dist: DistContext | None = None,
