@@ -245,3 +245,45 @@ def test_fp16_with_loss_scaling_two_processes_match_one(data, tmp_path, mode):
     wb = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=0)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # ~35 s on 2 cores: two torchrun agents, each starting a worker
+def test_two_node_agents_with_c10d_rendezvous_match_one(one_process, data, tmp_path):
+    """``torchrun --nnodes 2`` as on a cluster: two node agents (separate torchrun processes, one
+    worker each) meet at a c10d rendezvous on 127.0.0.1, as two machines meet at the first
+    node's address. The two-rank job equals one process on the same global batch (the same
+    tolerances as the single-node runs above)."""
+    out = tmp_path / "nodes"
+    args = overrides(data, out, **{"train.grad_accum": 2, "train.distributed": "ddp"})
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    agents = []
+    for node in (0, 1):
+        cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"peftlab-{port}", "--node-rank", str(node),
+               "-m", "peftlab", "train", *args]
+        agents.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for agent in agents:
+            stdout, stderr = agent.communicate(timeout=300)
+            outputs.append((agent.returncode, stdout, stderr))
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    for code, _, stderr in outputs:
+        assert code == 0, stderr[-3000:]
+    logs = "".join(stderr for _, _, stderr in outputs)
+    assert "2 processes (ddp)" in logs
+    assert sum(stdout.count("run directory:") for _, stdout, _ in outputs) == 1  # global rank 0 alone
+    assert_same_training(out, one_process)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
