@@ -68,6 +68,16 @@ def test_fp16_resolves_on_cpu_and_auto_never_picks_it_there():
         resolve_precision("fp16", torch.device("meta"))
 
 
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_on_a_cuda_gpu_is_bf16_where_supported_else_fp16_with_a_scaler(monkeypatch, bf16, expected):
+    from peftlab.train.runtime import grad_scaler
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda) is expected
+    assert (grad_scaler(cuda, expected) is not None) == (expected is torch.float16)
+
+
 def test_fp16_run_follows_the_fp32_loss():
     """Measured on this CPU (tiny Llama with a 1,024-token vocabulary, LoRA r=4, lr 2e-3, 12
     updates of 2 micro-batches of 2 x 16 random tokens; loss ~14, the tiny model's large initial

@@ -225,8 +225,8 @@ def _finite_or_skipped(state: TrainState, loss: float, grad_norm: float) -> bool
     step, scaler = state.step + 1, state.scaler
     if scaler is not None:
         scale = scaler.get_scale()
-        scaler.update()  # unscale_ found the inf/nan: the scale is lowered
-        if math.isfinite(loss) and scale >= 1.0:  # the scaled gradient overflowed fp16: not a divergence
+        scaler.update()  # when unscale_ found an inf/nan, the scale is lowered
+        if math.isfinite(loss) and scale >= 1.0 and scaler.get_scale() < scale:  # fp16 overflow, not divergence
             state.overflows += 1
             if state.dist.is_main:
                 print(f"step {step}: fp16 gradient overflow at loss scale {scale:g}; step skipped, loss scale "
