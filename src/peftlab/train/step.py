@@ -286,7 +286,7 @@ def out_of_memory_advice(cfg: Config, micro: list[dict], step: int, device: torc
         tips.append(f"raise model.checkpoint_layers (now {cfg.model.checkpoint_layers}) to 1.0")
     tips.append(f"lower data.max_length (now {cfg.data.max_length})")
     if amp is None and device.type != "cpu":
-        tips.append("train in half precision: train.mixed_precision=bf16")
+        tips.append("train in half precision: train.mixed_precision=bf16 (fp16 on a GPU without bf16)")
     if cfg.model.quantize is None and cfg.peft.method != "full":
         tips.append("store the frozen base in 4 bits: model.quantize=nf4")
     if device.type == "cuda":
