@@ -217,3 +217,73 @@ def test_a_deepspeed_or_fsdp_launch_is_never_silently_run_as_ddp(monkeypatch, en
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError, match=match):
         DistContext().wrap(torch.nn.Linear(2, 2), "ddp")
+
+
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_fp16_with_loss_scaling_two_processes_match_one(data, tmp_path, mode):
+    """fp16 under torchrun: DDP's gradients are all-reduced before the scaler checks them, and
+    under FSDP ShardedGradScaler all-reduces each rank's overflow check, so every rank skips the
+    same steps and holds the same scale. The tiny model overflows at the initial scale 2**16 on
+    its first step (both runs skip it and log the same updates). Measured: the losses agree to
+    ~1e-6 relative (each micro-batch's fp16 forward is the same; only the order of the fp32
+    gradient sums differs); asserted 1e-4 relative on loss and gradient norm, 1e-4 absolute on
+    the adapter."""
+    fp16 = {"train.mixed_precision": "fp16"}
+    ref = tmp_path / "one"
+    train(load_config(None, overrides(data, ref, **{"train.grad_accum": 4}, **fp16)))
+    out = tmp_path / mode
+    torchrun(overrides(data, out, **{"train.grad_accum": 2, "train.distributed": mode}, **fp16))
+    a, b = metrics(out), metrics(ref)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (out, ref))
+    assert sa["overflow_steps"] == sb["overflow_steps"] >= 1 and sa["loss_scale"] == sb["loss_scale"]
+    for x, y in zip(a, b):
+        assert x["loss_scale"] == y["loss_scale"] and x["overflow_steps"] == y["overflow_steps"]
+        for key in ("loss", "grad_norm"):
+            assert abs(x[key] - y[key]) <= 1e-4 * abs(y[key]), (x["step"], key, x[key], y[key])
+    wa = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=0)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # ~35 s on 2 cores: two torchrun agents, each starting a worker
+def test_two_node_agents_with_c10d_rendezvous_match_one(one_process, data, tmp_path):
+    """``torchrun --nnodes 2`` as on a cluster: two node agents (separate torchrun processes, one
+    worker each) meet at a c10d rendezvous on 127.0.0.1, as two machines meet at the first
+    node's address. The two-rank job equals one process on the same global batch (the same
+    tolerances as the single-node runs above)."""
+    out = tmp_path / "nodes"
+    args = overrides(data, out, **{"train.grad_accum": 2, "train.distributed": "ddp"})
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    agents = []
+    for node in (0, 1):
+        cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"peftlab-{port}", "--node-rank", str(node),
+               "-m", "peftlab", "train", *args]
+        agents.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for agent in agents:
+            stdout, stderr = agent.communicate(timeout=300)
+            outputs.append((agent.returncode, stdout, stderr))
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    for code, _, stderr in outputs:
+        assert code == 0, stderr[-3000:]
+    logs = "".join(stderr for _, _, stderr in outputs)
+    assert "2 processes (ddp)" in logs
+    assert sum(stdout.count("run directory:") for _, stdout, _ in outputs) == 1  # global rank 0 alone
+    assert_same_training(out, one_process)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2

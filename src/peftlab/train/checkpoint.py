@@ -6,7 +6,8 @@
     optimizer.json           the rest of the optimiser state (param groups, scalars)
     scheduler.json           the LR scheduler's state
     rng.safetensors          torch CPU/CUDA generator states of every rank (``rank<r>.<name>``)
-    trainer_state.json       global step, data position, python/numpy RNG per rank, counters
+    trainer_state.json       global step, data position, python/numpy RNG per rank, counters,
+                             fp16's loss scaler (scale, growth tracker)
     MANIFEST.json            sizes and sha256 of all of the above, written last
 
 The directory is built in a temp directory, fsynced and renamed into place (``io.atomic_dir``),
@@ -273,7 +274,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, prefixes
 def save(state: TrainState, run_dir: Path, sampler, eval_loss: float | None) -> Path:
     """``save_checkpoint`` of a training state at its step, with the loop's own counters."""
     trainer = {"sampler": sampler.state_dict(), "skipped_steps": state.skipped, "bad_in_row": state.bad_in_row,
-               "eval_loss": eval_loss}
+               "overflow_steps": state.overflows, "eval_loss": eval_loss}
+    if state.scaler is not None:  # fp16: the loss scale and its growth tracker (plain numbers)
+        trainer["grad_scaler"] = state.scaler.state_dict()
     t = state.cfg.train
     return save_checkpoint(run_dir, state.step, state.model, state.optimizer, state.scheduler, trainer,
                            state.method.state_prefixes, t.save_total_limit, state.dist)
@@ -291,6 +294,12 @@ def resume(state: TrainState, sampler, run_dir: Path) -> tuple[list[dict], float
                                 state.method.state_prefixes, dist)
         state.step, state.skipped = int(saved["step"]), int(saved.get("skipped_steps", 0))
         state.bad_in_row, eval_loss = int(saved.get("bad_in_row", 0)), saved.get("eval_loss")
+        state.overflows = int(saved.get("overflow_steps", 0))
+        if state.scaler is not None and saved.get("grad_scaler"):
+            state.scaler.load_state_dict(saved["grad_scaler"])
+        elif state.scaler is not None and dist.is_main:
+            print(f"note: {latest} was written without fp16 loss scaling; the loss scale starts at "
+                  f"{state.scaler.get_scale():g}", file=sys.stderr)
         sampler.load_state_dict(saved["sampler"])
         if dist.is_main:
             print(f"resumed from {latest} at step {state.step}", file=sys.stderr)

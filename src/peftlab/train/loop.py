@@ -189,7 +189,9 @@ def _finish(run: _Run, eval_loss: float | None, metrics: list[dict]) -> Path | N
     if dist.is_main:
         verdict = diagnose(metrics)
         summary = {"steps": state.step, "target_steps": run.total, "eval_loss": eval_loss,
-                   "skipped_steps": state.skipped, "trainable": run.report.trainable, "total": run.report.total,
+                   "skipped_steps": state.skipped,
+                   **({"overflow_steps": state.overflows, "loss_scale": state.scaler.get_scale()}
+                      if state.scaler is not None else {}), "trainable": run.report.trainable, "total": run.report.total,
                    "data": run.data.stats.summary(), "world_size": dist.world_size,
                    "wall_time_s": round(time.time() - run.started, 2), "artifact": str(artifact),
                    **peak_memory(state.device), "diagnosis": verdict and verdict.to_dict()}
@@ -248,7 +250,8 @@ def _announce(run: _Run, notes: list[str], threads: int) -> None:
     engine_note = f"; {dist.world_size} processes ({dist.mode})" if dist.world_size > 1 else ""
     print(f"{cfg.peft.method}: trainable {report.trainable:,} / {report.total:,} "
           f"({report.percent:.4f}%); {run.total} steps; threads {threads}{engine_note}; "
-          f"precision {run.state.amp or torch.float32}".replace("torch.", ""), file=sys.stderr)
+          f"precision {run.state.amp or torch.float32}".replace("torch.", "")
+          + (" with dynamic loss scaling" if run.state.scaler is not None else ""), file=sys.stderr)
 
 
 def peak_memory(device: torch.device) -> dict:

@@ -8,8 +8,12 @@ Random state: ``seed_everything`` seeds Python, NumPy and torch; ``rng_state``/`
 save and restore all of them (checkpoints, so a resumed run draws what an uninterrupted one would).
 
 Mixed precision: ``auto`` means bf16 autocast where the hardware runs bf16 matmuls natively
-(a CUDA device with bf16, or a CPU with AVX512-BF16 or AMX), fp32 otherwise. Master weights
-and optimiser state stay fp32 either way.
+(a CUDA device with bf16, or a CPU with AVX512-BF16 or AMX), fp16 autocast on a CUDA device
+without bf16 (before Ampere), fp32 otherwise. ``fp16`` can be asked for on CUDA and on CPU (torch
+has fp16 autocast there too; without native fp16 arithmetic it is slow, so ``auto`` never picks
+it on a CPU). fp16 trains with dynamic loss scaling (``grad_scaler``: torch's GradScaler, see
+train/step.py); bf16 has fp32's exponent range and needs none. Master weights and optimiser state
+stay fp32 either way.
 """
 
 from __future__ import annotations
@@ -86,10 +90,22 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "bf16":
         return torch.bfloat16
     if name == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.mixed_precision=fp16 needs a CUDA device; on CPU use bf16 or no")
+        if device.type not in ("cuda", "cpu"):
+            raise ConfigError(f"train.mixed_precision=fp16 runs on CUDA or CPU, not {device.type}; use bf16 or no")
         return torch.float16
     raise ConfigError(f"train.mixed_precision {name!r} is not one of auto, bf16, fp16, no")
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """A dynamic loss scaler for fp16 autocast (None for fp32 and bf16).
+
+    torch's defaults, the same as HF Trainer / accelerate use: the loss is multiplied by a scale
+    starting at 2**16; a step whose gradients overflow is skipped and the scale halved; after
+    2,000 steps in a row without overflow the scale doubles.
+    """
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

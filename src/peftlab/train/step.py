@@ -6,10 +6,22 @@
 ``train_step``:
     N = the step's units (label tokens) over all micro-batches and all ranks
     for each micro-batch: ((objective sum + aux * units) * grad_scale / N).backward()   # == one big batch
+    fp16: the loss is multiplied by the loss scale (not grad_scale) before backward; the gradients are
+          unscaled (and multiplied by grad_scale) before clipping
     clip; a non-finite loss or gradient skips the step (TrainingDiverged after max_bad_steps in a row)
-    AdamW step, schedule step
+    AdamW step, schedule step (fp16: the loss scale is updated, lowered after an overflow)
     method.on_step (the gradients are still there) and what its StepEffects ask of the optimiser
     zero_grad
+
+fp16 and skipped steps: a skipped step (an fp16 overflow, or a non-finite loss or gradient in any
+precision) is not an optimiser step: ``state.step`` and the learning-rate schedule advance only on
+applied updates, as accelerate's scheduler does (it skips ``scheduler.step()`` when GradScaler skipped
+the optimiser step), so the schedule keeps its shape over the updates the run makes. The run makes
+its ``total`` updates whatever was skipped; the skipped step's micro-batches are consumed (HF Trainer
+also counts a skipped step's batches as seen). An fp16 overflow at a loss scale >= 1 is GradScaler's
+business: it is counted (``state.overflows``; ``overflow_steps`` in every record and in summary.json,
+``loss_scale`` in every record) and reported on stderr, but not towards ``train.max_bad_steps``; once
+the scale is below 1 a non-finite gradient is a real divergence and counts like any other.
 
 Methods plug in through ``param_groups``, ``on_train_start``, ``aux_loss``, ``on_step`` and
 ``set_speed`` (registry.Method); the objective through ``train/objective.py``; distribution
@@ -36,7 +48,7 @@ from .loss import count_input_tokens
 from .objective import CausalLM, Objective
 from .optim import build_optimizer, build_scheduler, prune_moments, regroup, reset_state, scale_lr
 from .preference import reduce_stats
-from .runtime import autocast, resolve_precision, to_device
+from .runtime import autocast, grad_scaler, resolve_precision, to_device
 from .unpad import unpad_blocker
 
 
@@ -63,9 +75,11 @@ class TrainState:
     device: torch.device
     amp: torch.dtype | None  # the autocast dtype (None: fp32)
     params: list[nn.Parameter]  # what trains now (clipped); refreshed when a step regroups
+    scaler: torch.amp.GradScaler | None = None  # fp16's dynamic loss scaler (None: fp32, bf16)
     step: int = 0  # optimiser steps done
-    skipped: int = 0  # non-finite steps skipped in all
-    bad_in_row: int = 0  # ... and in a row
+    skipped: int = 0  # non-finite steps skipped in all (fp16 overflows included)
+    bad_in_row: int = 0  # ... and in a row, counting towards train.max_bad_steps
+    overflows: int = 0  # fp16 steps skipped because the scaled gradients overflowed
 
 
 def apply_speed_options(model: nn.Module, method: registry.Method, t) -> dict:
@@ -90,6 +104,7 @@ def start_training(model: nn.Module, cfg: Config, total_steps: int, *, dist: Dis
     method = registry.get(cfg.peft.method)
     device = next(model.parameters()).device
     amp = resolve_precision(cfg.train.mixed_precision, device)
+    scaler = _scaler(device, amp, cfg.train, dist)
     if method.on_train_start is not None:
         method.on_train_start(model, cfg.peft, total_steps)
     if getattr(cfg.peft, "init_from", None):
@@ -102,7 +117,17 @@ def start_training(model: nn.Module, cfg: Config, total_steps: int, *, dist: Dis
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     model.train()
     return TrainState(model, method, cfg, optimizer, scheduler, engine, objective, dist, device, amp,
-                      trainable_parameters(model))
+                      trainable_parameters(model), scaler)
+
+
+def _scaler(device: torch.device, amp: torch.dtype | None, t, dist: DistContext):
+    """fp16's loss scaler. Under FSDP each rank holds a shard of the gradients, so the overflow
+    check must be agreed between ranks: torch's ShardedGradScaler all-reduces it."""
+    if amp != torch.float16 or not str(getattr(t, "distributed", "none")).startswith("fsdp") or dist.world_size <= 1:
+        return grad_scaler(device, amp)
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(device.type)
 
 
 def train_step(state: TrainState, micro: list[dict]) -> dict | None:
@@ -129,13 +154,24 @@ def train_step(state: TrainState, micro: list[dict]) -> dict | None:
     stats = reduce_stats(pop_stats(), dist, device) if pop_stats is not None else {}
     if aux_total is not None:  # each rank added its share of the unit-weighted mean
         aux_total = float(dist.all_reduce_sum(torch.tensor(aux_total, device=device)))
+    scaler = state.scaler
+    if scaler is not None:  # clipping and the guard see the true gradients
+        scaler.unscale_(state.optimizer)
+        if dist.grad_scale != 1.0:  # undo the ranks' averaging here (see _accumulate)
+            grads = [p.grad for p in state.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, dist.grad_scale)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, state.cfg.train.max_grad_norm or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
         grad_norm = grad_norm.full_tensor()
     if not _finite_or_skipped(state, loss, float(grad_norm)):
         return None
     lr = state.optimizer.param_groups[0]["lr"]
+    # unscaled above and found finite, so this is the step GradScaler.step would take (called directly:
+    # GradScaler.step hands a fused optimiser its own inf flag, which ShardedGradScaler shapes wrongly)
     state.optimizer.step()
+    if scaler is not None:
+        scaler.update()  # the scale grows after growth_interval clean steps
     state.scheduler.step()
     state.step += 1
     extra = run_on_step(state, state.step)  # before zero_grad: AdaLoRA reads this step's gradients
@@ -150,6 +186,8 @@ def train_step(state: TrainState, micro: list[dict]) -> dict | None:
               "grad_norm": round(float(grad_norm), 6), **stats, **extra}
     if aux_total is not None:
         record["aux_loss"] = round(aux_total, 6)
+    if scaler is not None:  # the scale the next step's loss is multiplied by; the overflows so far
+        record.update(loss_scale=scaler.get_scale(), overflow_steps=state.overflows)
     return record
 
 
@@ -168,8 +206,13 @@ def _accumulate(state: TrainState, micro: list[dict], units: list[int], n_units:
             objective = loss_sum if aux is None else loss_sum + aux.float() * n_micro
             if aux is not None:
                 aux_total = float(aux.detach()) * n_micro / max(n_units, 1) + (aux_total or 0.0)
-            # grad_scale undoes DDP/FSDP's averaging over ranks (see train/distributed.py)
-            (objective * s.dist.grad_scale / max(n_units, 1)).backward()
+            # grad_scale undoes DDP/FSDP's averaging over ranks (see train/distributed.py); under fp16
+            # it is applied after unscaling instead, so the fp16 activation gradients of each rank are
+            # those of one process (a loss x W would overflow where one process does not)
+            if s.scaler is None:
+                (objective * s.dist.grad_scale / max(n_units, 1)).backward()
+            else:
+                s.scaler.scale(objective / max(n_units, 1)).backward()
         loss_total += loss_sum.detach()
     return loss_total, aux_total
 
@@ -180,9 +223,19 @@ def _finite_or_skipped(state: TrainState, loss: float, grad_norm: float) -> bool
         state.bad_in_row = 0
         return True
     state.model.zero_grad(set_to_none=True)
-    state.bad_in_row += 1
     state.skipped += 1
-    step, bad = state.step + 1, state.bad_in_row
+    step, scaler = state.step + 1, state.scaler
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.update()  # when unscale_ found an inf/nan, the scale is lowered
+        if math.isfinite(loss) and scale >= 1.0 and scaler.get_scale() < scale:  # fp16 overflow, not divergence
+            state.overflows += 1
+            if state.dist.is_main:
+                print(f"step {step}: fp16 gradient overflow at loss scale {scale:g}; step skipped, loss scale "
+                      f"lowered to {scaler.get_scale():g} ({state.overflows} overflow(s) in all)", file=sys.stderr)
+            return False
+    state.bad_in_row += 1
+    bad = state.bad_in_row
     if state.dist.is_main:
         print(f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} (loss {loss}, grad "
               f"norm {grad_norm}); step skipped, {bad} in a row, {state.skipped} in all", file=sys.stderr)
@@ -235,7 +288,7 @@ def out_of_memory_advice(cfg: Config, micro: list[dict], step: int, device: torc
         tips.append(f"raise model.checkpoint_layers (now {cfg.model.checkpoint_layers}) to 1.0")
     tips.append(f"lower data.max_length (now {cfg.data.max_length})")
     if amp is None and device.type != "cpu":
-        tips.append("train in half precision: train.mixed_precision=bf16")
+        tips.append("train in half precision: train.mixed_precision=bf16 (fp16 on a GPU without bf16)")
     if cfg.model.quantize is None and cfg.peft.method != "full":
         tips.append("store the frozen base in 4 bits: model.quantize=nf4")
     if device.type == "cuda":
