@@ -48,7 +48,7 @@ def test_killed_after_pruning_resumes_bit_identical(tmp_path, capfd, save_every,
     assert kept and len(kept) < 2  # pruned: one of the tiny model's two layers keeps its own LoRA
     assert run_killed(tmp_path, args(tmp_path, "b", save_every), "after_step", kill_after) == -signal.SIGKILL
     capfd.readouterr()
-    resumed = train(load_config(None, args(tmp_path, "b", save_every)), resume=True)
+    train(load_config(None, args(tmp_path, "b", save_every)), resume=True)
     assert f"resumed from {tmp_path / 'b' / 'checkpoints' / f'step-{resumed_from:06d}'}" in capfd.readouterr().err
     a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
     assert a.keys() == b.keys() and any("peftlab_lora_drop" in k for k in a)
