@@ -113,6 +113,11 @@ class Method:
                   PiSSA/OLoRA's residual), so switching its modules off (methods/base_only.py) does
                   not give back the model training started from; a preference objective's
                   reference then needs a frozen copy. None: the base stays as it was loaded.
+    run_fields:   names of config fields the method fills in while it trains (LoRA-drop's
+                  ``keep_layers``, chosen at its pruning step): every checkpoint records their values
+                  and resuming sets them back on the config before ``on_step`` brings the model to the
+                  checkpoint's step, so a structure chosen from data (which a checkpoint cannot
+                  replay) is rebuilt as it was.
     """
 
     name: str
@@ -134,6 +139,7 @@ class Method:
     aux_loss: Callable[..., Any] | None = None
     set_speed: Callable[[nn.Module, bool, bool], None] | None = None
     edits_base: Callable[[Any], bool] | None = None
+    run_fields: tuple[str, ...] = ()
     aliases: tuple[str, ...] = field(default=())
 
 

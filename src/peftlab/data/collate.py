@@ -16,13 +16,15 @@ packed, the previous sequence's last token would.
 Position ids alone do not isolate sequences: with a 2-D mask of ones they leak attention
 across the row (tests/test_data_packing.py proves it).
 
-``loss_weights`` [B, T] (float) is added when any example has per-token weights.
+``loss_weights`` [B, T] (float) is added when any example has per-token weights; ``sample_type``
+([B], or [B, T] for packed rows) when the examples carry type labels (data/sample_types.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .sample_types import row_types
 from .tokenize import IGNORE, Example
 
 MASKED = torch.finfo(torch.float32).min
@@ -76,6 +78,9 @@ def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int = 1,
         # The first token of a sequence is never a target (nothing comes before it); in a row
         # it would be the target of the previous sequence's last token.
         labels[batch["position_ids"] == 0] = IGNORE
+    types = row_types(examples, longest, packed)
+    if types is not None:
+        batch["sample_type"] = types
     if any(e.weights is not None for e in examples):
         weights = torch.zeros((b, longest), dtype=torch.float32)
         for i, e in enumerate(examples):

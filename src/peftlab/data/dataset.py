@@ -27,6 +27,7 @@ from .catalog import DatasetSpec, resolve
 from .collate import collate
 from .formats import BadRecords, Conversation, LabeledAnswer, PreferencePair, fill_placeholders, read_records
 from .packing import chunk_blocks, grouped_batches, pack_examples, window_batches
+from .sample_types import KEY, TypeLabelError, TypeLabels
 from .sampler import BatchSampler, EpochSampler
 from .tokenize import Encoder, Example
 
@@ -75,14 +76,19 @@ def dataset_specs(data_cfg) -> list[DatasetSpec]:
     return resolve(items, data_cfg)
 
 
-def iter_spec(spec: DatasetSpec, data_cfg, bad: BadRecords | None, stats: DataStats | None = None) -> Iterator:
-    """Parsed records of one dataset, placeholders filled, the first ``num_samples`` only."""
+def iter_spec(spec: DatasetSpec, data_cfg, bad: BadRecords | None, stats: DataStats | None = None,
+              types: TypeLabels | None = None) -> Iterator:
+    """Parsed records of one dataset, placeholders filled, the first ``num_samples`` only (with
+    ``types``: each one's type label, data/sample_types.py)."""
     if spec.path.startswith("builtin:"):
         from .builtin import builtin_conversations
 
         records = iter(builtin_conversations(spec.path.split(":", 1)[1]))
+        if types is not None:
+            raise TypeLabelError(f"{spec.path}: built-in data has no {types.field!r} column to read type labels "
+                                 "from; unset peft.type_field or train on your own records")
     else:
-        records = read_records(spec.path, spec.format, spec.columns, bad, spec.split)
+        records = read_records(spec.path, spec.format, spec.columns, bad, spec.split, types)
     values = {**dict(data_cfg.placeholders), **spec.placeholders}
     for n, rec in enumerate(records):
         if spec.num_samples is not None and n >= spec.num_samples:
@@ -99,7 +105,7 @@ def record_key(rec) -> bytes:
     elif isinstance(rec, LabeledAnswer):
         body = [rec.prompt, rec.completion, rec.label, rec.tools]
     else:
-        body = [rec.messages, rec.tools]
+        body = [rec.messages, rec.tools] + ([rec.extra[KEY]] if KEY in rec.extra else [])  # a type label
     return hashlib.blake2b(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass"),
                            digest_size=16).digest()
 
@@ -116,10 +122,11 @@ def unique(records: Iterator, seen: set | None, stats: DataStats) -> Iterator:
         yield rec
 
 
-def _read_all(specs: list[DatasetSpec], data_cfg, stats: DataStats, bad, seen: set | None) -> list[tuple[int, object]]:
+def _read_all(specs: list[DatasetSpec], data_cfg, stats: DataStats, bad, seen: set | None,
+              types: TypeLabels | None = None) -> list[tuple[int, object]]:
     out = []
     for d, spec in enumerate(specs):
-        records = list(iter_spec(spec, data_cfg, bad, stats))
+        records = list(iter_spec(spec, data_cfg, bad, stats, types))
         if not records:
             raise DataError(f"{spec.path}: no usable records" + (f" ({bad.count} bad records skipped)"
                                                                     if bad is not None and bad.count else ""))
@@ -191,11 +198,19 @@ def encode_one(rec, encoder: Encoder, stats: DataStats) -> Example | None:
     if ex.n_labels == 0:
         stats.dropped_no_labels += 1
         return None
+    if KEY in rec.extra:  # its type label (data/sample_types.py)
+        ex.types = (rec.extra[KEY],)
     return ex
 
 
 def encode_all(convs: list[Conversation], encoder: Encoder, stats: DataStats) -> list[Example]:
     return [ex for ex in (encode_one(c, encoder, stats) for c in convs) if ex is not None]
+
+
+def refuse_types(types: TypeLabels | None, objective: str) -> None:
+    if types is not None and objective != "sft":
+        raise ConfigError(f"peft.type_field={types.field!r} labels supervised examples (data.objective=sft); "
+                          f"this data is {objective} (pre-training blocks cut across documents), so unset it")
 
 
 def resolve_objective(data_cfg, records: list) -> str:
@@ -254,10 +269,11 @@ class Datasets:
         return BatchSampler(n, batch_size, seed, shuffle, rank, world_size)
 
 
-def build_datasets(data_cfg, tokenizer, seed: int) -> Datasets:
-    """Train and eval rows, counts and the encoder for a DataConfig."""
+def build_datasets(data_cfg, tokenizer, seed: int, types: TypeLabels | None = None) -> Datasets:
+    """Train and eval rows, counts and the encoder for a DataConfig; with ``types`` every
+    example carries its record's type label (data/sample_types.py)."""
     if data_cfg.streaming:
-        return build_stream_datasets(data_cfg, tokenizer, seed)
+        return build_stream_datasets(data_cfg, tokenizer, seed, types)
     stats = DataStats()
     bad = stats.bad if data_cfg.skip_bad_records else None
     specs = dataset_specs(data_cfg)
@@ -265,8 +281,9 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Datasets:
     seen: set | None = set() if data_cfg.dedup else None
     eval_pairs: list[tuple[int, object]] = []
     if data_cfg.eval_path:  # read first, so a training record that repeats an eval record is the one removed
-        eval_pairs = _read_all(resolve([data_cfg.eval_path], data_cfg, "data.eval_path"), data_cfg, stats, bad, seen)
-    pairs = _read_all(specs, data_cfg, stats, bad, seen)
+        eval_pairs = _read_all(resolve([data_cfg.eval_path], data_cfg, "data.eval_path"), data_cfg, stats, bad, seen,
+                               types)
+    pairs = _read_all(specs, data_cfg, stats, bad, seen, types)
     stats.records = len(pairs) + len(eval_pairs)
     if not data_cfg.eval_path:
         order = list(range(len(pairs)))
@@ -280,6 +297,7 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Datasets:
         raise ConfigError("data.mix_size needs data.mix (the weight of each dataset)")
     train_recs, eval_recs = [r for _, r in pairs], [r for _, r in eval_pairs]
     stats.objective = resolve_objective(data_cfg, train_recs + eval_recs)
+    refuse_types(types, stats.objective)
     name = ", ".join(s.name for s in specs)
     if stats.objective == "pretrain":
         block = data_cfg.block_size or data_cfg.max_length
@@ -325,7 +343,8 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Datasets:
 # ---------------------------------------------------------------------------- streaming
 
 
-def stream_examples(data_cfg, tokenizer, stats: DataStats | None = None) -> Iterator[Example]:
+def stream_examples(data_cfg, tokenizer, stats: DataStats | None = None,
+                    types: TypeLabels | None = None) -> Iterator[Example]:
     """Training examples (sft) or blocks (pretrain) read, parsed and encoded one record at a time.
 
     Memory stays constant in the corpus size (with ``data.dedup`` a 16-byte digest per record is
@@ -339,13 +358,14 @@ def stream_examples(data_cfg, tokenizer, stats: DataStats | None = None) -> Iter
 
     def records():
         for spec in dataset_specs(data_cfg):
-            for rec in unique(iter_spec(spec, data_cfg, bad, stats), seen, stats):
+            for rec in unique(iter_spec(spec, data_cfg, bad, stats, types), seen, stats):
                 stats.records += 1
                 yield rec
 
     objective = data_cfg.objective
     if objective == "auto":
         raise ConfigError("streaming cannot look at every record first: set data.objective to sft or pretrain")
+    refuse_types(types, objective)
     if objective == "pretrain":
         docs = (document(r, encoder) for r in records())
         yield from chunk_blocks(docs, data_cfg.block_size or data_cfg.max_length, "stream")
@@ -356,7 +376,7 @@ def stream_examples(data_cfg, tokenizer, stats: DataStats | None = None) -> Iter
             yield ex
 
 
-def build_stream_datasets(data_cfg, tokenizer, seed: int):
+def build_stream_datasets(data_cfg, tokenizer, seed: int, types: TypeLabels | None = None):
     """Datasets whose ``train`` is a ``TrainStream`` (eval from ``data.eval_path``, in memory)."""
     for key in ("group_by_length", "mix"):
         if getattr(data_cfg, key):
@@ -368,7 +388,7 @@ def build_stream_datasets(data_cfg, tokenizer, seed: int):
     window = stream.WINDOW  # read at call time (tests shrink it)
 
     def open_stream(stats=None, counted=None):
-        examples = stream_examples(data_cfg, tokenizer, stats)
+        examples = stream_examples(data_cfg, tokenizer, stats, types)
         return stream.packed_stream(examples, data_cfg.max_length, window, counted) if data_cfg.packing else examples
 
     counted = [0]
@@ -382,7 +402,7 @@ def build_stream_datasets(data_cfg, tokenizer, seed: int):
     evals, eval_records = [], []
     if data_cfg.eval_path:
         records = [r for _, r in _read_all(resolve([data_cfg.eval_path], data_cfg, "data.eval_path"), data_cfg,
-                                           stats, stats.bad if data_cfg.skip_bad_records else None, None)]
+                                           stats, stats.bad if data_cfg.skip_bad_records else None, None, types)]
         if stats.objective == "pretrain":
             evals = pretrain_blocks(records, encoder, data_cfg.block_size or data_cfg.max_length, "eval")
         else:

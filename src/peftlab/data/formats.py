@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import DataError
+from .sample_types import TypeLabelError, TypeLabels, attach
 from .sources import Bad, iter_source
 
 ROLES = ("system", "user", "assistant", "tool_call", "tool")
@@ -528,17 +529,21 @@ def fill_placeholders(record, values: dict) -> bool:
 
 
 def read_records(path, fmt: str = "auto", columns: dict | None = None, bad: BadRecords | None = None,
-                 split: str | None = None) -> Iterator:
-    """Parsed records of a source, one at a time. Malformed ones raise, or with ``bad`` are counted there."""
+                 split: str | None = None, types: TypeLabels | None = None) -> Iterator:
+    """Parsed records of a source, one at a time. Malformed ones raise, or with ``bad`` are counted there.
+    With ``types`` each record's type label is read from its column (data/sample_types.py)."""
     if fmt != "auto" and fmt not in PARSERS:
         raise DataError(f"data.format {fmt!r} is not one of auto, {', '.join(PARSERS)}")
     for where, rec in iter_source(path, split):
         try:
-            yield parse_record(rec, where, fmt, columns)
+            parsed = parse_record(rec, where, fmt, columns)
+            if types is not None:
+                attach(parsed, rec, where, types)
+            yield parsed
         except DataError as e:
             if bad is None:
-                raise DataError(f"{e} (or skip such records with --skip-bad-records / "
-                                "data.skip_bad_records=true)") from None
+                raise (TypeLabelError if isinstance(e, TypeLabelError) else DataError)(
+                    f"{e} (or skip such records with --skip-bad-records / data.skip_bad_records=true)") from None
             bad.add(str(e))
 
 

@@ -97,6 +97,7 @@ def pack_examples(examples: list[Example], capacity: int) -> list[Example]:
             truncated=any(p.truncated for p in parts),
             weights=[w for p in parts for w in (p.weights or [1.0] * len(p))] if weighted else None,
             seq_lens=tuple(len(p) for p in parts),
+            types=tuple(t for p in parts for t in p.types) if all(p.types for p in parts) else (),
         ))
     return rows
 

@@ -39,6 +39,7 @@ class Example:
     weights: list[float] | None = None  # per-token loss weight; None means 1 everywhere
     seq_lens: tuple[int, ...] = ()  # () = one sequence
     dropped: bool = False  # data.overlong=drop removed it (empty)
+    types: tuple[int, ...] = ()  # type label of each sequence (data/sample_types.py); () = unlabelled
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -16,9 +16,13 @@ Trainable while warming up: LoRA's Σ r·(in + out); after: Σ_{kept layers} r·
 so every rank keeps the same layers. ``peft.keep_layers=[...]`` builds the pruned form
 directly (no warm-up): saving records the kept layers there, so a saved adapter loads as it was
 trained. Merges like LoRA (each layer folds s B A, shared or own, into W); QLoRA bases work as
-for LoRA. Resume is exact up to step W (the importance is measured on step W's own forward passes);
-a checkpoint after step W cannot tell which layers were kept, so resuming from it is refused with
-an error that says what to do.
+for LoRA. Resume is exact on either side of step W: the importance is measured on step W's own
+forward passes, which a checkpoint cannot replay, so every checkpoint records the kept layers
+(``run_fields``: ``keep_layers``, ``importance``); resuming past step W rebuilds the pruned form from
+them (a fresh shared pair per kind, then the checkpoint's values of every tensor and of the optimiser).
+A checkpoint written before peftlab recorded them is refused with an error that says what to do.
+Serving: every module on the shared pair is a plain LoRA with that pair's factors, so
+``as_lora_factors`` hands the multi-adapter server one (A, B) per adapted module.
 """
 
 from __future__ import annotations
@@ -164,6 +168,8 @@ def on_step(model: nn.Module, cfg: LoRADropConfig, step: int) -> StepEffects | N
         return None  # pruned already (or built pruned with peft.keep_layers)
     layers = lora_by_layer(model)
     mods = [m for ms in layers.values() for _, _, m in ms]
+    if step >= cfg.warmup_steps and cfg.keep_layers is not None:  # resumed past step W: the checkpoint's choice
+        return _pruned(model, cfg, mods, list(cfg.keep_layers))
     if step < cfg.warmup_steps:
         for m in mods:
             m.lora_drop_sq = 0.0  # only step W's forwards count
@@ -176,13 +182,18 @@ def on_step(model: nn.Module, cfg: LoRADropConfig, step: int) -> StepEffects | N
         measured = dict(zip(sorted(measured), sums.tolist()))
     if step > cfg.warmup_steps or not any(measured.values()):
         raise ConfigError(f"LoRA-drop cannot resume from step {step}: it chose its layers at step {cfg.warmup_steps} "
-                          "from that step's activations, which a checkpoint does not hold. Start the run again, or "
-                          "continue from its saved adapter (adapter_config's keep_layers) with peft.keep_layers=[...]")
+                          "from that step's activations, and this checkpoint does not record the choice (written "
+                          "by an older peftlab). Start the run again, or continue from its saved adapter "
+                          "(adapter_config's keep_layers) with peft.keep_layers=[...]")
     total = sum(measured.values())
-    keep = choose(measured, cfg.threshold)
     cfg.importance = [round(measured[i] / total, 6) for i in sorted(measured)]
+    return _pruned(model, cfg, mods, choose(measured, cfg.threshold))
+
+
+def _pruned(model: nn.Module, cfg: LoRADropConfig, mods: list[LoRALinear], keep: list[int]) -> StepEffects:
+    """Prune to ``keep`` (measured now, or recorded by the checkpoint being resumed) and say so."""
     for m in mods:
-        del m.lora_drop_sq
+        m.__dict__.pop("lora_drop_sq", None)  # the kept layers' hooks stop measuring
     prune(model, cfg, keep)
     cfg.keep_layers = keep
     return StepEffects(metrics={"lora_drop_kept_layers": len(keep)}, regroup=True)
@@ -198,13 +209,35 @@ def merge(model: nn.Module) -> None:
 
 def lora_drop_peft_config(cfg: LoRADropConfig, model: nn.Module) -> dict:
     out = to_peft_config(cfg, model)
+    shared = [path for path, m in model.named_modules() if isinstance(m, SharedLoRALinear)]
     out.update(peft_type="LORA_DROP", keep_layers=cfg.keep_layers, threshold=cfg.threshold,
-               warmup_steps=cfg.warmup_steps)
+               warmup_steps=cfg.warmup_steps, shared_modules=shared)
+    return out
+
+
+def as_lora_tensors(config: dict, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """A LORA_DROP adapter file's tensors in a plain LoRA's layout (for the multi-adapter server):
+    every module of adapter_config's ``shared_modules`` gets its kind's shared pair under its own
+    name (the same h = W x + s B_k A_k x); the kept layers' own factors pass through unchanged."""
+    shared = config.get("shared_modules")
+    if shared is None:
+        raise ConfigError(f"{where}: this LoRA-drop adapter does not list its shared_modules (saved by an older "
+                          "peftlab); serve it alone with `peftlab generate --adapter`, or merge it with `peftlab merge`")
+    prefix = next((k.split(HOLDER + ".")[0] for k in tensors if HOLDER + "." in k), "")
+    out = {k: v for k, v in tensors.items() if HOLDER + "." not in k}
+    for path in shared:
+        match = LAYER_PATH.match(path)
+        kind = match.group(3).replace(".", "__") if match else None
+        for factor in ("lora_A", "lora_B"):
+            key = f"{prefix}{HOLDER}.{kind}.{factor}.weight"
+            if key not in tensors:
+                raise ConfigError(f"{where}: shared module {path} has no shared factor {key}")
+            out[f"{prefix}{path}.{factor}.weight"] = tensors[key]
     return out
 
 
 register(peft_format.family_method(
     "lora_drop", LoRADropConfig, apply, (*LORA_TENSORS, HOLDER), merge=merge, peft_type="LORA_DROP",
     to_peft_config=lora_drop_peft_config, param_groups=param_groups, on_step=on_step, saved_config=saved_config,
-    set_speed=set_speed,
+    set_speed=set_speed, run_fields=("keep_layers", "importance"),
 ))

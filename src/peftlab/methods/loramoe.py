@@ -16,8 +16,13 @@ and this auxiliary loss, which reaches the loop as MoE-LoRA's does (``Method.aux
 router statistics land in the step's metrics the same way. Q is divided by the token count K (the
 paper sums over a batch of fixed size), so the term does not grow with the micro-batch.
 
-Type labels: a batch may carry ``sample_type`` [B] (ints, 0..M-1, e.g. from a custom collate or the
-Python API); without it every sample is of type ``peft.sample_type``. Trainable per adapted linear:
+Type labels: ``peft.type_field=COLUMN`` has the data pipeline read each record's type from that column
+(``peft.type_labels=[world, task]`` names the types in the order of ``expert_groups``; without names
+the values are the indices), and the batch carries ``sample_type``: [B], or [B, T] for packed rows
+(data/sample_types.py; a missing or unknown label is a ``TypeLabelError`` naming the record). Without
+a type field every sample is of type ``peft.sample_type``: then only that column of Q is non-zero
+and the term balances the experts' weighted load on that one type, no longer tying a group of
+experts to a kind of data. Trainable per adapted linear:
 N·r·(in + out) + N·in, as MoE-LoRA. Cannot merge. Files: peft_type ``LORAMOE``.
 """
 
@@ -43,6 +48,8 @@ class LoRAMoEConfig(moe_lora.MoELoRAConfig):
     expert_groups: list[int] = field(default_factory=lambda: [3, 3])  # experts per sample type, in order
     lbc_delta: float = 0.1  # δ of the localized balancing constraint
     sample_type: int = 0  # every sample's type when the batch has no ``sample_type``
+    type_field: str | None = None  # the records' column holding their type (read by the data pipeline)
+    type_labels: list[str] = field(default_factory=list)  # type i's label; []: the column holds 0..M-1
     targets: str | list[str] = "ffn"  # ffn: the FFN's linear layers; or names / a regex / all-linear
     aux_loss_coef: float = 0.1  # β
 
@@ -57,6 +64,13 @@ class LoRAMoEConfig(moe_lora.MoELoRAConfig):
             raise ConfigError(f"peft.top_k={self.top_k}: LoRAMoE routes densely over all experts; use top_k=0")
         if not 0.0 <= self.lbc_delta < 1.0:
             raise ConfigError(f"peft.lbc_delta must be in [0, 1), got {self.lbc_delta}")
+        if self.type_labels and (not self.type_field or len(self.type_labels) != len(self.expert_groups)
+                                 or len(set(map(str, self.type_labels))) != len(self.type_labels)):
+            raise ConfigError(f"peft.type_labels={self.type_labels} must name each of the {len(self.expert_groups)} "
+                              "groups of peft.expert_groups once, in order, and needs peft.type_field (the column "
+                              "that holds them)")
+        if self.type_field is not None and not (isinstance(self.type_field, str) and self.type_field):
+            raise ConfigError(f"peft.type_field must be a column name, got {self.type_field!r}")
         if not 0 <= self.sample_type < len(self.expert_groups):
             raise ConfigError(f"peft.sample_type={self.sample_type} must name a group, 0..{len(self.expert_groups) - 1}")
 
@@ -91,10 +105,12 @@ def localized_balance(probs: torch.Tensor, types: torch.Tensor, coef: torch.Tens
 
 
 def token_types(batch: dict, mask: torch.Tensor | None, shape: torch.Size, default: int) -> torch.Tensor:
-    """The sample type of every real token, [K], in the order ``moe_lora.routings`` keeps them."""
+    """The sample type of every real token, [K], in the order ``moe_lora.routings`` keeps them;
+    ``batch["sample_type"]`` is [B] (one per row) or [B, T] (packed rows: one per token)."""
     types = batch.get("sample_type")
     types = torch.full(shape[:1], default, dtype=torch.long) if types is None else torch.as_tensor(types).long()
-    per_token = types.to(mask.device if mask is not None else "cpu")[:, None].expand(*shape)
+    types = types.to(mask.device if mask is not None else "cpu")
+    per_token = types if types.dim() == 2 else types[:, None].expand(*shape)
     return per_token[mask] if mask is not None else per_token.reshape(-1)
 
 

@@ -209,6 +209,9 @@ def _validate_name(name: str) -> str:
     return name
 
 
+SERVED_TYPES = ("LORA", "LORA_DROP")  # adapter_config peft_types whose tensors are (A, B) per module
+
+
 def read_lora_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(adapter_config dict, {module path: (A [r, in], B [out, r])}) of a LoRA adapter directory.
 
@@ -217,10 +220,11 @@ def read_lora_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, tuple[torch.
     """
     d = Path(adapter_dir)
     config, _ = read_adapter_config(d)
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") not in SERVED_TYPES:
         raise ConfigError(
             f"{d} is a {config.get('peft_type')!r} adapter; multi-adapter serving runs LoRA adapters only "
-            "(serve it alone with `peftlab generate --adapter`, or merge it with `peftlab merge`)"
+            "(and LoRA-drop's, which are LoRA with shared factors; serve it alone with `peftlab generate "
+            "--adapter`, or merge it with `peftlab merge`)"
         )
     for key, bad in (("use_dora", bool), ("modules_to_save", bool), ("rank_pattern", bool),
                      ("alpha_pattern", bool), ("bias", lambda v: v not in (None, "none"))):
@@ -234,6 +238,10 @@ def read_lora_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, tuple[torch.
         tensors = load_file(str(d / WEIGHTS_NAME))
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ConfigError(f"{d / WEIGHTS_NAME} cannot be read as safetensors ({e}); is the file damaged?") from None
+    if config["peft_type"] == "LORA_DROP":  # each module on a shared pair is a LoRA with that pair's factors
+        from ..methods.lora_drop import as_lora_tensors
+
+        tensors = as_lora_tensors(config, tensors, str(d))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         key = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..export.adapter import CONFIG_NAME, WEIGHTS_NAME
-from .multi_lora import NAME_RX, MultiLoRAModel
+from .multi_lora import NAME_RX, SERVED_TYPES, MultiLoRAModel
 
 _ABS_PATH = re.compile(r"(?<![\w.])/[^\s'\"(),;:]+")  # an absolute path inside a message
 
@@ -118,7 +118,7 @@ class AdapterStore:
             config = json.loads((path / CONFIG_NAME).read_text())
         except ValueError as e:
             raise ConfigError(f"adapter {name!r}: {CONFIG_NAME} is not valid JSON ({e})") from None
-        if config.get("peft_type") != "LORA" or config.get("use_dora"):
+        if config.get("peft_type") not in SERVED_TYPES or config.get("use_dora"):
             raise ConfigError(f"adapter {name!r} is a {config.get('peft_type')}"
                               f"{' (DoRA)' if config.get('use_dora') else ''} adapter; this server serves LoRA only")
         if not (path / WEIGHTS_NAME).is_file():

@@ -7,7 +7,8 @@
     scheduler.json           the LR scheduler's state
     rng.safetensors          torch CPU/CUDA generator states of every rank (``rank<r>.<name>``)
     trainer_state.json       global step, data position, python/numpy RNG per rank, counters,
-                             fp16's loss scaler (scale, growth tracker)
+                             fp16's loss scaler (scale, growth tracker), the method's
+                             ``run_fields`` (config values it chose while training)
     MANIFEST.json            sizes and sha256 of all of the above, written last
 
 The directory is built in a temp directory, fsynced and renamed into place (``io.atomic_dir``),
@@ -24,7 +25,8 @@ trainable tensors and optimiser state are sharded; every rank takes part in gath
 
 Resuming (``resume``): the newest good checkpoint is loaded into a fresh ``TrainState`` (a
 step-dependent method is first brought to the checkpoint's step, so the tensors and optimiser
-groups it holds have the checkpoint's shape), metrics.jsonl is cut back to that step, and the run
+groups it holds have the checkpoint's shape; the config fields it chose while training,
+``Method.run_fields``, recorded in trainer_state.json, are set back before that), metrics.jsonl is cut back to that step, and the run
 continues exactly as an uninterrupted one would. ``finished_run`` spots a run already done and
 ``resume_notes`` lists what changed in the config since it started.
 """
@@ -274,7 +276,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, prefixes
 def save(state: TrainState, run_dir: Path, sampler, eval_loss: float | None) -> Path:
     """``save_checkpoint`` of a training state at its step, with the loop's own counters."""
     trainer = {"sampler": sampler.state_dict(), "skipped_steps": state.skipped, "bad_in_row": state.bad_in_row,
-               "overflow_steps": state.overflows, "eval_loss": eval_loss}
+               "overflow_steps": state.overflows, "eval_loss": eval_loss,
+               "run_fields": {k: getattr(state.cfg.peft, k) for k in state.method.run_fields}}
     if state.scaler is not None:  # fp16: the loss scale and its growth tracker (plain numbers)
         trainer["grad_scaler"] = state.scaler.state_dict()
     t = state.cfg.train
@@ -288,7 +291,11 @@ def resume(state: TrainState, sampler, run_dir: Path) -> tuple[list[dict], float
     dist, eval_loss = state.dist, None
     latest = dist.on_main(latest_checkpoint, run_dir)
     if latest is not None:
-        # a step-dependent method (LISA) first takes the checkpoint's shape, then its values
+        # a step-dependent method (LISA) first takes the checkpoint's shape, then its values; one whose
+        # shape was chosen from data (LoRA-drop's kept layers) gets its recorded choice back first
+        for key, value in _read_json(latest / "trainer_state.json").get("run_fields", {}).items():
+            if key in state.method.run_fields:
+                setattr(state.cfg.peft, key, value)
         run_on_step(state, int(STEP_DIR.match(latest.name).group(1)))
         saved = load_checkpoint(latest, state.model, state.optimizer, state.scheduler,
                                 state.method.state_prefixes, dist)

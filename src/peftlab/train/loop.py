@@ -121,9 +121,11 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
     metrics, eval_loss = [], None
     if resume:
         notes += ckpt.resume_notes(cfg, run_dir)
+    if dist.is_main:  # the config as given: resuming may set back fields the method chose (run_fields)
+        cfg.save(run_dir / rundir.CONFIG)
+    if resume:
         metrics, eval_loss = ckpt.resume(state, sampler, run_dir)
     if dist.is_main:
-        cfg.save(run_dir / rundir.CONFIG)
         _announce(run, notes, threads)
     with _Log(run, metrics, callbacks) as log:
         eval_loss = _loop(run, log, eval_loss)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import registry, rundir
 from ..config import Config
+from ..data import sample_types
 from ..data.dataset import build_datasets
 from ..errors import ConfigError, DataError, PeftlabError
 from ..export.adapter import merge_adapters_first
@@ -95,7 +96,7 @@ def apply_method(method, model: nn.Module, cfg: Config) -> None:
 def load_data(cfg: Config, tokenizer, seed: int):
     """``build_datasets``, with an unexpected failure reported against the data file, not as a traceback."""
     try:
-        return build_datasets(cfg.data, tokenizer, seed)
+        return build_datasets(cfg.data, tokenizer, seed, sample_types.from_method_config(getattr(cfg, "peft", None)))
     except PeftlabError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, OSError, UnicodeError,
