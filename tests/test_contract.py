@@ -575,7 +575,10 @@ CONTRACT: dict[str, list[Case]] = {
     ],
     # (IA)3 scales in fp32 (PEFT's dtype for ia3_l), also inside an fp64 model
     "ia3": [beyond("ia3", {}, lambda D: {r".+\.ia3_l": ia3_count(D)}, lr=0.1, overfit_ratio=0.6, fp64=False,
-                   peft_config=parity("ia3"))],
+                   peft_config=parity("ia3")),
+            # a quantised base has no float .weight: the scales are made on its device, merge requantises
+            beyond("ia3_nf4", {}, lambda D: {r".+\.ia3_l": ia3_count(D)}, lr=0.1, overfit_ratio=0.6, fp64=False,
+                   model={"quantize": "nf4"}, archs=("llama",))],
     "bitfit": [beyond("bitfit", {"add_biases": True}, lambda D: {r".+\.bias": bitfit_count(D)}, lr=0.1,
                       overfit_ratio=0.7)],
     "lisa": [beyond("lisa", {"layers": 1, "interval": 2}, lambda D: {OUTSIDE: outside_count(D),

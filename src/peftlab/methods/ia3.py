@@ -29,8 +29,10 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
 from ..model.params import freeze
-from ..model.targets import find_targets, linear_shape, peft_target_modules, set_submodule
+from ..model.targets import (find_targets, layer_dtype_device, linear_shape, peft_target_modules, set_submodule,
+                             set_weight_matrix, weight_matrix)
 from ..registry import Method, register
+from .merging import merge_wrappers
 
 # architecture -> (targets, feed-forward targets); others use the Llama names when present
 DEFAULTS = {
@@ -59,7 +61,8 @@ class IA3Linear(nn.Module):
         self.feedforward = feedforward
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         shape = (1, in_f) if feedforward else (out_f, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, device=base_layer.weight.device, dtype=torch.float32))
+        _, device = layer_dtype_device(base_layer)  # a quantised base has no float weight
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=device, dtype=torch.float32))
         self.merged = False
 
     @property
@@ -77,19 +80,21 @@ class IA3Linear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W' = diag(l) W, b' = l ⊙ b (output scaling) or W' = W diag(l) (input scaling)."""
+        """W' = diag(l) W, b' = l ⊙ b (output scaling) or W' = W diag(l) (input scaling); a quantised
+        base layer is requantised (lossy); ``merge`` below dequantises the base first."""
         if self.merged:
             return
-        w = self.base_layer.weight
+        base = self.base_layer
+        w = weight_matrix(base)  # [out, in]
         scale = self.ia3_l.flatten().to(w.device)
-        if self.feedforward:  # columns of W [out, in] = the rows of a Conv1D weight [in, out]
-            factor = scale[:, None] if self.fan_in_fan_out else scale[None, :]
+        if self.feedforward:
+            factor = scale[None, :]
         else:
-            factor = scale[None, :] if self.fan_in_fan_out else scale[:, None]
-            if self.base_layer.bias is not None:
-                b = self.base_layer.bias
+            factor = scale[:, None]
+            if base.bias is not None:
+                b = base.bias
                 b.copy_((b.float() * scale).to(b.dtype))
-        w.copy_((w.float() * factor).to(w.dtype))
+        set_weight_matrix(base, (w.float() * factor).to(w.dtype))
         self.merged = True
 
     def extra_repr(self) -> str:
@@ -137,10 +142,9 @@ def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every scaling vector into its layer's weights and put the plain layers back."""
-    for path, layer in ia3_layers(model).items():
-        layer.merge()
-        set_submodule(model, path, layer.base_layer)
+    """Fold every scaling vector into its layer's weights and put the plain layers back (a quantised
+    base is dequantised first: a merged model is plain)."""
+    merge_wrappers(model, (IA3Linear,), lambda layer: layer.merge())
 
 
 def to_peft_config(cfg: IA3Config, model: nn.Module) -> dict:
