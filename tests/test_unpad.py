@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SMALL_VOCAB, perturb, small_model, with_method
-from test_contract import CONTRACT
 
+from conftest import SMALL_VOCAB, perturb, small_model, with_method
 from peftlab import registry
 from peftlab.data.tokenize import IGNORE
 from peftlab.model.load import load_model
 from peftlab.train import unpad as unpad_mod
 from peftlab.train.loss import causal_lm_loss
 from peftlab.train.unpad import METHODS, unpad_blocker, worth_unpadding
+from test_contract import CONTRACT
 
 LENGTHS = (17, 9, 4, 13)  # right-padded rows of four lengths (one much shorter than the width)
 

@@ -29,8 +29,15 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
 from ..model.params import freeze
-from ..model.targets import (find_targets, layer_dtype_device, linear_shape, peft_target_modules, set_submodule,
-                             set_weight_matrix, weight_matrix)
+from ..model.targets import (
+    find_targets,
+    layer_dtype_device,
+    linear_shape,
+    peft_target_modules,
+    set_submodule,
+    set_weight_matrix,
+    weight_matrix,
+)
 from ..registry import Method, register
 from .merging import merge_wrappers
 
