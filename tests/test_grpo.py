@@ -438,8 +438,7 @@ def test_beta_from_an_init_from_adapter_measures_the_kl_to_the_starting_model(tm
                      "train.lr=1e-9", name="grpo")
     run_cfg = load_config(None, args)
     assert resolve_kind("auto", registry.get("lora"), run_cfg.peft, model) == "frozen_copy"
-    with pytest.raises(ConfigError, match="starts from the adapter peft.init_from"):
-        resolve_kind("adapter_off", registry.get("lora"), run_cfg.peft, model)
+    assert resolve_kind("adapter_off", registry.get("lora"), run_cfg.peft, model) == "adapter_off"  # asked by name
     train(run_cfg)
     row = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -30,16 +30,16 @@ from .seq_logps import row_logps
 
 
 def resolve_kind(kind: str, method, peft_cfg, model: nn.Module) -> str:
-    """``auto`` made concrete; adapter_off refused where it would not give the starting model."""
+    """``auto`` made concrete (the starting model); adapter_off refused where it would not give the base."""
     edits = method.edits_base is not None and method.edits_base(peft_cfg)
     # peft.init_from starts the modules from a saved adapter (an SFT LoRA): switching them off gives
     # the base before that adapter, not the model training starts from
     init_from = getattr(peft_cfg, "init_from", None)
     if kind == "auto":
         return "frozen_copy" if edits or init_from or not has_wrappers(model) else "adapter_off"
-    if kind == "adapter_off" and (edits or init_from or not has_wrappers(model)):
-        why = ("changes the base model's own weights" if edits else
-               f"starts from the adapter peft.init_from={init_from}" if init_from else "has no modules to switch off")
+    # asked for by name with init_from, adapter_off is the base before that adapter (a KL to the base)
+    if kind == "adapter_off" and (edits or not has_wrappers(model)):
+        why = ("changes the base model's own weights" if edits else "has no modules to switch off")
         raise ConfigError(f"pref.reference=adapter_off: peft.method={method.name} {why}, so switching its modules off "
                           "does not give the model training started from; use pref.reference=frozen_copy "
                           "(or precomputed, which needs no copy during training)")
