@@ -389,3 +389,56 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
     assert any(a[k].abs().max() > 1e-4 for k in a if "lora_B" in k), "the adapters must have trained"
+
+
+def test_rollout_prompts_answers_and_masks_are_the_eval_harnesss(tmp_path):
+    """What GRPO trains on is what the held-out eval scores (docs/results.md section 4 checked each
+    link when GRPO lowered held-out exact match): the rollout's prompt is the prompt ``peftlab
+    generate`` renders for the record, token for token (same template, same generation prompt); its
+    answer is the record's last assistant turn; the exact-match reward is eval's exact match; a
+    completion is cut after its first stop token, which is trained on, and the pads after it are
+    masked out of the loss."""
+    from peftlab.data.dataset import build_datasets
+    from peftlab.data.prompts import prompts_from_examples
+    from peftlab.eval.metrics import exact_match as eval_exact_match
+    from peftlab.train.grpo_rollout import cut_at_stop, layout
+    from peftlab.train.rewards import exact_match
+
+    cfg, model, tok, data, state = started(tmp_path)
+    ds = build_datasets(cfg.data, tok, cfg.train.seed)
+    prompts = prompts_from_examples(ds.eval, tok)
+    assert len(prompts) == len(ds.eval_records) == 4
+    for p, rec in zip(prompts, ds.eval_records):
+        assert p.input_ids == list(ds.encoder.prompt_ids(rec.messages[:-1]))
+        assert p.answer == rec.messages[-1]["content"]
+    for got, want in [("one two  three", "one two three"), (" 5\n", "5"), ("Red", "red"), ("5.", "5"), ("", "")]:
+        assert exact_match(got, want) == eval_exact_match(got, want)
+    eos, pad = 7, 0
+    rows = [cut_at_stop([5, 6, eos, 9, 9], {eos}), cut_at_stop([5, 6, 8], {eos})]
+    assert rows == [[5, 6, eos], [5, 6, 8]]
+    batch = layout([[1, 2], [1, 2]], [[5, eos], [5, 6, 8]], pad)
+    assert batch["completion_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, 5, eos, -100], [-100, -100, 5, 6, 8]]
+
+
+def test_beta_from_an_init_from_adapter_measures_the_kl_to_the_starting_model(tmp_path):
+    """The bug: with peft.init_from (GRPO from an SFT LoRA) the reference was the model with its
+    adapter switched off, i.e. the base before SFT, so beta > 0 pulled the policy toward the base
+    (the first step's KL was far from 0). The reference is now a frozen copy of the starting model,
+    taken after the adapter is loaded: at the first step the policy is the reference, KL 0."""
+    from peftlab import registry
+    from peftlab.export.adapter import save_adapter
+    from peftlab.train.loop import train
+    from peftlab.train.reference import resolve_kind
+
+    cfg, model, tok, data, state = started(tmp_path)
+    randomize(model, std=0.3)  # a trained-looking adapter: far from the base
+    save_adapter(model, cfg.peft, tmp_path / "sft_adapter")
+    args = grpo_args(tmp_path, f"peft.init_from={tmp_path / 'sft_adapter'}", "grpo.beta=0.1", "train.steps=1",
+                     "train.lr=1e-9", name="grpo")
+    run_cfg = load_config(None, args)
+    assert resolve_kind("auto", registry.get("lora"), run_cfg.peft, model) == "frozen_copy"
+    assert resolve_kind("adapter_off", registry.get("lora"), run_cfg.peft, model) == "adapter_off"  # asked by name
+    train(run_cfg)
+    row = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -8,7 +8,9 @@
                   log-probabilities travel with the examples (``ref_logps`` in the batch), so a
                   step runs one forward instead of two and no copy stays in memory
     none          reference-free: log-probabilities 0
-    auto          adapter_off where the method leaves the base untouched, else frozen_copy
+    auto          adapter_off where the method leaves the base untouched and starts from it, else
+                  frozen_copy (``peft.init_from``: the copy holds the adapter training starts from,
+                  taken after it is loaded: train/step.start_training)
 
 The reference always runs without gradients and in eval mode (no dropout: a fixed target).
 """
@@ -28,10 +30,14 @@ from .seq_logps import row_logps
 
 
 def resolve_kind(kind: str, method, peft_cfg, model: nn.Module) -> str:
-    """``auto`` made concrete; adapter_off refused where it would not give the starting model."""
+    """``auto`` made concrete (the starting model); adapter_off refused where it would not give the base."""
     edits = method.edits_base is not None and method.edits_base(peft_cfg)
+    # peft.init_from starts the modules from a saved adapter (an SFT LoRA): switching them off gives
+    # the base before that adapter, not the model training starts from
+    init_from = getattr(peft_cfg, "init_from", None)
     if kind == "auto":
-        return "frozen_copy" if edits or not has_wrappers(model) else "adapter_off"
+        return "frozen_copy" if edits or init_from or not has_wrappers(model) else "adapter_off"
+    # asked for by name with init_from, adapter_off is the base before that adapter (a KL to the base)
     if kind == "adapter_off" and (edits or not has_wrappers(model)):
         why = ("changes the base model's own weights" if edits else "has no modules to switch off")
         raise ConfigError(f"pref.reference=adapter_off: peft.method={method.name} {why}, so switching its modules off "

@@ -109,6 +109,9 @@ def start_training(model: nn.Module, cfg: Config, total_steps: int, *, dist: Dis
         method.on_train_start(model, cfg.peft, total_steps)
     if getattr(cfg.peft, "init_from", None):
         init_from_adapter(model, method, cfg.peft.init_from)
+        reference = getattr(objective, "reference", None)  # DPO, KTO, GRPO (beta > 0): the copy was made
+        if reference is not None and reference.copy is not None:  # before the adapter was loaded
+            reference.copy.load_state_dict(model.state_dict())
     loss_options = apply_speed_options(model, method, cfg.train)
     objective = objective or CausalLM(**loss_options)
     if engine is None:
