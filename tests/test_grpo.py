@@ -442,3 +442,21 @@ def test_beta_from_an_init_from_adapter_measures_the_kl_to_the_starting_model(tm
     train(run_cfg)
     row = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_per_reward_std_is_pooled_over_processes():
+    """reward_<name>_std is the std of every process's completions together, not a mean of per-rank stds."""
+    from types import SimpleNamespace
+
+    from peftlab.train.preference import reduce_stats
+
+    ranks = [torch.tensor([0.0, 1.0, 1.0]), torch.tensor([5.0, 6.0, 7.0])]
+    stats = [{"reward_em": (float(x.sum()), 3), "reward_em__sq": (float((x ** 2).sum()), 3)} for x in ranks]
+    names = sorted(stats[0])
+    both = torch.tensor([v for k in names for v in (stats[0][k][0] + stats[1][k][0], 6)], dtype=torch.float64)
+    dist = SimpleNamespace(world_size=2, all_reduce_sum=lambda flat: both)
+    out = reduce_stats(stats[0], dist, "cpu")
+    pooled = torch.cat(ranks)
+    assert out == {"reward_em": round(float(pooled.mean()), 6), "reward_em_std": round(float(pooled.std()), 6)}
+    alone = reduce_stats(stats[1], SimpleNamespace(world_size=1), "cpu")
+    assert alone["reward_em_std"] == round(float(ranks[1].std()), 6)

@@ -140,5 +140,5 @@ def _stats(objective, table: torch.Tensor, total: torch.Tensor, completions: lis
         for f, rw in enumerate(objective.rewards):
             col = table[:, f]
             out[f"reward_{rw.name}"] = (float(col.sum()), n)
-            out[f"reward_{rw.name}_std"] = (float(col.std()) * n if n > 1 else 0.0, n)
+            out[f"reward_{rw.name}__sq"] = (float((col.double() ** 2).sum()), n)  # -> reward_<name>_std, pooled
     return out

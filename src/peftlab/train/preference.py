@@ -16,6 +16,8 @@ reward above the rejected), and the policy's log-probabilities.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -48,13 +50,30 @@ class Stats:
 
 
 def reduce_stats(stats: dict[str, tuple[float, int]], dist, device, prefix: str = "") -> dict[str, float]:
-    """{prefix + name: mean over every process} of ``pop_stats``' (sum, count) pairs."""
+    """{prefix + name: mean over every process} of ``pop_stats``' (sum, count) pairs; a ``name__sq``
+    entry (the sum of squares of the values summed under ``name``) becomes ``name_std``, the sample
+    std over every process's values (pooled, not a mean of per-process stds)."""
     names = sorted(stats)
     if dist.world_size > 1:  # every rank has the same names (same objective, same batch layout)
         flat = torch.tensor([x for k in names for x in stats[k]], dtype=torch.float64, device=device)
         flat = dist.all_reduce_sum(flat).tolist()
         stats = {k: (flat[2 * i], flat[2 * i + 1]) for i, k in enumerate(names)}
-    return {prefix + k: round(stats[k][0] / stats[k][1], 6) for k in names if stats[k][1]}
+    out = {}
+    for k in names:
+        total, n = stats[k]
+        if not n:
+            continue
+        if k.endswith(SQUARES):  # (sum of squares, n) beside (sum, n) under the base name: a pooled std
+            base = k[:-len(SQUARES)]
+            if base in stats and n > 1:
+                mean = stats[base][0] / n
+                out[prefix + base + "_std"] = round(math.sqrt(max(total / n - mean * mean, 0.0) * n / (n - 1)), 6)
+            continue
+        out[prefix + k] = round(total / n, 6)
+    return out
+
+
+SQUARES = "__sq"  # a stats key ending in this carries the sum of squares of the values under its base name
 
 
 class DPO:
