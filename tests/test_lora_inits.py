@@ -133,6 +133,11 @@ def test_eva_equals_peft_and_its_adapter_loads_in_peft(arch, ids, tmp_path):
     fresh = copy.deepcopy(original)
     load_adapter(fresh, tmp_path / "eva")
     close(logits(fresh, ids), logits(model, ids), 1e-5)
+    randomize(peft_model, names=("lora_B",), std=0.1, seed=4)  # PEFT's own EVA file (init_lora_weights="eva")
+    peft_model.save_pretrained(tmp_path / "peft_eva")
+    theirs_loaded = copy.deepcopy(original)
+    load_adapter(theirs_loaded, tmp_path / "peft_eva")
+    close(logits(theirs_loaded, ids), logits(peft_model, ids), 1e-5)
 
 
 # ---------------------------------------------------------------------------- CorDA, LoRA-GA
