@@ -252,11 +252,11 @@ def test_loftq_equals_its_formula_and_the_error_falls_with_iterations(arch):
             torch.testing.assert_close(layer.base_layer.dequantize(torch.float32), q, atol=1e-6, rtol=0)
             torch.testing.assert_close(layer.scaling * layer.lora_B.weight @ layer.lora_A.weight, b @ a,
                                        atol=1e-4, rtol=0)
-        errors[iters] = sum(float(torch.linalg.norm(weight(base, p) - l.base_layer.dequantize(torch.float32)
-                                                    - l.scaling * l.lora_B.weight @ l.lora_A.weight) ** 2)
-                            for p, l in layers.items()) ** 0.5
+        errors[iters] = sum(float(torch.linalg.norm(weight(base, p) - m.base_layer.dequantize(torch.float32)
+                                                    - m.scaling * m.lora_B.weight @ m.lora_A.weight)) ** 2
+                            for p, m in layers.items()) ** 0.5
     plain = sum(float(torch.linalg.norm(weight(base, p) - QuantLinear.from_float(base.get_submodule(p), "nf4")
-                                        .dequantize(torch.float32)) ** 2) for p, l in layers.items()) ** 0.5
+                                        .dequantize(torch.float32))) ** 2 for p in layers) ** 0.5
     assert errors[5] < errors[2] < errors[1] < plain  # QLoRA's start (B = 0) has the plain NF4 error
 
 
