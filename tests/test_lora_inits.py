@@ -32,6 +32,7 @@ from peftlab.configure import load_config
 from peftlab.export.adapter import load_adapter, save_adapter
 from peftlab.methods import lora_init
 from peftlab.methods.lowrank import LoRALinear
+from peftlab.model.load import load_model
 from peftlab.quant.layers import QuantLinear
 from peftlab.train import setup
 from peftlab.train.loop import train
@@ -318,5 +319,10 @@ def test_loftq_loads_float_then_quantises_the_rest_and_learns(tmp_path):
     for layer in lora_init.linear_layers(model).values():
         assert isinstance(layer.base_layer, QuantLinear) and layer.lora_A.weight.dtype == torch.float32
     assert json.loads((result.artifact / "adapter_config.json").read_text())["init_lora_weights"] == "loftq"
+    cfg = load_config(None, args)  # LoftQ saw the float W (not q(W)): its Q_T is the formula's on the float model
+    float_model, _ = load_model(dataclasses.replace(cfg.model, quantize=None), seed=cfg.train.seed, with_tokenizer=False)
+    path = "model.layers.0.self_attn.q_proj"
+    q, _, _ = loftq_formula(weight(float_model, path), 4, 2)
+    torch.testing.assert_close(model.get_submodule(path).base_layer.dequantize(torch.float32), q, atol=1e-6, rtol=0)
     with pytest.raises(Exception, match="model.quantize=nf4"):
         train(load_config(None, run_args(tmp_path, tmp_path / "r", **{"peft.init": "loftq", "train.save_every": 0})))
