@@ -45,7 +45,7 @@ class IncrementalPCA:
         """Column mean and variance of everything seen plus ``x`` (Chan et al.'s pairwise update)."""
         n = x.shape[0]
         total = self.count + n
-        old_sum = self.mean * self.count if self.mean is not None else torch.zeros(x.shape[1], dtype=torch.float64)
+        old_sum = self.mean * self.count if self.mean is not None else torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
         new_sum = x.sum(dim=0, dtype=torch.float64)
         centred = x - new_sum / n
         new_ss = centred.square().sum(dim=0, dtype=torch.float64) - centred.sum(dim=0, dtype=torch.float64).square() / n
@@ -68,7 +68,7 @@ class IncrementalPCA:
             x -= batch_mean
             correction = torch.sqrt(torch.tensor(self.count / total, dtype=torch.float64) * n) * (self.mean - batch_mean)
             x = torch.cat([self.singular[:, None] * self.components, x, correction[None]])
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.manual_seed(SEED)
             _, s, v = torch.svd_lowrank(x, q=2 * self.k, niter=NITER)
         vt = v.mH

@@ -232,7 +232,7 @@ def lora_ga_init(model: nn.Module, layers: dict[str, LoRALinear], batches: list[
 @torch.no_grad()
 def lora_ga_factors(g: torch.Tensor, r: int):
     """(A [r, in], B [out, r]) from the gradient G [out, in]."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[g.device] if g.is_cuda else []):
         torch.manual_seed(0)
         u, sv, v = torch.svd_lowrank(g, q=min(4 * r, min(g.shape)), niter=4)
     a = v.T[:r]
