@@ -79,6 +79,15 @@ METHODS: dict[str, tuple[list[str], float]] = {
     "lora_drop": (["peft.method=lora_drop", "peft.r=8", "peft.alpha=16", "peft.warmup_steps=10",
                    "peft.threshold=0.9"], 1e-3),
     "lora_r4": (["peft.method=lora", "peft.r=4", "peft.alpha=8"], 1e-3),
+    # issue 19's LoRA inits: plain LoRA's settings and lr, only peft.init differs (8 init batches by default);
+    # LoftQ beside QLoRA (plain LoRA on the same NF4 base)
+    "lora_eva": (["peft.method=lora", "peft.r=8", "peft.alpha=16", "peft.init=eva"], 1e-3),
+    "lora_corda_ipm": (["peft.method=lora", "peft.r=8", "peft.alpha=16", "peft.init=corda_ipm"], 1e-3),
+    "lora_corda_kpm": (["peft.method=lora", "peft.r=8", "peft.alpha=16", "peft.init=corda_kpm"], 1e-3),
+    "lora_ga": (["peft.method=lora", "peft.r=8", "peft.alpha=16", "peft.init=lora_ga"], 1e-3),
+    "qlora": (["peft.method=lora", "peft.r=8", "peft.alpha=16", "model.quantize=nf4"], 1e-3),
+    "lora_loftq": (["peft.method=lora", "peft.r=8", "peft.alpha=16", "peft.init=loftq", "peft.loftq_iter=5",
+                    "model.quantize=nf4"], 1e-3),
 }
 
 

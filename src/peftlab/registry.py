@@ -108,6 +108,18 @@ class Method:
     set_speed:    optional ``set_speed(model, fast_path, cache_weight) -> None``: the loop's speed
                   levers for the method's layers (LoRA's fused autograd function; keeping a cached
                   weight, off under FSDP where weights are gathered per step).
+    init_batches: optional ``init_batches(cfg) -> int``: how many training batches a data-driven
+                  initialisation reads (EVA, CorDA, LoRA-GA); 0 or None: none.
+    init_from_data: optional ``init_from_data(model, cfg, batches, saved) -> None``, called by the
+                  training loop once, after ``apply`` and the data are ready and before the
+                  parameter report, ``on_train_start`` and the optimiser. ``batches``: the
+                  ``init_batches(cfg)`` collated batches from the start of the training data's
+                  seeded order (the same on every rank), or None when resuming: then ``saved`` holds
+                  the checkpoint's tensors and the method rebuilds from them what its init changed
+                  outside them (per-layer ranks, the base's residual), without reading data.
+    float_base:   optional ``float_base(cfg) -> str | None``: the ``model.quantize`` kind the method
+                  quantises the base to itself (LoftQ): the loop then loads the base in float, runs
+                  ``apply`` on the float weights, and quantises the rest of the base after it.
     edits_base:   optional ``edits_base(cfg) -> bool``: True when the method changes the base
                   model's own weights (full fine-tuning, BitFit, LISA, ReLoRA's merges, Delta-LoRA,
                   PiSSA/OLoRA's residual), so switching its modules off (methods/base_only.py) does
@@ -140,6 +152,9 @@ class Method:
     set_speed: Callable[[nn.Module, bool, bool], None] | None = None
     edits_base: Callable[[Any], bool] | None = None
     run_fields: tuple[str, ...] = ()
+    init_batches: Callable[[Any], int] | None = None
+    init_from_data: Callable[..., None] | None = None
+    float_base: Callable[[Any], str | None] | None = None
     aliases: tuple[str, ...] = field(default=())
 
 

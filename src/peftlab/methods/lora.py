@@ -18,6 +18,12 @@ init, scaling or optimiser groups are fields here:
   s (B A - B0 A0) = s [B, -B0] [A; A0].
 - OLoRA (Büyükakyüz 2024, arXiv:2406.01775): ``init=olora``: W = Q R; B = Q_r, A = R_r,
   W_res = W - s B A. Saved like PiSSA.
+- Data-driven inits, from ``init_batches`` training batches read before the optimiser exists
+  (``methods/lora_init.py``, ``lora_eva.py``): ``init=eva`` (A from the layer inputs' principal
+  directions, ranks redistributed, knobs ``eva_rho``, ``eva_tau``), ``init=corda_ipm|corda_kpm``
+  (CorDA: SVD of W times the input covariance), ``init=lora_ga`` (LoRA-GA: SVD of the gradient).
+- LoftQ (Li et al. 2023, arXiv:2310.08659): ``init=loftq`` with ``model.quantize``: alternating
+  quantise / rank-r SVD of the residual (``loftq_iter`` times) on the float W, before the base is quantised.
 - LoRA+ (Hayou et al. 2024, arXiv:2402.12354): ``loraplus_lr_ratio`` -> lr(B) = ratio * lr(A);
   LoRA on embeddings at ``loraplus_lr_embedding``.
 - LoRA-FA (Zhang et al. 2023, arXiv:2308.03303): ``freeze_a`` -> A stays at its random init,
@@ -49,13 +55,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.params import default_param_groups
-from ..model.targets import peft_target_modules, set_weight_matrix, weight_matrix
+from ..model.targets import peft_target_modules, weight_matrix
 from ..registry import Method, get, register
-from . import lora_experts, peft_format
+from . import lora_experts, lora_init, peft_format
 from .lowrank import WRAPPERS, LoRAEmbedding, LoRALinear, apply_lora_family, merge_delta
 from .merging import merge_wrappers
 
-INITS = ("kaiming", "gaussian", "pissa", "olora")
+INITS = ("kaiming", "gaussian", "pissa", "olora", "eva", "corda_ipm", "corda_kpm", "lora_ga", "loftq")
+LOFTQ_KINDS = {4: "nf4", 8: "int8"}
 LORA_TENSORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
@@ -67,7 +74,14 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: str | list[str] = "all-linear"  # layer names, a regex, or all-linear; embeddings by name
     use_rslora: bool = False  # s = alpha / sqrt(r)
-    init: str = "kaiming"  # kaiming | gaussian | pissa | olora
+    init: str = "kaiming"  # kaiming | gaussian | pissa | olora | eva | corda_ipm | corda_kpm | lora_ga | loftq
+    init_batches: int = 8  # eva / corda / lora_ga: training batches the init reads before training
+    eva_rho: float = 2.0  # EVA: a layer's rank may grow to rho * r (1 = no redistribution)
+    eva_tau: float = 0.99  # EVA: a component has converged at this cosine similarity between batches
+    loftq_iter: int = 1  # LoftQ: alternating quantise / SVD iterations
+    loftq_bits: int = 4  # LoftQ: the base's quantisation, 4 (model.quantize=nf4) or 8 (int8)
+    rank_pattern: dict = field(default_factory=dict)  # layer path (suffix regex) -> rank (EVA's result, PEFT's)
+    alpha_pattern: dict = field(default_factory=dict)  # layer path (suffix regex) -> alpha
     pissa_niter: int = 0  # PiSSA: 0 exact SVD; N >= 1 randomised SVD with N subspace iterations
     freeze_a: bool = False  # LoRA-FA: A frozen at init, only B trains
     loraplus_lr_ratio: float | None = None  # LoRA+: lr(B) = ratio * lr(A)
@@ -106,8 +120,19 @@ class LoRAConfig:
                 raise ConfigError("peft.target_parameters (LoRA on fused expert tensors) works with plain LoRA, "
                                   "init kaiming or gaussian and dropout 0 (dropout cannot be factored out of W + ΔW); "
                                   f"got method={self.method}, init={self.init}, dropout={self.dropout}")
-        if self.enable_lora and self.init in ("pissa", "olora"):
+        if self.enable_lora and self.init not in ("kaiming", "gaussian"):
             raise ConfigError(f"peft.init={self.init} initialises whole layers; it cannot combine with peft.enable_lora")
+        if self.init in (*lora_init.DATA_INITS, "loftq") and (self.method != "lora" or self.target_parameters):
+            raise ConfigError(f"peft.init={self.init} is plain LoRA's (peft.method=lora, no target_parameters); "
+                              f"got method={self.method}")
+        if self.init in lora_init.DATA_INITS and self.init_batches < 1:
+            raise ConfigError(f"peft.init={self.init} reads training batches first: peft.init_batches must be >= 1, "
+                              f"got {self.init_batches}")
+        if self.eva_rho < 1.0 or not 0.0 <= self.eva_tau <= 1.0:
+            raise ConfigError(f"peft.eva_rho must be >= 1 and peft.eva_tau in [0, 1]; got {self.eva_rho}, {self.eva_tau}")
+        if self.loftq_iter < 1 or self.loftq_bits not in LOFTQ_KINDS:
+            raise ConfigError(f"peft.loftq_iter must be >= 1 and peft.loftq_bits 4 or 8; got {self.loftq_iter}, "
+                              f"{self.loftq_bits}")
 
 
 def check_alpha(alpha: float) -> None:
@@ -120,14 +145,11 @@ def check_alpha(alpha: float) -> None:
 
 @torch.no_grad()
 def principal_init(layer: nn.Module, init: str, niter: int = 0) -> None:
-    """PiSSA / OLoRA: factors from the top-r SVD / QR of W; W_res = W - s B A becomes the base.
-
-    ``layer`` has ``base_layer``, ``lora_A`` [r, in], ``lora_B`` [out, r], ``scaling``, ``r``.
-    The initial factors are kept as buffers ``lora_A0`` / ``lora_B0`` for the conversion on save.
-    """
+    """PiSSA / OLoRA: factors from the top-r SVD / QR of W; W_res = W - s B A becomes the base
+    (``lora_init.set_residual`` keeps the initial factors as buffers A0 / B0 for saving)."""
     if layer.lora_A.weight.is_meta:
         return
-    r, s = layer.r, layer.scaling
+    r = layer.r
     w = weight_matrix(layer.base_layer).float()  # [out, in]
     if init == "pissa":
         if niter:
@@ -135,17 +157,11 @@ def principal_init(layer: nn.Module, init: str, niter: int = 0) -> None:
             vh = v.T
         else:
             u, sv, vh = torch.linalg.svd(w, full_matrices=False)
-        root = torch.sqrt(sv[:r] / s)
-        a = root[:, None] * vh[:r]
-        b = u[:, :r] * root[None, :]
+        root = torch.sqrt(sv[:r] / layer.scaling)
+        lora_init.set_residual(layer, root[:, None] * vh[:r], u[:, :r] * root[None, :])
     else:  # olora
         q, rr = torch.linalg.qr(w)
-        a, b = rr[:r].contiguous(), q[:, :r].contiguous()
-    layer.lora_A.weight.copy_(a)
-    layer.lora_B.weight.copy_(b)
-    set_weight_matrix(layer.base_layer, w - s * (b @ a))
-    layer.register_buffer("lora_A0", a.to(layer.lora_A.weight.dtype).clone())
-    layer.register_buffer("lora_B0", b.to(layer.lora_B.weight.dtype).clone())
+        lora_init.set_residual(layer, rr[:r].contiguous(), q[:, :r].contiguous())
 
 
 def apply(model: nn.Module, cfg: LoRAConfig) -> None:
@@ -154,12 +170,15 @@ def apply(model: nn.Module, cfg: LoRAConfig) -> None:
                            sparsity_dropout=cfg.sparsity_dropout)
         if cfg.init in ("pissa", "olora"):
             principal_init(layer, cfg.init, cfg.pissa_niter)
+        elif cfg.init == "loftq":
+            lora_init.loftq_init(layer, LOFTQ_KINDS[cfg.loftq_bits], cfg.loftq_iter)
         return layer
 
     def embedding(base):
         return LoRAEmbedding(base, cfg.r, cfg.alpha, cfg.use_rslora)
 
     apply_lora_family(model, cfg, linear, embedding)
+    lora_init.apply_patterns(model, cfg)
     if cfg.target_parameters:
         lora_experts.apply(model, list(cfg.target_parameters), cfg.r, cfg.alpha, cfg.use_rslora)
 
@@ -216,8 +235,14 @@ def _principal(model: nn.Module) -> bool:
 
 
 def saved_config(cfg: LoRAConfig, model: nn.Module) -> LoRAConfig:
-    """PiSSA/OLoRA adapters are saved as plain LoRA of rank 2r with the same scaling."""
-    if cfg.init not in ("pissa", "olora") or not _principal(model):
+    """Inits that changed W (PiSSA, OLoRA, CorDA, LoRA-GA) are saved as plain LoRA of rank 2r with
+    the same scaling; EVA as plain LoRA with its per-layer ranks and alphas (PEFT's patterns)."""
+    if cfg.init == "eva":
+        layers = [n for n, m in model.named_modules() if isinstance(m, WRAPPERS)]
+        ranks, alphas = lora_init.saved_patterns(model, cfg)
+        return dataclasses.replace(cfg, init="kaiming", targets=peft_target_modules(model, cfg.targets, layers),
+                                   rank_pattern=ranks, alpha_pattern=alphas)
+    if cfg.init not in lora_init.RESIDUAL_INITS or not _principal(model):
         return cfg
     alpha = cfg.alpha * (math.sqrt(2) if cfg.use_rslora else 2)
     return dataclasses.replace(cfg, r=2 * cfg.r, alpha=alpha, init="kaiming", pissa_niter=0)
@@ -253,15 +278,16 @@ def to_peft_config(cfg: LoRAConfig, model: nn.Module) -> dict:
         "use_rslora": cfg.use_rslora,
         "use_dora": cfg.method == "dora",
         "modules_to_save": peft_format.additional_targets_for_peft(cfg),
-        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else "loftq" if cfg.init == "loftq" else True,
         "inference_mode": True,
+        **({"rank_pattern": dict(cfg.rank_pattern)} if cfg.rank_pattern else {}),
+        **({"alpha_pattern": dict(cfg.alpha_pattern)} if cfg.alpha_pattern else {}),
+        **({"loftq_config": {"loftq_bits": cfg.loftq_bits, "loftq_iter": cfg.loftq_iter}} if cfg.init == "loftq" else {}),
         **({"target_parameters": list(cfg.target_parameters)} if cfg.target_parameters else {}),
     }
 
 
 UNSUPPORTED = {  # adapter_config.json keys (and the values) peftlab's LoRA cannot load
-    "rank_pattern": bool,
-    "alpha_pattern": bool,
     "layers_to_transform": lambda v: v is not None,
     "lora_bias": bool,
     "trainable_token_indices": bool,
@@ -275,7 +301,7 @@ def from_peft_config(d: dict):
         if key in d and bad(d[key]):
             raise ConfigError(f"adapter_config.json has {key}={d[key]!r}, which peftlab's LoRA does not load")
     init = d.get("init_lora_weights", True)
-    if isinstance(init, str) and init != "gaussian":
+    if isinstance(init, str) and init not in ("gaussian", "eva", "loftq"):  # EVA's file is plain LoRA
         raise ConfigError(
             f"adapter_config.json has init_lora_weights={init!r}: the adapter is a delta against PEFT's "
             "modified (residual) base, not the original model; save it from PEFT with "
@@ -288,7 +314,10 @@ def from_peft_config(d: dict):
         dropout=float(d.get("lora_dropout", 0.0) or 0.0),
         targets=targets,
         use_rslora=bool(d.get("use_rslora", False)),
-        init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
+        init=init if init in ("gaussian", "loftq") else "kaiming",  # LoftQ: rebuild its base from the float W
+        **({f"loftq_{k}": int(d["loftq_config"][f"loftq_{k}"]) for k in ("bits", "iter")} if init == "loftq" else {}),
+        rank_pattern=dict(d.get("rank_pattern") or {}),
+        alpha_pattern={k: float(v) for k, v in (d.get("alpha_pattern") or {}).items()},
         additional_targets=peft_format.additional_targets_from_peft(d),
         target_parameters=list(d["target_parameters"]) if d.get("target_parameters") else None,
     )
@@ -305,7 +334,10 @@ register(
         param_groups=param_groups,
         saved_config=saved_config,
         set_speed=set_speed,
-        edits_base=lambda cfg: cfg.init in ("pissa", "olora"),  # the base keeps the residual W - s·BA
+        edits_base=lambda cfg: cfg.init in (*lora_init.RESIDUAL_INITS, "loftq"),  # the base keeps W - s·B0A0 / Q
+        init_batches=lambda cfg: cfg.init_batches if cfg.init in lora_init.DATA_INITS else 0,
+        init_from_data=lora_init.init_from_data,
+        float_base=lambda cfg: LOFTQ_KINDS[cfg.loftq_bits] if cfg.init == "loftq" else None,
     )
 )
 

@@ -60,8 +60,12 @@ def _linear_paths(model: nn.Module) -> list[str]:
     from ..model.targets import LINEAR_TYPES, output_head_names
 
     heads = output_head_names(model)
+    # an adapter's own layers (the siblings of a wrapper's ``base_layer``: LoRA's A and B, when the
+    # base is quantised after a method was applied, as LoftQ's load order does) stay in float
+    wrapped = {n for n, m in model.named_modules() if n and hasattr(m, "base_layer")}
+    own = {n for n, _ in model.named_modules() if n.rpartition(".")[0] in wrapped and not n.endswith(".base_layer")}
     return [n for n, m in model.named_modules() if n and isinstance(m, LINEAR_TYPES) and n not in heads
-            and not isinstance(m, QuantLinear)]
+            and not isinstance(m, QuantLinear) and not any(n == o or n.startswith(o + ".") for o in own)]
 
 
 def quantize_model(model: nn.Module, kind: str | None) -> nn.Module:
@@ -74,6 +78,8 @@ def quantize_model(model: nn.Module, kind: str | None) -> nn.Module:
     from ..model.targets import set_submodule
 
     paths = _linear_paths(model)
+    if not paths and model_is_quantized(model):
+        return model  # a method quantised every layer itself (LoftQ over all-linear)
     if not paths:
         raise ConfigError(f"model.quantize={kind}: {type(model).__name__} has no linear layers to quantise")
     for path in paths:

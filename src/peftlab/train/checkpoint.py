@@ -316,6 +316,16 @@ def resume(state: TrainState, sampler, run_dir: Path) -> tuple[list[dict], float
     return metrics, eval_loss
 
 
+def latest_tensors(run_dir: Path, dist: DistContext) -> dict[str, torch.Tensor] | None:
+    """The model tensors of the checkpoint a resume will load (None when there is none): what a
+    data-driven init rebuilds its layers from instead of reading data again."""
+    latest = dist.on_main(latest_checkpoint, run_dir)
+    if latest is None:
+        return None
+    refuse_pickles(Path(latest), "checkpoints")
+    return _read_tensors(Path(latest) / "trainable.safetensors")
+
+
 def finished_run(cfg: Config, run_dir: Path) -> tuple[dict, Path] | None:
     """(summary.json, the artifact) when ``--resume`` finds the run already done, else None."""
     summary = rundir.read_summary(run_dir)

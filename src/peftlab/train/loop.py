@@ -108,6 +108,7 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
     model, tokenizer = setup.prepared_model(cfg, model, tokenizer)
     data = setup.load_data(cfg, tokenizer, t.seed)
     prepare_data(cfg, data)
+    _data_init(cfg, model, data, run_dir, resume, dist)
     notes = check_run_fits(model, data, cfg.data, t, dist.world_size)
     steps = setup.total_steps(cfg, len(data.train), dist.world_size)
     sampler = data.sampler(t.batch_size, t.seed, cfg.data.shuffle, dist.rank, dist.world_size)
@@ -132,6 +133,18 @@ def _train(cfg: Config, dist: DistContext, run_dir: Path, resume: bool, model, t
     artifact = _finish(run, eval_loss, metrics)
     return RunResult(run_dir, state.step, metrics, eval_loss, artifact, model, tokenizer, data.encoder, data,
                      time.time() - started)
+
+
+def _data_init(cfg: Config, model: nn.Module, data, run_dir: Path, resume: bool, dist: DistContext) -> None:
+    """A data-driven init (``Method.init_from_data``: EVA, CorDA, LoRA-GA) reads its batches once,
+    before the optimiser exists; a resumed run gives it the checkpoint's tensors instead, so the
+    init is not redone (the checkpoint holds its result)."""
+    method = registry.get(cfg.peft.method)
+    if method.init_from_data is None or not (method.init_batches and method.init_batches(cfg.peft)):
+        return
+    saved = ckpt.latest_tensors(run_dir, dist) if resume else None
+    batches = None if saved is not None else setup.init_batches(method, cfg, data)
+    method.init_from_data(model, cfg.peft, batches, saved)
 
 
 def _loop(run: _Run, log: _Log, eval_loss: float | None) -> float | None:

@@ -7,6 +7,7 @@ setting, never as a traceback from deep inside a method or a data reader.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -19,19 +20,35 @@ from ..data import sample_types
 from ..data.dataset import build_datasets
 from ..errors import ConfigError, DataError, PeftlabError
 from ..export.adapter import merge_adapters_first
-from ..model.load import is_config_name, load_model
+from ..model.load import is_config_name, load_model, quantize_base
+from ..quant.convert import model_is_quantized
 from ..validate import check_data_settings, check_output_dir, check_path, refuse_pickled_model
 from .runtime import seed_everything
 
 
 def prepared_model(cfg: Config, model: nn.Module | None, tokenizer) -> tuple[nn.Module, object]:
-    """The model (loaded unless given) with the method applied and gradient checkpointing set."""
+    """The model (loaded unless given) with the method applied and gradient checkpointing set.
+
+    A method that quantises the base itself (``Method.float_base``: LoftQ) gets the float weights:
+    the model is loaded unquantised, the method is applied, and only then is the rest of the base
+    quantised to ``model.quantize`` (the layers the method already quantised are left as they are).
+    """
     seed_everything(cfg.train.seed)
-    if model is None:
-        model, tokenizer = load_model(cfg.model, seed=cfg.train.seed)
     method = registry.get(cfg.peft.method)
+    kind = method.float_base(cfg.peft) if method.float_base is not None else None
+    if kind is not None:
+        if str(cfg.model.quantize).lower() != kind:
+            raise ConfigError(f"peft.init={cfg.peft.init} initialises against a {kind} base: set model.quantize={kind} "
+                              f"(got model.quantize={cfg.model.quantize})")
+        if model is not None and model_is_quantized(model):
+            raise ConfigError(f"peft.init={cfg.peft.init} needs the base's float weights; pass an unquantised model")
+    if model is None:
+        model_cfg = dataclasses.replace(cfg.model, quantize=None) if kind else cfg.model
+        model, tokenizer = load_model(model_cfg, seed=cfg.train.seed)
     seed_everything(cfg.train.seed)
     apply_method(method, model, cfg)
+    if kind is not None:
+        quantize_base(model, kind)  # what the method left in float (the other layers) now
     if cfg.model.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it; "
@@ -91,6 +108,18 @@ def apply_method(method, model: nn.Module, cfg: Config) -> None:
             f"peft.method={method.name!r} cannot be applied to this {arch} model ({type(e).__name__}: {e}); "
             "check peft.targets, or choose a method that supports this architecture"
         ) from e
+
+
+def init_batches(method, cfg: Config, data) -> list[dict]:
+    """The batches a data-driven init reads (``Method.init_batches``): the first ones of the
+    training data's seeded order, drawn by a sampler of their own (the run's order is untouched)
+    as one process would draw them, so every rank computes the same init."""
+    n = method.init_batches(cfg.peft) if method.init_batches is not None else 0
+    if n < 1:
+        return []
+    t = cfg.train
+    sampler = data.sampler(t.batch_size, t.seed, cfg.data.shuffle, 0, 1)
+    return [data.collate([data.train[i] for i in sampler.next()]) for _ in range(n)]
 
 
 def load_data(cfg: Config, tokenizer, seed: int):
