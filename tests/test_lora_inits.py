@@ -16,12 +16,14 @@ import copy
 import dataclasses
 import json
 import random
-import sys
-import types
 
 import pytest
 import torch
 from peft import EvaConfig, LoraConfig, PeftModel, get_peft_model, initialize_lora_eva_weights
+from peft.tuners.lora.config import CordaConfig, LoraGAConfig  # PEFT's corda.py needs attrs (dev extras)
+from peft.tuners.lora.corda import preprocess_corda
+from peft.tuners.lora.loraga import preprocess_loraga
+from peft.utils.loftq_utils import _low_rank_decomposition
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
@@ -36,15 +38,6 @@ from peftlab.model.load import load_model
 from peftlab.quant.layers import QuantLinear
 from peftlab.train import setup
 from peftlab.train.loop import train
-
-try:  # PEFT 0.21's corda.py imports attrs' dataclass, which this environment lacks
-    import attr  # noqa: F401
-except ImportError:
-    sys.modules["attr"] = types.SimpleNamespace(dataclass=dataclasses.dataclass)
-from peft.tuners.lora.config import CordaConfig, LoraGAConfig  # noqa: E402
-from peft.tuners.lora.corda import preprocess_corda  # noqa: E402
-from peft.tuners.lora.loraga import preprocess_loraga  # noqa: E402
-from peft.utils.loftq_utils import _low_rank_decomposition  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
