@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import random
 
 import pytest
 import torch
@@ -38,6 +37,7 @@ from peftlab.model.load import load_model
 from peftlab.quant.layers import QuantLinear
 from peftlab.train import setup
 from peftlab.train.loop import train
+from test_resume import write_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -263,17 +263,8 @@ def weight(model, path):
 # ---------------------------------------------------------------------------- the training loop
 
 
-def write_data(path, n: int = 40):
-    r = random.Random(0)
-    with path.open("w") as f:
-        for _ in range(n):
-            a, b = r.randint(0, 99), r.randint(0, 99)
-            f.write(json.dumps({"instruction": f"Add {a} and {b}.", "output": f"{a} plus {b} is {a + b}."}) + "\n")
-    return path
-
-
 def run_args(tmp_path, out, **extra):
-    base = {"data.path": write_data(tmp_path / "d.jsonl"), "data.eval_split": 4, "data.max_length": 96, "peft.r": 4,
+    base = {"data.path": write_data(tmp_path / "d.jsonl", 40), "data.eval_split": 4, "data.max_length": 96, "peft.r": 4,
             "peft.alpha": 8, "peft.dropout": 0.1, "train.steps": 6, "train.batch_size": 2, "train.lr": 1e-3,
             "train.schedule": "constant", "train.warmup": 0, "train.save_every": 3, "train.threads": 1,
             "train.mixed_precision": "no", "train.progress": False, "train.output_dir": out, **extra}
