@@ -33,3 +33,22 @@ def export_out(args) -> Path:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
     return out
+
+
+def listening_socket(host: str, port: int):
+    """(a socket bound to ``host``:``port``, the host as a URL shows it, the port bound: the one asked
+    for, or the one the OS picked for 0) for a server's ``--host``/``--port`` (serve, board; each checks
+    the port's range first, before loading anything)."""
+    import socket
+
+    from ..errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock, (f"[{host}]" if family == socket.AF_INET6 else host), sock.getsockname()[1]

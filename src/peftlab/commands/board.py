@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ._args import listening_socket
+
 NAME = "board"
 HELP = "a browser workbench: runs, a new-run form, live curves, compare, chat (http://127.0.0.1:7860)"
 
@@ -45,8 +47,6 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args) -> int:
-    import socket
-
     from ..board.app import create_app
     from ..board.workspace import Workspace
     from ..errors import ConfigError
@@ -65,15 +65,7 @@ def run(args) -> int:
     ws = Workspace(args.workspace)
     os.chdir(ws.root)  # relative paths in run configs (a model directory, data) mean what they do for its runs
     app = create_app(ws, token=token, loopback=loopback, max_running=args.parallel)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-    port = sock.getsockname()[1]
-    host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
+    sock, host, port = listening_socket(args.host, args.port)
     print(f"peftlab board: workspace {ws.root}; open http://{host}:{port}/"
           + ("?token=<the token>" if token else ""), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ._args import add_config_arguments
+from ._args import add_config_arguments, listening_socket
 
 NAME = "serve"
 HELP = "serve the base model and many LoRA adapters over an OpenAI-compatible HTTP API"
@@ -72,8 +72,6 @@ def exposure_warning(host: str, key: str | None) -> str | None:
 
 
 def run(args) -> int:
-    import socket
-
     from ..errors import ConfigError
     from ..serve.loading import build_serving
     from ..serve.server import Limits, _need_serve_extra, create_app
@@ -95,15 +93,7 @@ def run(args) -> int:
                       max_context=args.max_context, served_name=args.served_name)
     limits = Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens)
     app = create_app(s.engine, s.store, s.encoder, base_name=s.base_name, api_key=key, limits=limits)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-    port = sock.getsockname()[1]
-    host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
+    sock, host, port = listening_socket(args.host, args.port)
     print(f"peftlab serve: {s.base_name} with adapters {', '.join(s.store.names()) or '(none)'}; "
           f"listening on http://{host}:{port}/v1" + (" (API key required)" if key else ""), flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
