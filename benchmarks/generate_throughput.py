@@ -13,6 +13,15 @@ HF ``generate``'s token for token on the same prompts.
 Sides: hf (HF generate, peftlab LoRA layers on their plain autograd path, i.e. the module
 overhead of an unmerged PEFT adapter), lean (peftlab.eval.decode.lean_greedy); each with the
 adapter unmerged or merged into the base weights.
+
+A second table is batch 1 only, every prompt decoded alone (tokens/s = all new tokens / all
+time), on two workloads: ``alpaca`` (the 8 prompts above) and ``copy`` (8 prompts that ask to
+rewrite an alpaca answer of 200-600 characters with its spelling fixed, so the answer copies the
+prompt). Sides add prompt-lookup speculative decoding: lookup (peftlab.model.lookup.lookup_greedy,
+``--lookup`` tokens drafted per forward) and hf-lookup (HF ``generate(prompt_lookup_num_tokens=)``,
+HF's own version of the same trick). Acceptance = accepted / drafted tokens (lookup);
+tokens == HF compares every continuation with the hf side's (same adapter state, same workload).
+``--tables lookup`` runs only this table.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import alternate, fmt_table, median, peak_rss_gb, run_worker  # noqa: E402
 
 DATA = Path("/work/shared/data/alpaca_en_demo.json")
+COPY = "Rewrite the following text, fixing any spelling mistakes:\n\n{}"
 
 
 def _setup(spec):
@@ -51,9 +61,12 @@ def _setup(spec):
         lora.merge(model)
     model.eval()
     enc = Encoder(tok, "chat", 512)
-    records = json.loads(DATA.read_text())[:8]
-    prompts = [enc.prompt_ids([{"role": "user", "content": r["instruction"] + ("\n" + r["input"] if r["input"] else "")}])
-               for r in records]
+    records = json.loads(DATA.read_text())
+    if spec.get("workload") == "copy":
+        texts = [COPY.format(r["output"]) for r in records if 200 <= len(r["output"]) <= 600][:8]
+    else:
+        texts = [r["instruction"] + ("\n" + r["input"] if r["input"] else "") for r in records[:8]]
+    prompts = [enc.prompt_ids([{"role": "user", "content": t}]) for t in texts]
     return model, tok, prompts
 
 
@@ -104,6 +117,9 @@ def worker(spec: dict) -> None:
     n = spec["new_tokens"]
     model.config.use_cache = True
     model.generation_config.eos_token_id = None
+    if spec.get("workload"):
+        print(json.dumps(_batch1_workload(spec, model, prompts, pad)))
+        return
 
     def run(ids, mask):
         if spec["side"] == "lean":
@@ -131,6 +147,80 @@ def worker(spec: dict) -> None:
     print(json.dumps(out))
 
 
+def _batch1_workload(spec: dict, model, prompts: list, pad: int) -> dict:
+    """Batch 1, every prompt alone, ``spec["reps"]`` times: tokens/s over all of them, the new
+    tokens, and (lookup) the drafted / accepted counts of the last repeat."""
+    import torch
+
+    from peftlab.eval import decode
+    from peftlab.model.lookup import lookup_greedy
+
+    n, side, k = spec["new_tokens"], spec["side"], spec["lookup"]
+    counts = {"forwards": 0, "verified": 0, "drafted": 0, "accepted": 0}
+
+    def run(ids):
+        mask = torch.ones_like(ids)
+        if side == "lean":
+            return decode.lean_greedy(model, ids, mask, n, [], pad)
+        if side == "lookup":
+            st = {}
+            out = lookup_greedy(model, ids, mask, n, [], lookup=k, stats=st)
+            for key in counts:
+                counts[key] += st[key]
+            return out
+        extra = {"prompt_lookup_num_tokens": k} if side == "hf-lookup" else {}
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+                                  **extra)
+
+    run(torch.tensor([prompts[0]]))  # warm-up (and the lean decoder's fused weights)
+    times = []
+    for _ in range(spec["reps"]):
+        counts = dict.fromkeys(counts, 0)
+        tokens, t0 = [], time.perf_counter()
+        for p in prompts:
+            out = run(torch.tensor([p]))
+            tokens.append(out[0, len(p):].tolist())
+        times.append(time.perf_counter() - t0)
+        assert all(len(t) == n for t in tokens), [len(t) for t in tokens]
+    return {"side": side, "merged": spec["merged"], "tok_s": len(prompts) * n / median(times),
+            "tokens": tokens, **counts}
+
+
+def lookup_table(args) -> tuple[str, dict]:
+    """Batch 1, fp32: hf, hf-lookup, lean, lookup, unmerged and merged, on both workloads."""
+    configs = {}
+    for workload in ("alpaca", "copy"):
+        for side in ("hf", "hf-lookup", "lean", "lookup"):
+            for merged in (False, True):
+                configs[f"{workload} {side} {'merged' if merged else 'unmerged'}"] = {
+                    "side": side, "merged": merged, "dtype": "float32", "new_tokens": args.new_tokens,
+                    "reps": args.reps, "threads": args.threads, "workload": workload, "lookup": args.lookup}
+    runs = {k: [] for k in configs}
+    for key in alternate(list(configs), args.repeats):
+        r = run_worker(Path(__file__), {**configs[key], "name": key})
+        runs[key].append(r)
+        print(f"{key}: batch 1 {r['tok_s']:.1f} tok/s", file=sys.stderr)
+    rows, summary = [], {}
+    for key, rs in runs.items():
+        workload, side, state = key.split()
+        hf = runs[f"{workload} hf unmerged"]
+        tok_s = median([r["tok_s"] for r in rs])
+        drafted, accepted = rs[0]["drafted"], rs[0]["accepted"]
+        pairs = [(a, b) for a, b in zip(rs[0]["tokens"], runs[f"{workload} hf {state}"][0]["tokens"])]
+        differ = sum(x != y for a, b in pairs for x, y in zip(a, b))
+        summary[key] = {"tok_s": tok_s, "drafted": drafted, "accepted": accepted, "tokens_differing": differ,
+                        "forwards": rs[0]["forwards"], "verified": rs[0]["verified"]}
+        rows.append([key, f"{tok_s:.1f}", f"{tok_s / median([r['tok_s'] for r in hf]):.2f}x",
+                     f"{accepted / drafted:.2f} ({accepted}/{drafted})" if drafted else "",
+                     "" if side == "hf" else f"{sum(a == b for a, b in pairs)} of {len(pairs)}, {differ} tokens differ"])
+    text = fmt_table(rows, ["workload side adapter", "batch 1 tok/s", "vs hf unmerged", "lookup acceptance",
+                            "continuations == HF generate"])
+    return (f"\n## Batch 1, fp32, every prompt alone, {args.new_tokens} new tokens, greedy, lookup {args.lookup}, "
+            f"{args.threads} threads\n\n{text}"), summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -140,10 +230,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto",
                     help="comma-separated model dtypes; auto: float32, plus bfloat16 where the CPU has native bf16")
+    ap.add_argument("--lookup", type=int, default=10, help="tokens drafted per forward by the lookup sides")
+    ap.add_argument("--tables", default="main,lookup", help="main (hf vs lean, batch 1 and 8), lookup, or both")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
+        return
+    out = {"args": vars(args)}
+    if "lookup" in args.tables.split(","):
+        text, out["lookup"] = lookup_table(args)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+    if "main" not in args.tables.split(","):
         return
     if args.dtype == "auto":
         from peftlab.train.runtime import cpu_has_bf16
@@ -184,7 +284,7 @@ def main() -> None:
           f"Memory-bandwidth ceiling (batch-1 GEMV over the LM head): {floor}")
     summary["gemv_gbps"] = bw
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary}, indent=1))
+        Path(args.json).write_text(json.dumps({**out, "summary": summary}, indent=1))
 
 
 def _agree(a: dict, b: dict) -> float:

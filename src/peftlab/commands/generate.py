@@ -20,6 +20,10 @@ def add_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="prompt-lookup speculative decoding: draft up to N tokens from the prompt and the text so "
+                        "far, check them in one forward (greedy only, one prompt at a time; faster when answers "
+                        "copy from the prompt). 0 = off")
 
 
 def run(args) -> int:
@@ -33,7 +37,8 @@ def run(args) -> int:
         raise ConfigError("give at least one --prompt TEXT (or --prompt - to read prompts from stdin)")
     model, tok, encoder, _ = load_for_generation(args.run, args.adapter, args.args)
     answers = generate(model, tok, encoder, prompts, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
+                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+                       lookup=args.lookup)
     for prompt, answer in zip(prompts, answers):
         if len(prompts) > 1:
             print(f"### {prompt}")

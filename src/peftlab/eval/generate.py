@@ -5,6 +5,9 @@ batches, and continued with KV caching. An fp32 Llama-family model decodes throu
 decoder (model/decode.py: greedy gives the same tokens as HF ``generate``, without its per-token
 overhead; sampling, ``temperature`` > 0 with ``top_p``, draws from a generator seeded by ``seed``,
 exactly as GRPO's rollouts do); other models use Hugging Face ``generate``.
+``lookup`` > 0 (greedy only) decodes one prompt at a time with prompt-lookup speculative decoding
+(model/lookup.py: up to ``lookup`` tokens drafted from the text so far, checked in one forward),
+or on a model the lean decoder does not support, HF ``generate(prompt_lookup_num_tokens=lookup)``.
 Only the new tokens are decoded.
 """
 
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from ..data.prompts import stop_token_ids  # noqa: F401  (its old home: callers import it from here)
+from ..model.lookup import lookup_greedy
 from . import decode
 
 
@@ -56,8 +60,21 @@ def _as_messages(prompt) -> list[dict]:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, encoder, prompts: list, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int | None = None) -> list[str]:
-    """Answers for ``prompts`` (strings, or lists of {role, content} messages ending with a user turn)."""
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int | None = None,
+             lookup: int = 0) -> list[str]:
+    """Answers for ``prompts`` (strings, or lists of {role, content} messages ending with a user turn).
+    ``lookup`` > 0: prompt-lookup decoding, one prompt at a time (greedy only)."""
+    if lookup and temperature > 0:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"prompt-lookup decoding (lookup={lookup}) is greedy only; got temperature={temperature}. "
+                          "Set the temperature to 0 or drop --lookup")
+    if lookup < 0:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"lookup is the number of tokens drafted per forward (>= 1, 0 = off); got {lookup}")
+    if lookup:
+        batch_size = 1  # speculative verification is per sequence
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -79,7 +96,15 @@ def generate(model: nn.Module, tokenizer, encoder, prompts: list, max_new_tokens
             chunk = [encoder.prompt_ids(_as_messages(p)) for p in prompts[start:start + batch_size]]
             input_ids, mask = decode.left_pad(chunk, pad_id)
             width = input_ids.shape[1]
-            if lean and not sampling:
+            if lookup and lean:
+                out = lookup_greedy(model, input_ids.to(device), mask.to(device), max_new_tokens, sorted(eos_ids),
+                                    lookup)
+            elif lookup:
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                                     top_k=None, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
+                                     prompt_lookup_num_tokens=lookup)
+            elif lean and not sampling:
                 out = decode.lean_greedy(model, input_ids.to(device), mask.to(device), max_new_tokens,
                                          sorted(eos_ids), pad_id)
             else:  # sampling: the same decoder and draws as GRPO's rollouts (model/decode.py)

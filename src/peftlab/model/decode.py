@@ -162,6 +162,48 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rot * sin
 
 
+def run_layers(lw: LeanWeights, cache: list[torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               start: int, attn_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder layers over n new positions start..start+n-1: embeddings x [B, n, H] -> hidden
+    states [B, n, H] before the final norm. cos, sin [B, 1, n, hd]; cache = [K, V], each
+    [layers, B, n_kv, T, hd], receives the new positions' keys and values, and attention reads
+    positions 0..start+n-1 of it under attn_mask [B, 1, n, start+n] (additive)."""
+    bb, n, _ = x.shape
+    nh, nkv, hd = lw.n_heads, lw.n_kv, lw.head_dim
+    q_size, kv_size = nh * hd, nkv * hd
+    k_cache, v_cache = cache
+    scale = hd ** -0.5
+    gqa = nh != nkv
+    # fp32 GEMMs give the same bits fused or not; in half precision a fused product can round
+    # differently from HF's separate ones, and greedy decoding then drifts
+    split = x.dtype != torch.float32
+    for i, (n1, e1, w_qkv, b_qkv, w_o, b_o, n2, e2, w_gu, w_d, b_d) in enumerate(lw.layers):
+        h = _rms(x, n1, e1)
+        if split:  # bf16/fp16: HF's three GEMMs, so every product rounds exactly as in HF
+            qkv = torch.cat([F.linear(h, w_qkv[a:z], None if b_qkv is None else b_qkv[a:z])
+                             for a, z in ((0, q_size), (q_size, q_size + kv_size),
+                                          (q_size + kv_size, q_size + 2 * kv_size))], dim=-1)
+        else:
+            qkv = F.linear(h, w_qkv, b_qkv)
+        q = qkv[..., :q_size].view(bb, n, nh, hd).transpose(1, 2)
+        k = qkv[..., q_size:q_size + kv_size].view(bb, n, nkv, hd).transpose(1, 2)
+        v = qkv[..., q_size + kv_size:].view(bb, n, nkv, hd).transpose(1, 2)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        k_cache[i, :, :, start:start + n] = k
+        v_cache[i, :, :, start:start + n] = v
+        keys, vals = k_cache[i, :, :, :start + n], v_cache[i, :, :, :start + n]
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+        x = x + F.linear(o.transpose(1, 2).reshape(bb, n, q_size), w_o, b_o)
+        h = _rms(x, n2, e2)
+        if split:
+            half = w_gu.shape[0] // 2
+            g, u = F.linear(h, w_gu[:half]), F.linear(h, w_gu[half:])
+        else:
+            g, u = F.linear(h, w_gu).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(g) * u, w_d, b_d)
+    return x
+
+
 def lean_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                 eos_ids: list[int], pad_id: int) -> torch.Tensor:
     """Greedy continuation of left-padded prompts: input_ids, attention_mask [B, T] -> [B, T + n].
@@ -201,8 +243,7 @@ def lean_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     dtype = lw.embed.dtype
     b, t = input_ids.shape
     total = t + max_new_tokens
-    nh, nkv, hd = lw.n_heads, lw.n_kv, lw.head_dim
-    q_size, kv_size = nh * hd, nkv * hd
+    nkv, hd = lw.n_kv, lw.head_dim
     mask = attention_mask.to(torch.long)
     # positions as transformers computes them for left padding: cumsum(mask) - 1 (pads -> 1)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
@@ -225,46 +266,15 @@ def lean_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     prefill_mask = torch.zeros(b, 1, t, t, dtype=dtype, device=dev).masked_fill_(
         ~(causal[None, None] & key_ok[:, None, None, :t]), neg)
     step_bias = torch.zeros(b, 1, 1, total, dtype=dtype, device=dev).masked_fill_(~key_ok[:, None, None, :], neg)
-    scale = hd ** -0.5
-    gqa = nh != nkv
-    # fp32 GEMMs give the same bits fused or not; in half precision a fused product can round
-    # differently from HF's separate ones, and greedy decoding then drifts
-    split = dtype != torch.float32
 
     def forward(ids: torch.Tensor, start: int, attn_mask: torch.Tensor, rows: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        bb, n = ids.shape
-        k_cache, v_cache = cache
-        x = F.embedding(ids, lw.embed)
+        n = ids.shape[1]
         c, s = cos[:, :, start:start + n], sin[:, :, start:start + n]
         if rows is not None:
             c, s = c[rows], s[rows]
-        for i, (n1, e1, w_qkv, b_qkv, w_o, b_o, n2, e2, w_gu, w_d, b_d) in enumerate(lw.layers):
-            h = _rms(x, n1, e1)
-            if split:  # bf16/fp16: HF's three GEMMs, so every product rounds exactly as in HF
-                qkv = torch.cat([F.linear(h, w_qkv[a:z], None if b_qkv is None else b_qkv[a:z])
-                                 for a, z in ((0, q_size), (q_size, q_size + kv_size),
-                                              (q_size + kv_size, q_size + 2 * kv_size))], dim=-1)
-            else:
-                qkv = F.linear(h, w_qkv, b_qkv)
-            q = qkv[..., :q_size].view(bb, n, nh, hd).transpose(1, 2)
-            k = qkv[..., q_size:q_size + kv_size].view(bb, n, nkv, hd).transpose(1, 2)
-            v = qkv[..., q_size + kv_size:].view(bb, n, nkv, hd).transpose(1, 2)
-            q, k = _rope(q, c, s), _rope(k, c, s)
-            k_cache[i, :, :, start:start + n] = k
-            v_cache[i, :, :, start:start + n] = v
-            keys, vals = k_cache[i, :, :, :start + n], v_cache[i, :, :, :start + n]
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
-            x = x + F.linear(o.transpose(1, 2).reshape(bb, n, q_size), w_o, b_o)
-            h = _rms(x, n2, e2)
-            if split:
-                half = w_gu.shape[0] // 2
-                g, u = F.linear(h, w_gu[:half]), F.linear(h, w_gu[half:])
-            else:
-                g, u = F.linear(h, w_gu).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(g) * u, w_d, b_d)
-        x = _rms(x[:, -1], *lw.final_norm)
-        return F.linear(x, lw.head)
+        x = run_layers(lw, cache, F.embedding(ids, lw.embed), c, s, start, attn_mask)
+        return F.linear(_rms(x[:, -1], *lw.final_norm), lw.head)
 
     out = torch.empty(b, total, dtype=input_ids.dtype, device=dev)
     out[:, :t] = input_ids
