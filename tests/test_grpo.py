@@ -111,17 +111,20 @@ def test_loss_and_gradient_equal_trls(loss_type, beta, eps_high, off_policy):
 def test_model_loss_and_lora_gradients_equal_trls_on_a_tiny_model():
     """GRPO.loss on a LoRA model (its own completion log-probs at the sampling temperature) equals
     TRL's loss on log-probs from a plain HF forward of [prompt ; completion], and the LoRA
-    gradients agree."""
+    gradients agree; with grpo.share_prompt's default (auto: each prompt runs once for its group)."""
     from conftest import with_method
     from peftlab.train.grpo_rollout import completion_logps, layout
+    from peftlab.train.grpo_share import resolve, share_layout
 
     model, _ = tiny_model("llama")
     model, _, _ = with_method(model, "lora", r=4, targets="all-linear")
     randomize(model)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(5, 900, (4,), generator=g).tolist() for _ in range(2) for _ in range(3)]
+    unique = [torch.randint(5, 900, (4,), generator=g).tolist() for _ in range(2)]
+    prompts = [p for p in unique for _ in range(3)]  # two groups of three
     completions = [torch.randint(5, 900, (n,), generator=g).tolist() for n in (3, 5, 2, 5, 1, 4)]
     batch = layout(prompts, completions, 0)
+    batch.update(share_layout(unique, completions, 0))
     batch["advantages"] = grpo_loss.group_advantages(torch.tensor([1.0, 0.0, 2.0, 0.5, 0.5, 3.0]), 3)
     temperature, lc = 0.7, batch["completion_mask"].shape[1]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -139,19 +142,22 @@ def test_model_loss_and_lora_gradients_equal_trls_on_a_tiny_model():
     obj.g = SimpleNamespace(loss_type="bnpo", temperature=temperature, beta=0.0, max_completion_length=6)
     obj.eps_low = obj.eps_high = 0.2
     obj.stats = Stats()
+    obj.share = resolve("auto", model, "lora")
+    assert obj.share
     model.train()
     got = obj.loss(model, batch) / obj.units(batch)
     got_grads = torch.autograd.grad(got, params)
     logps = hf_logps()
-    assert torch.allclose(completion_logps(model, batch, temperature), logps, atol=1e-5)
+    for shared in (False, True):  # rtol: log-probs of ~-30 here, whose fp32 ulp is 4e-6
+        assert torch.allclose(completion_logps(model, batch, temperature, shared), logps, atol=1e-5, rtol=1e-6)
     inputs = {"prompt_ids": torch.tensor(prompts), "prompt_mask": torch.ones(6, 4, dtype=torch.long),
               "completion_ids": torch.zeros(6, lc, dtype=torch.long), "completion_mask": batch["completion_mask"],
               "advantages": batch["advantages"]}
     want, _ = trl_loss(logps, inputs, "bnpo", 0.0, 0.2, 0.2, 6)
     want_grads = torch.autograd.grad(want, params)
     assert float(got.detach()) == pytest.approx(float(want.detach()), abs=1e-6)
-    for a, b in zip(got_grads, want_grads):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    for a, b in zip(got_grads, want_grads):  # the shared forward's rounding: ~1e-6 of the gradient's norm
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4) and float((a - b).norm()) <= 1e-5 * float(b.norm())
     assert sum(float(a.abs().sum()) for a in got_grads) > 0
 
 

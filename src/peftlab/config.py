@@ -123,6 +123,7 @@ class PreferenceConfig:
 
 GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
+SHARE_PROMPT = ("auto", "true", "false")  # grpo.share_prompt
 
 
 @dataclass
@@ -144,6 +145,7 @@ class GRPOConfig:
     reward_weights: list[float] | None = None  # one per reward (None: all 1)
     format_pattern: str | None = None  # the `format` reward: 1 when the completion matches this regex
     log_completions: int = 4  # sampled completions written to metrics.jsonl at each evaluation
+    share_prompt: str = "auto"  # auto | true | false: each prompt's forward runs once for its group (train/grpo_share.py)
 
     def validate(self) -> None:
         from .validate import finite
@@ -160,6 +162,8 @@ class GRPOConfig:
                 raise ConfigError(f"grpo.{key} must be >= 1, got {getattr(self, key)}")
         if self.log_completions < 0:
             raise ConfigError(f"grpo.log_completions must be >= 0, got {self.log_completions}")
+        if self.share_prompt not in SHARE_PROMPT:
+            raise ConfigError(f"grpo.share_prompt {self.share_prompt!r} is not one of {', '.join(SHARE_PROMPT)}")
         finite(self.temperature, "grpo.temperature", 0.0, low_open=True,
                hint="GRPO samples its completions; 0.7 to 1.0 is usual")
         finite(self.top_p, "grpo.top_p", 0.0, 1.0, low_open=True)

@@ -7,7 +7,9 @@ reinforcement learning from verifiable rewards, with no value model.
         trained (adapters live, no weight copy: train/grpo_rollout.py), scored by the rewards
         (train/rewards.py), advantages relative to each prompt's group
     each step: the clipped surrogate + β·KL over the completion tokens (train/grpo_loss.py),
-        through the same ``train_step`` (accumulation, clipping, guards, DDP, checkpoints)
+        through the same ``train_step`` (accumulation, clipping, guards, DDP, checkpoints); the
+        log-probabilities run each prompt once for its group where grpo.share_prompt allows it
+        (train/grpo_share.py)
 
 The reference (β > 0) is the model with its modules switched off (train/reference.py), or a
 frozen copy for methods that change the base; β = 0 runs no reference pass. Units are what
@@ -46,7 +48,7 @@ class GRPO:
     """The GRPO objective; ``batches`` makes its micro-batches (the loop asks it instead of
     collating data), ``evaluate`` adds held-out rewards to an evaluation."""
 
-    def __init__(self, cfg: Config, data, reference: Reference | None, loss_options: dict):
+    def __init__(self, cfg: Config, data, reference: Reference | None, loss_options: dict, share: bool = False):
         g, t = cfg.grpo, cfg.train
         if t.save_every and t.save_every % g.num_iterations:
             raise ConfigError(f"train.save_every={t.save_every} is not a multiple of grpo.num_iterations="
@@ -62,6 +64,7 @@ class GRPO:
         self.tokenizer, self.pad_id = data.encoder.tokenizer, data.pad_id
         self.eos_ids = sorted(stop_token_ids(data.encoder.tokenizer, data.encoder))
         self.reference = reference if g.beta != 0.0 else None
+        self.share = share  # grpo.share_prompt resolved (grpo_share.resolve): each prompt runs once per group
         self.eval_objective = CausalLM(**loss_options)  # eval loss: the held-out answers' NLL
         self.eval_prompts = prompts_from_examples(data.eval, self.tokenizer, "the eval split") if data.eval else []
         self.stats, self.rollout_stats = Stats(), {}
@@ -92,7 +95,7 @@ class GRPO:
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         g, mask = self.g, batch["completion_mask"]
-        logps = completion_logps(model, batch, g.temperature)
+        logps = completion_logps(model, batch, g.temperature, self.share)
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         per_token, info = grpo_loss.per_token_loss(logps, old, batch["advantages"], batch.get("ref_logps"), g.beta,
                                                    self.eps_low, self.eps_high)

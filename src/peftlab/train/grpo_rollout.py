@@ -10,6 +10,8 @@ them, and lay them out as one micro-batch for ``GRPO.loss`` (train/grpo.py).
     -> rows [prompt ; completion ; pad] (right padding, so positions are 0..n as in the decoder),
        labels on the completion only, completion_mask [R, Lc], advantages [R],
        old_logps [R, Lc] (grpo.num_iterations > 1: the policy that sampled), ref_logps (grpo.beta > 0)
+    -> with grpo.share_prompt on, also the P unique prompts and the completions alone
+       (grpo_share.share_layout): the log-probabilities then run each prompt once for its group
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from ..data.tokenize import IGNORE
 from ..model.decode import continue_batch, forget, left_pad
 from . import grpo_loss
+from .grpo_share import share_layout, shared_hidden
 from .loss import _head_logits
 from .rewards import score, weights
 from .runtime import autocast, to_device
@@ -37,15 +40,19 @@ def rollout_seed(seed: int, generation: int, index: int) -> int:
     return ((seed * SEED_STRIDE + generation) * SEED_STRIDE + index) % (2**63 - 1)
 
 
-def completion_logps(model: nn.Module, batch: dict, temperature: float) -> torch.Tensor:
+def completion_logps(model: nn.Module, batch: dict, temperature: float, shared: bool = False) -> torch.Tensor:
     """[R, Lc] log p(completion token | everything before it) at ``temperature`` (TRL scores the
-    logits divided by the sampling temperature); 0 where ``completion_mask`` is 0."""
-    hidden = hidden_states(model, batch)
-    keep = batch["labels"][:, 1:] != IGNORE
-    h, y = hidden[:, :-1][keep], batch["labels"][:, 1:][keep]
+    logits divided by the sampling temperature); 0 where ``completion_mask`` is 0. ``shared``: each
+    prompt runs once for its group (train/grpo_share.py; the batch has ``share_layout``'s fields)."""
+    mask = batch["completion_mask"].bool()
+    if shared:
+        h, y = shared_hidden(model, batch)[mask], batch["completion_ids"][mask]
+    else:
+        hidden = hidden_states(model, batch)
+        keep = batch["labels"][:, 1:] != IGNORE
+        h, y = hidden[:, :-1][keep], batch["labels"][:, 1:][keep]
     logits = _head_logits(model, h).float() / temperature
     flat = -F.cross_entropy(logits, y, reduction="none")
-    mask = batch["completion_mask"].bool()
     out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
     return out.masked_scatter(mask, flat)
 
@@ -110,6 +117,8 @@ def rollout(objective, state, examples: list, seed: int) -> tuple[dict, dict, li
     for s, r in zip(samples, total.tolist()):
         s["reward"] = r
     batch = layout(prompts, completions, objective.pad_id)
+    if objective.share:
+        batch.update(share_layout([list(e.input_ids) for e in examples], completions, objective.pad_id))
     batch["advantages"] = adv
     dev_batch = to_device(batch, device)
     with torch.no_grad(), autocast(device, state.amp):
@@ -117,12 +126,12 @@ def rollout(objective, state, examples: list, seed: int) -> tuple[dict, dict, li
             was = model.training
             model.eval()
             try:
-                batch["old_logps"] = completion_logps(model, dev_batch, g.temperature).cpu()
+                batch["old_logps"] = completion_logps(model, dev_batch, g.temperature, objective.share).cpu()
             finally:
                 model.train(was)
         if objective.reference is not None:
             with objective.reference.model_for(model) as ref:
-                batch["ref_logps"] = completion_logps(ref, dev_batch, g.temperature).cpu()
+                batch["ref_logps"] = completion_logps(ref, dev_batch, g.temperature, objective.share).cpu()
     stats = _stats(objective, table, total, completions, gen_s, time.perf_counter() - t0)
     return batch, stats, samples
 

@@ -20,7 +20,7 @@ from ..config import Config
 from ..data.preference import LabeledExample, PairExample, is_preference, unpair, with_kl_rows
 from ..data.prompts import prompts_from_examples
 from ..errors import ConfigError
-from . import preference
+from . import grpo_share, preference
 from .grpo import GRPO
 from .objective import CausalLM
 from .reference import Reference, precompute, resolve_kind
@@ -69,7 +69,9 @@ def build_objective(cfg: Config, model: nn.Module, loss_options: dict, data=None
         reference = None
         if cfg.grpo.beta != 0.0:
             reference = Reference(resolve_kind("auto", registry.get(cfg.peft.method), cfg.peft, model), model)
-        return GRPO(cfg, data, reference, loss_options)
+        share = grpo_share.resolve(cfg.grpo.share_prompt, model, cfg.peft.method, cfg.model.gradient_checkpointing,
+                                   cfg.train.compile)
+        return GRPO(cfg, data, reference, loss_options, share)
     if name == "simpo":
         return preference.SimPO(pref, chunk, fused)
     if name == "orpo":

@@ -18,7 +18,8 @@ batch's, up to the rounding of GEMMs with fewer rows (tests/test_unpad.py: every
 method, Llama and Qwen2 shapes, loss and gradients). The same examples make each step: unlike
 ``data.packing`` nothing about the optimisation changes.
 
-Where it runs (``unpad_blocker`` says why not, and the loop then keeps padded batches):
+Where it runs (``unpad_blocker`` says why not, and the loop then keeps padded batches;
+``per_token_blocker`` is the part GRPO's shared-prompt forward asks too):
 - SDPA attention (the loader's default) on an architecture whose attention goes through
   transformers' attention interface and whose mask is plain causal (``ARCHITECTURES``; no
   sliding window shorter than the batch);
@@ -75,15 +76,14 @@ def _register() -> None:
         AttentionInterface.register(ATTN, _attention)
 
 
-def unpad_blocker(model: nn.Module, method: str, gradient_checkpointing: bool = False,
-                  compiled: bool = False) -> str | None:
-    """None when ``model`` trained with ``method`` may run unpadded batches, else the reason."""
+def per_token_blocker(model: nn.Module, method: str, gradient_checkpointing: bool = False) -> str | None:
+    """None when every position of ``model`` trained with ``method`` depends only on its own input
+    and on plain causal attention over the real tokens before it (the question unpadding and GRPO's
+    shared prompts both ask: train/grpo_share.py), else the reason."""
     cfg = model.config
     if cfg.model_type not in ARCHITECTURES:
-        return f"architecture {cfg.model_type!r} is not one whose attention is verified for unpadding"
-    impl = getattr(cfg, "_attn_implementation", None)
-    if impl != "sdpa":
-        return f"attention {impl!r} (unpadding runs SDPA's kernel)"
+        return (f"architecture {cfg.model_type!r} is not one whose attention is verified to be plain causal "
+                "(train/unpad.py ARCHITECTURES)")
     if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
         return "a sliding-window attention mask"
     if method not in METHODS:
@@ -93,6 +93,18 @@ def unpad_blocker(model: nn.Module, method: str, gradient_checkpointing: bool = 
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     if gradient_checkpointing or checkpointing:
         return "gradient checkpointing"
+    return None
+
+
+def unpad_blocker(model: nn.Module, method: str, gradient_checkpointing: bool = False,
+                  compiled: bool = False) -> str | None:
+    """None when ``model`` trained with ``method`` may run unpadded batches, else the reason."""
+    why = per_token_blocker(model, method, gradient_checkpointing)
+    if why is not None:
+        return why
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "sdpa":
+        return f"attention {impl!r} (unpadding runs SDPA's kernel)"
     if compiled:
         return "train.compile"
     return None
