@@ -74,11 +74,12 @@ def main() -> None:
         from peftlab.methods import lora
 
         lora.apply(model, cfg.peft)
-        apply_speed_options(model, registry.get("lora"), cfg.train)
+        speed = apply_speed_options(model, registry.get("lora"), cfg.train)
 
         def step(b):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                loss, n = causal_lm_loss(model, b, cfg.train.loss_chunk, cfg.train.fused_loss)
+                loss, n = causal_lm_loss(model, b, cfg.train.loss_chunk, cfg.train.fused_loss,
+                                         cfg.train.skip_pad_mask, unpad=speed["unpad"])
             (loss / n).backward()
     model.train()
     model.config.use_cache = False
