@@ -115,6 +115,19 @@ def test_auto_shares_per_token_methods_and_true_refuses_the_others():
         resolve("true", model, "lora", gradient_checkpointing=True)
     gpt2, _ = tiny_model("gpt2")
     assert not resolve("auto", gpt2, "lora")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ConfigError, match="attention 'flex_attention' .verified here: sdpa, eager"):
+        resolve("true", model, "lora")
+
+
+@pytest.mark.parametrize("spelled,meant", [("on", "true"), ("Yes", "true"), ("off", "false"), ("0", "false"),
+                                           ("True", "true"), ("AUTO", "auto")])
+def test_share_prompt_takes_the_usual_spellings_on_the_command_line(spelled, meant):
+    from peftlab.configure import load_config
+
+    assert load_config(None, [f"grpo.share_prompt={spelled}"]).grpo.share_prompt == meant
+    with pytest.raises(ConfigError, match="grpo.share_prompt 'maybe' is not one of auto, true, false"):
+        load_config(None, ["grpo.share_prompt=maybe"])
 
 
 def grpo_objective(tmp_path, *extra: str, method: tuple[str, ...] = ()):

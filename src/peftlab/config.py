@@ -162,6 +162,8 @@ class GRPOConfig:
                 raise ConfigError(f"grpo.{key} must be >= 1, got {getattr(self, key)}")
         if self.log_completions < 0:
             raise ConfigError(f"grpo.log_completions must be >= 0, got {self.log_completions}")
+        spelled = {"on": "true", "yes": "true", "1": "true", "off": "false", "no": "false", "0": "false"}
+        self.share_prompt = spelled.get(str(self.share_prompt).lower(), str(self.share_prompt).lower())
         if self.share_prompt not in SHARE_PROMPT:
             raise ConfigError(f"grpo.share_prompt {self.share_prompt!r} is not one of {', '.join(SHARE_PROMPT)}")
         finite(self.temperature, "grpo.temperature", 0.0, low_open=True,

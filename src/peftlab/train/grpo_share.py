@@ -43,15 +43,7 @@ ATTENTION = ("sdpa", "eager")  # kernels that take the dense 4-D mask built from
 def share_blocker(model: nn.Module, method: str, gradient_checkpointing: bool = False,
                   compiled: bool = False) -> str | None:
     """None when ``model`` trained with ``method`` may share each prompt across its group, else why not."""
-    why = per_token_blocker(model, method, gradient_checkpointing)
-    if why is not None:
-        return why
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl not in ATTENTION:
-        return f"attention {impl!r} (verified: {', '.join(ATTENTION)})"
-    if compiled:
-        return "train.compile"
-    return None
+    return per_token_blocker(model, method, gradient_checkpointing, attention=ATTENTION, compiled=compiled)
 
 
 def resolve(setting: str, model: nn.Module, method: str, gradient_checkpointing: bool = False,

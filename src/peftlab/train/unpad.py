@@ -100,10 +100,12 @@ def _register() -> None:
         AttentionInterface.register(ATTN, _attention)
 
 
-def per_token_blocker(model: nn.Module, method: str, gradient_checkpointing: bool = False) -> str | None:
+def per_token_blocker(model: nn.Module, method: str, gradient_checkpointing: bool = False, *,
+                      attention: tuple[str, ...] = ("sdpa",), compiled: bool = False) -> str | None:
     """None when every position of ``model`` trained with ``method`` depends only on its own input
-    and on plain causal attention over the real tokens before it (the question unpadding and GRPO's
-    shared prompts both ask: train/grpo_share.py), else the reason."""
+    and on plain causal attention over the real tokens before it, run by one of the ``attention``
+    kernels and not compiled (the question unpadding and GRPO's shared prompts both ask, each with
+    its kernels: train/grpo_share.py), else the reason."""
     cfg = model.config
     if cfg.model_type not in ARCHITECTURES:
         return (f"architecture {cfg.model_type!r} is not one whose attention is verified to be plain causal "
@@ -117,21 +119,18 @@ def per_token_blocker(model: nn.Module, method: str, gradient_checkpointing: boo
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     if gradient_checkpointing or checkpointing:
         return "gradient checkpointing"
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in attention:
+        return f"attention {impl!r} (verified here: {', '.join(attention)})"
+    if compiled:
+        return "train.compile"
     return None
 
 
 def unpad_blocker(model: nn.Module, method: str, gradient_checkpointing: bool = False,
                   compiled: bool = False) -> str | None:
-    """None when ``model`` trained with ``method`` may run unpadded batches, else the reason."""
-    why = per_token_blocker(model, method, gradient_checkpointing)
-    if why is not None:
-        return why
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl != "sdpa":
-        return f"attention {impl!r} (unpadding runs SDPA's kernel)"
-    if compiled:
-        return "train.compile"
-    return None
+    """None when ``model`` trained with ``method`` may run unpadded batches (SDPA only), else the reason."""
+    return per_token_blocker(model, method, gradient_checkpointing, attention=("sdpa",), compiled=compiled)
 
 
 def worth_unpadding(mask: torch.Tensor | None) -> bool:
