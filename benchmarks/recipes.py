@@ -53,6 +53,9 @@ RECIPES = {
     "plain": None,  # the plain PEFT loop below
     "old": ["train.schedule=cosine", "train.warmup=0.03", "train.max_grad_norm=1.0", "train.min_lr_ratio=0"],
     "constant": ["train.schedule=constant", "train.warmup=0.03", "train.max_grad_norm=1.0"],
+    # the plain loop's knobs in peftlab's loop: what is left between it and `plain` is the LoRA
+    # init and the batch order each seed draws (implementation noise, not a recipe)
+    "bare": ["train.schedule=constant", "train.warmup=0", "train.max_grad_norm=0"],
     "wsd": ["train.schedule=wsd", "train.warmup=0.03", "train.max_grad_norm=1.0", "train.min_lr_ratio=0"],
     "cosine-floor": ["train.schedule=cosine", "train.warmup=0.03", "train.max_grad_norm=1.0",
                      "train.min_lr_ratio=0.1"],
