@@ -4,6 +4,7 @@ template and the adapter that was active."""
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import re
@@ -22,13 +23,13 @@ N = 8  # --max-new-tokens
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def _reply(base, adapter_dir, messages):
+def _reply(base, adapter_dir, messages, n=N):
     tok = tokenizer_for("llama")
     ids = Encoder(tok, "auto").prompt_ids(messages)
     model, _ = load_base(base)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
-    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=N, do_sample=False,
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
     return tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
@@ -122,3 +123,31 @@ def test_chat_through_a_pipe(tmp_path):
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
     assert f"a> {tok.decode(out[0, len(ids):], skip_special_tokens=True)}\n" in proc.stdout
     assert "adapters: a; active: a" in proc.stdout and "you> " not in proc.stdout
+
+
+def test_chat_with_lookup_gives_the_same_replies(tmp_path, monkeypatch, capsys):
+    """--lookup 4, run in this process to read the engine's counts: every reply of a two-turn chat
+    equals greedy generation on the conversation, and drafts were accepted on the way; with a
+    temperature above 0 the flag is refused before anything loads."""
+    from peftlab import cli as peftlab_cli
+    from peftlab.serve import loading
+
+    base = save_tiny_base("llama", tmp_path / "base")
+    alpha = make_adapter(base, tmp_path / "alpha", r=4, seed=50)
+    built, build = [], loading.build_serving
+    monkeypatch.setattr(loading, "build_serving", lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nAnd then?\n"))
+    code = peftlab_cli.main(["chat", f"model.name={base}", "--adapter", f"alpha={alpha}", "--max-new-tokens", "16",
+                             "--lookup", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    history = [{"role": "user", "content": "Hello there"}]
+    r1 = _reply(base, alpha, history, 16)
+    history += [{"role": "assistant", "content": r1}, {"role": "user", "content": "And then?"}]
+    assert f"alpha> {r1}\nalpha> {_reply(base, alpha, history, 16)}\n" in out
+    stats = built[0].engine.stats
+    assert built[0].engine.lookup == 4 and 0 < stats["lookup_accepted"] <= stats["lookup_drafted"], stats
+    code = peftlab_cli.main(["chat", f"model.name={base}", "--lookup", "4", "--temperature", "0.7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--lookup 4" in err and "greedy only" in err and "--temperature 0.7" in err
+    assert len(built) == 1

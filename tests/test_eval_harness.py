@@ -91,6 +91,64 @@ def test_eval_run_writes_metrics_and_predictions(tiny_run, capsys):
     assert metrics["long_answer_n"] == sum(p["long"] for p in preds)
 
 
+def test_eval_with_lookup_gives_the_same_predictions(tiny_run, capsys, monkeypatch):
+    """--lookup 4: the same predictions and scores as batched greedy decoding, each prompt decoded
+    alone by prompt lookup. The tiny base's answers never repeat a token (nothing would be drafted),
+    so the drafts come from an oracle: the batched run's own tokens, every 3rd one wrong, so most
+    forwards accept part of a draft. Refused with a temperature, as eval.lookup is."""
+    from peftlab.config import build_dataclass
+    from peftlab.errors import ConfigError
+    from peftlab.eval import generate as gen
+    from peftlab.model import lookup as lookup_mod
+
+    _, tmp = tiny_run
+    truths, calls = {}, []
+    lean, real = gen.decode.lean_greedy, gen.lookup_greedy
+
+    def recorded(model, ids, mask, n, eos, pad):  # the batched greedy tokens of every prompt
+        out = lean(model, ids, mask, n, eos, pad)
+        for row, m, full in zip(ids, mask, out):
+            prompt = row[m.bool()].tolist()
+            truths[tuple(prompt)] = prompt + full[ids.shape[1]:].tolist()
+        return out
+
+    def oracle(seq, k, max_ngram=2):
+        text = seq.tolist()
+        truth = next(t for p, t in truths.items() if text[:len(p)] == list(p))
+        assert text == truth[:len(text)]
+        out = torch.tensor(truth[len(text):len(text) + k], dtype=seq.dtype)
+        out[torch.arange(len(text), len(text) + len(out)) % 3 == 0] += 1
+        return out
+
+    def counted(*args, **kwargs):
+        calls.append({})
+        return real(*args, stats=calls[-1], **kwargs)
+
+    monkeypatch.setattr(gen.decode, "lean_greedy", recorded)
+    monkeypatch.setattr(gen, "lookup_greedy", counted)
+    monkeypatch.setattr(lookup_mod, "draft", oracle)
+    runs = {}
+    for lookup in ("0", "4"):
+        out = tmp / f"eval-lookup-{lookup}"
+        code = cli.main(["eval", *tiny_overrides("llama"), f"data.path={tmp / 'add.json'}", "data.eval_split=6",
+                         "train.mixed_precision=fp32", "--max-new-tokens", "16", "--no-loss", "--output", str(out),
+                         "--lookup", lookup])
+        assert code == 0, capsys.readouterr().err
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics.pop("eval")["lookup"] == int(lookup)
+        metrics.pop("generation_s")
+        runs[lookup] = metrics, (out / "predictions.jsonl").read_text()
+    assert runs["4"] == runs["0"] and runs["0"][0]["n"] == 6 and len(truths) >= 5
+    assert len(calls) == 6 and 0 < sum(c["accepted"] for c in calls) < sum(c["drafted"] for c in calls), calls
+    code = cli.main(["eval", "--run", str(tiny_run[0].run_dir), "--lookup", "4", "--temperature", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--lookup 4" in err and "greedy only" in err
+    with pytest.raises(ConfigError, match="greedy only"):  # a sweep's eval: section
+        build_dataclass(EvalConfig, {"lookup": 4, "temperature": 0.5}, "eval")
+    with pytest.raises(ConfigError, match="eval.lookup"):
+        build_dataclass(EvalConfig, {"lookup": -1}, "eval")
+
+
 def test_eval_without_held_out_data_is_a_clear_error(tiny_run, capsys):
     result, tmp = tiny_run
     code = cli.main(["eval", "--run", str(result.run_dir), "data.eval_split=0", "--output", str(tmp / "x")])

@@ -261,3 +261,95 @@ def test_references_are_not_trivial(setup):
     lengths = [len(refs[p]) for p, _, _ in PROMPTS]
     assert sum(lengths) >= 40, lengths
     assert len({tuple(refs[p]) for p, _, _ in PROMPTS}) == len(PROMPTS)
+
+
+def _oracle(truths: dict[tuple, list[int]], wrong_every: int):
+    """A ``draft`` for the engine that proposes the true greedy continuation of whichever prompt the
+    text starts with (``truths``: prompt ids -> prompt + answer ids), every ``wrong_every``-th
+    position corrupted: drafts are accepted whole or in part on cue, and always made."""
+    def draft(seq, k, max_ngram=2):
+        text = seq.tolist()
+        truth = next(t for p, t in truths.items() if text[:len(p)] == list(p))
+        assert text == truth[:len(text)], "the engine emitted a token that is not the greedy one"
+        out = torch.tensor(truth[len(text):len(text) + k], dtype=torch.long)
+        if wrong_every:
+            pos = torch.arange(len(text), len(text) + len(out))
+            out[pos % wrong_every == 0] += 1
+        return out
+    return draft
+
+
+def test_lookup_for_a_lone_greedy_row_gives_the_same_tokens(setup, monkeypatch):
+    """--lookup on a lone greedy row: the tokens are still each request's greedy tokens alone (HF
+    generate), with drafts from the text itself (the tiny models repeat themselves: some accepted,
+    some rejected) and with drafts that are the true continuation but wrong every 3rd token (most
+    forwards accept part of a draft, so the cache is cut back past the rejected ones)."""
+    from peftlab.model import lookup
+
+    base, adapters, tok, refs = setup
+    engine, _ = _engine(base, adapters, tok, max_batch=1, lookup=4)
+    seqs = engine.generate([_seq(tok, p, a, n) for p, a, n in PROMPTS])
+    assert [s.generated for s in seqs] == [refs[p] for p, _, _ in PROMPTS]
+    stats = engine.stats
+    assert 0 < stats["lookup_accepted"] < stats["lookup_drafted"], stats
+    truths = {}
+    for p, _, _ in PROMPTS:
+        ids = tok(p, add_special_tokens=False).input_ids
+        truths[tuple(ids)] = ids + refs[p]
+    monkeypatch.setattr(lookup, "draft", _oracle(truths, 3))
+    engine, _ = _engine(base, adapters, tok, max_batch=1, lookup=4)
+    seqs = engine.generate([_seq(tok, p, a, n) for p, a, n in PROMPTS])
+    assert [s.generated for s in seqs] == [refs[p] for p, _, _ in PROMPTS]
+    stats = engine.stats
+    assert 0 < stats["lookup_accepted"] < stats["lookup_drafted"], stats
+    assert stats["steps"] < stats["tokens"] - len(PROMPTS)  # without lookup: a step per token after the first
+
+
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)  # the mechanics; both archs above
+def test_lookup_applies_only_to_a_lone_greedy_row_and_ends_inside_a_run(setup, monkeypatch):
+    """Rows decoded together, and sampling rows, decode one token a step as without lookup (the same
+    tokens, seeded samples included); an eos, a stop string or max_tokens inside an accepted run ends
+    the row there, exactly as without lookup; drafts never run past max_tokens."""
+    from peftlab.model import lookup
+
+    base, adapters, tok, refs = setup
+    truths = {}
+    for p, _, _ in PROMPTS:
+        ids = tok(p, add_special_tokens=False).input_ids
+        truths[tuple(ids)] = ids + refs[p]
+    oracle = _oracle(truths, 0)  # every draft right: runs of 4 accepted tokens
+    asked = []
+    monkeypatch.setattr(lookup, "draft", lambda seq, k, n=2: asked.append(k) or oracle(seq, k, n))
+
+    def both(make, **kw):
+        """The sequences ``make()`` gives, run on an engine without lookup and on one with it."""
+        plain, _ = _engine(base, adapters, tok, **kw)
+        fast, _ = _engine(base, adapters, tok, lookup=4, **kw)
+        return plain.generate(make()), fast.generate(make()), fast
+
+    # two greedy rows and a sampling one share steps; lookup only once a greedy row is left alone
+    def mixed():
+        return [_seq(tok, *PROMPTS[0]), _seq(tok, "Once upon", "a", 8, temperature=1.0, top_p=0.9, seed=3),
+                _seq(tok, *PROMPTS[2])]
+    plain, fast, engine = both(mixed, max_batch=3)
+    assert [s.generated for s in fast] == [s.generated for s in plain]
+    assert fast[0].generated == refs[PROMPTS[0][0]] and fast[2].generated == refs[PROMPTS[2][0]]
+    assert engine.stats["max_rows"] == 3 and engine.stats["lookup_forwards"] > 0
+    # inside an accepted run (the first decode step accepts tokens 2-5): an eos (the id of the 5th
+    # answer token), a stop string (from the text of tokens 3-5), max_tokens
+    prompt, adapter, n = max(PROMPTS, key=lambda p: len(set(refs[p[0]][:5])))  # the tiny models repeat a lot
+    answer = refs[prompt]
+    assert answer[4] not in answer[:4], answer
+    full = tok.decode(answer, skip_special_tokens=True)
+    head, run = tok.decode(answer[:2], skip_special_tokens=True), tok.decode(answer[:5], skip_special_tokens=True)
+    stop = next(run[i:i + 2] for i in range(len(head), len(run) - 1) if full.find(run[i:i + 2]) >= len(head))
+    for kw, make, reason in (({"eos_ids": {answer[4]}}, lambda: [_seq(tok, prompt, adapter, n)], "stop"),
+                             ({}, lambda: [_seq(tok, prompt, adapter, n, stop=(stop,))], "stop"),
+                             ({}, lambda: [_seq(tok, prompt, adapter, 7)], "length")):
+        asked.clear()
+        (p,), (f,), engine = both(make, max_batch=1, **kw)
+        assert (f.generated, f.text, f.finish_reason) == (p.generated, p.text, p.finish_reason)
+        assert p.finish_reason == reason and len(p.generated) < len(answer)
+        assert engine.stats["lookup_accepted"] > 0 and engine.stats["tokens"] == len(p.generated)
+    # max_tokens 7: the prefill's token, a draft of 4 accepted with the model's 6th, then no room to draft
+    assert f.generated == answer[:7] and asked == [4, 0]

@@ -228,6 +228,51 @@ def test_api_key_is_not_on_the_command_line(server):
         _client(server, key="wrong").models.list()
 
 
+def test_lookup_server_gives_the_same_answers(server, tmp_path):
+    """`peftlab serve --lookup 4` (a second server on the same base and adapters): greedy requests,
+    alone or at once, streamed or not, give exactly the plain server's answers (HF generate's), with
+    drafts accepted on the way (/health counts them); a sampling request is decoded without lookup
+    (the same seeded answer as the plain server, no draft counted)."""
+    url, proc, log = _start(tmp_path, f"model.name={server['base']}", "--adapters", str(server["adapters"]),
+                            "--max-tokens", "24", "--max-context", "96", "--max-batch", "4", "--lookup", "4",
+                            env=cli_env(PEFTLAB_API_KEY=KEY))
+    try:
+        fast = _client({"url": url})
+        tok = tokenizer_for("llama")
+        messages = [{"role": "user", "content": "Name three colours."}]
+        got = fast.chat.completions.create(model="beta", messages=messages, max_tokens=20, temperature=0)
+        expected = _reference(server, "beta", _chat_ids(messages), 20)
+        assert got.choices[0].message.content == expected
+        stream = fast.chat.completions.create(model="beta", messages=messages, max_tokens=20, temperature=0,
+                                              stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+        text = fast.completions.create(model="base", prompt="Once upon a time", max_tokens=20, temperature=0)
+        ids = tok("Once upon a time", add_special_tokens=False).input_ids
+        assert text.choices[0].text == _reference(server, None, ids, 20)
+        stats = _health(url)["stats"]
+        assert 0 < stats["lookup_accepted"] <= stats["lookup_drafted"], stats
+        jobs = [("alpha", "The first"), ("gamma", "A second prompt, longer"), ("base", "Four")]
+        results = {}
+
+        def call(i, model, prompt):
+            results[i] = fast.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0)
+
+        threads = [threading.Thread(target=call, args=(i, *j)) for i, j in enumerate(jobs)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        for i, (model, prompt) in enumerate(jobs):
+            ids = tok(prompt, add_special_tokens=False).input_ids
+            assert results[i].choices[0].text == _reference(server, None if model == "base" else model, ids, 16)
+        before = _health(url)["stats"]
+        sampled = [c.completions.create(model="alpha", prompt="Once upon", max_tokens=12, temperature=0.8,
+                                        seed=7).choices[0].text for c in (fast, _client(server))]
+        assert sampled[0] == sampled[1]
+        after = _health(url)["stats"]
+        assert after["lookup_forwards"] == before["lookup_forwards"] and after["tokens"] > before["tokens"]
+        _quiet_log({"log": log})
+    finally:
+        _stop(proc)
+
 BUSY_TOKENS = 2000  # ~7 ms a token on one thread: a request that runs for ~15 s unless cancelled
 
 

@@ -11,6 +11,9 @@ the conversation keeps its history. Commands:
     /help, /quit    (end of input quits too)
 
 When the history no longer fits the context, the oldest turns are dropped (and it says so).
+``--lookup N`` (greedy only) decodes with prompt-lookup speculative decoding: up to N tokens
+drafted from the conversation so far are checked in one forward (serve/engine.py); the replies
+are the same tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="prompt-lookup speculative decoding: draft up to N tokens from the conversation so far, "
+                        "check them in one forward (greedy only, the same replies; faster when answers copy from "
+                        "the conversation). 0 = off")
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
     p.add_argument("--threads", type=int, default=0)
 
@@ -150,12 +157,18 @@ class Chat:
 
 
 def run(args) -> int:
+    from ..errors import ConfigError
     from ..serve.loading import build_serving
     from ..train.runtime import set_threads
 
+    if args.lookup < 0:
+        raise ConfigError(f"--lookup is the number of tokens drafted per forward (>= 1, 0 = off); got {args.lookup}")
+    if args.lookup and args.temperature > 0:
+        raise ConfigError(f"prompt-lookup decoding (--lookup {args.lookup}) is greedy only; got --temperature "
+                          f"{args.temperature}. Set --temperature 0 or drop --lookup")
     set_threads(args.threads)
     serving = build_serving(args.args, run=args.run, adapters=args.adapter, adapters_dir=args.adapters,
-                            max_batch=1, max_queue=1)
+                            max_batch=1, max_queue=1, lookup=args.lookup)
     chat = Chat(serving, args)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -33,6 +33,11 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--lookup", type=int, default=d.lookup, metavar="N",
+                   help="prompt-lookup speculative decoding for the generation metrics: draft up to N tokens from "
+                        "the prompt and the text so far, check them in one forward (greedy only, the same answers). "
+                        "It decodes one prompt at a time, trading --batch-size batching for per-prompt speed: "
+                        "faster when answers copy from the prompt, slower than batches when they do not. 0 = off")
     p.add_argument("--long-answer-chars", type=int, default=d.long_answer_chars,
                    help="long-answer accuracy counts references longer than this many characters")
     p.add_argument("--loss-batches", type=int, default=None, help="cap the loss pass at this many batches")
@@ -52,7 +57,7 @@ def run(args) -> int:
         raise ConfigError("give --run or --adapter, not both (a run directory already names its adapter)")
     ecfg = EvalConfig(loss=not args.no_loss, loss_batches=args.loss_batches, generate=not args.no_generate,
                       limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, lookup=args.lookup,
                       long_answer_chars=args.long_answer_chars, prompts=[])
     ecfg.validate()
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731

@@ -1,4 +1,4 @@
-"""peftlab serve [CONFIG] [key=value ...] [--adapters DIR] [--adapter NAME=DIR ...] [--port N]"""
+"""peftlab serve [CONFIG] [key=value ...] [--adapters DIR] [--adapter NAME=DIR ...] [--port N] [--lookup N]"""
 
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
     p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
     p.add_argument("--max-request-bytes", type=int, default=1_000_000)
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="prompt-lookup speculative decoding for greedy requests (temperature 0): while one "
+                        "sequence is decoding alone, up to N tokens drafted from its own text are checked in one "
+                        "forward (the same tokens); steps that decode two or more sequences, and sampling "
+                        "requests, decode one token per sequence as without it. 0 = off")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: the free cores)")
 
 
@@ -82,6 +87,8 @@ def run(args) -> int:
 
     if args.port < 0 or args.port > 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    if args.lookup < 0:
+        raise ConfigError(f"--lookup is the number of tokens drafted per forward (>= 1, 0 = off); got {args.lookup}")
     key = api_key(args)
     warning = exposure_warning(args.host, key)
     if warning:
@@ -90,7 +97,7 @@ def run(args) -> int:
     s = build_serving(args.args, run=args.run, adapters=args.adapter, adapters_dir=args.adapters,
                       max_loaded=args.max_loaded, host_max=args.host_adapters, max_batch=args.max_batch,
                       max_queue=args.max_queue,
-                      max_context=args.max_context, served_name=args.served_name)
+                      max_context=args.max_context, served_name=args.served_name, lookup=args.lookup)
     limits = Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens)
     app = create_app(s.engine, s.store, s.encoder, base_name=s.base_name, api_key=key, limits=limits)
     sock, host, port = listening_socket(args.host, args.port)

@@ -7,7 +7,8 @@
                 turn) is rendered with the training template, answered in batches (left padding,
                 greedy unless ``temperature`` > 0), and scored against the last assistant turn
                 with ``eval.metrics.score_corpus`` (exact match, BLEU-4, ROUGE-1/2/L, long-answer
-                accuracy)
+                accuracy); ``lookup`` > 0 decodes one prompt at a time with prompt-lookup
+                speculative decoding instead (greedy only; the same answers, ``eval.generate``)
 
 ``EvalConfig`` holds the knobs; ``peftlab eval`` and the sweep worker both use it (a sweep's
 ``eval:`` section is an ``EvalConfig``; unknown keys are an error listing the valid ones).
@@ -50,6 +51,7 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None  # for sampling
+    lookup: int = 0  # prompt-lookup drafts per forward, one prompt at a time, greedy only (0: off, batched)
     long_answer_chars: int = DEFAULT_LONG_ANSWER_CHARS
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))  # side-by-side samples
     sample_max_new_tokens: int = 128
@@ -63,6 +65,12 @@ class EvalConfig:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"eval.temperature must be >= 0 and eval.top_p in (0, 1]; "
                               f"got {self.temperature}, {self.top_p}")
+        if self.lookup < 0:
+            raise ConfigError(f"eval.lookup is the number of tokens drafted per forward (>= 1, 0 = off); "
+                              f"got {self.lookup}")
+        if self.lookup and self.temperature > 0:
+            raise ConfigError(f"prompt-lookup decoding (eval.lookup / --lookup {self.lookup}) is greedy only; got "
+                              f"temperature {self.temperature}. Set the temperature to 0 or the lookup to 0")
 
 
 @dataclass
@@ -107,7 +115,7 @@ def generate_answers(model, tokenizer, encoder, prompts: list, cfg: EvalConfig, 
     with autocast(device, amp):
         out = generate(model, tokenizer, encoder, [prompts[i] for i in order],
                        max_new_tokens=max_new_tokens or cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed)
+                       top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, lookup=cfg.lookup)
     answers = [""] * len(prompts)
     for i, a in zip(order, out):
         answers[i] = a

@@ -17,6 +17,16 @@ Waiting requests sit in a bounded queue (``submit`` raises ``EngineBusy`` when i
 Adapters come from an ``AdapterStore`` (an LRU of resident adapters; an adapter in use by a running
 row is never evicted). Sampling: greedy, or temperature + top-p with a per-request seed.
 
+Prompt lookup (``lookup`` > 0; model/lookup.py, Saxena 2023): a decode step whose batch is one
+greedy row (temperature 0) drafts up to ``lookup`` tokens from that row's own text and checks them
+in the same forward, ``[x_last, d_1..d_k]`` -> greedy choices ``p_0..p_k``; the drafts up to the
+first ``d_i != p_{i-1}`` are emitted, then that choice (each through the usual eos / stop string /
+max_tokens checks, so a row can end inside a run), and the cache is cropped past the rejected
+drafts. Every emitted token is the row's greedy choice given the tokens before it (exactly so in
+exact arithmetic; a forward over several positions can round differently from one at a time,
+which only matters at a near tie, as in model/lookup.py). A step with two or more rows, or one
+sampling row, decodes one token per row as without lookup.
+
 Limitation: sliding-window attention layers are served with a full cache (correct while a
 sequence is shorter than the window).
 """
@@ -33,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, PeftlabError
+from ..model import lookup as prompt_lookup
 from ..model.kv_cache import cache_arg, output_cache
 from .multi_lora import MultiLoRAModel
 
@@ -103,14 +114,17 @@ class Engine:
     """Runs ``Sequence``s on a ``MultiLoRAModel``: ``step()`` by hand, or ``start()`` a thread."""
 
     def __init__(self, mm: MultiLoRAModel, tokenizer, *, store=None, max_batch: int = 8, max_queue: int = 64,
-                 eos_ids: set[int] | None = None, max_context: int | None = None):
+                 eos_ids: set[int] | None = None, max_context: int | None = None, lookup: int = 0):
         if max_batch < 1 or max_queue < 1:
             raise ConfigError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        if lookup < 0:
+            raise ConfigError(f"lookup is the number of tokens drafted per forward (>= 1, 0 = off); got {lookup}")
         self.mm = mm
         self.tokenizer = tokenizer
         self.store = store
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.lookup = lookup  # prompt-lookup drafts per forward for a lone greedy row (0: off)
         self.eos_ids = set(eos_ids if eos_ids is not None else [tokenizer.eos_token_id])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         positions = getattr(mm.config, "max_position_embeddings", None) or getattr(mm.config, "n_positions", None)
@@ -124,6 +138,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "max_rows": 0, "cancelled": 0}
+        if lookup:  # forwards that carried a draft, draft tokens proposed and accepted
+            self.stats.update(lookup_forwards=0, lookup_drafted=0, lookup_accepted=0)
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -264,11 +280,13 @@ class Engine:
             except ValueError:
                 pass
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters):
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters, last_only: bool = True):
+        """(logits [rows, V] of the last position, or [rows, T, V] of every one, the cache)."""
         with self.mm.route(adapters):
             out = self.mm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=True, **{cache_arg(self.mm.model): cache})
-        return out.logits[:, -1, :].float(), output_cache(out)
+        logits = out.logits[:, -1, :] if last_only else out.logits
+        return logits.float(), output_cache(out)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         from transformers import DynamicCache
@@ -316,12 +334,43 @@ class Engine:
         device = self.mm.device
         seqs = [s for s in self.running if s.generated]
         assert len(seqs) == len(self.running)
+        if self.lookup and len(seqs) == 1 and seqs[0].params.temperature <= 0:
+            return self._decode_lookup(seqs[0])
         last = torch.tensor([[s.generated[-1]] for s in seqs], dtype=torch.long, device=device)
         positions = self.mask.sum(1, keepdim=True)
         self.mask = torch.cat([self.mask, torch.ones((len(seqs), 1), dtype=self.mask.dtype, device=device)], 1)
         logits, self.cache = self._forward(last, self.mask, positions, self.cache, [s.adapter for s in seqs])
         tokens = self._sample(logits, seqs)
         self._accept(seqs, tokens)
+
+    def _decode_lookup(self, s: Sequence) -> None:
+        """One forward for the lone greedy row ``s``: its last token and up to ``lookup`` drafted ones
+        (module docstring). The cache keeps the K/V of the last token and the accepted drafts."""
+        device = self.mm.device
+        text = torch.tensor(s.prompt_ids + s.generated)
+        room = min(s.params.max_tokens - len(s.generated),  # a draft past this could never be emitted
+                   self.max_context - len(text)) - 1
+        d = prompt_lookup.draft(text, min(self.lookup, room))
+        ids = torch.cat([text[-1:], d])[None].to(device)  # [1, 1 + k]
+        width = self.mask.shape[1]
+        positions = self.mask.sum(1, keepdim=True) + torch.arange(ids.shape[1], device=device)
+        mask = torch.cat([self.mask, torch.ones_like(ids, dtype=self.mask.dtype)], 1)
+        logits, cache = self._forward(ids, mask, positions, self.cache, [s.adapter], last_only=False)
+        preds = logits[0].argmax(-1).cpu()  # [1 + k]: p_i, the greedy choice after x_last, d_1..d_i
+        j = int((d == preds[:-1]).long().cumprod(0).sum())  # drafts accepted
+        from transformers import DynamicCache
+
+        keep = width + 1 + j  # the rejected drafts' K/V go; the next forward starts at p_j's position
+        self.cache = DynamicCache(ddp_cache_data=[(k[..., :keep, :], v[..., :keep, :]) for k, v, *_ in cache])
+        self.mask = mask[:, :keep]
+        if len(d):
+            self.stats["lookup_forwards"] += 1
+            self.stats["lookup_drafted"] += len(d)
+            self.stats["lookup_accepted"] += j
+        for tok in [*d[:j].tolist(), int(preds[j])]:
+            self._accept([s], [tok])  # eos, a stop string or max_tokens can end the row inside the run
+            if s.done:
+                break
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         out = logits.argmax(-1).tolist()  # greedy rows: one device sync for the whole batch

@@ -43,7 +43,8 @@ def parse_named(items: list[str]) -> dict[str, str]:
 def build_serving(cfg_args: list[str], *, run: str | None = None, adapters: list[str] | None = None,
                   adapters_dir: str | None = None, max_loaded: int = 8, host_max: int = 1024, max_batch: int = 8,
                   max_queue: int = 64,
-                  max_context: int | None = None, served_name: str | None = None, mode: str = "auto") -> Serving:
+                  max_context: int | None = None, served_name: str | None = None, mode: str = "auto",
+                  lookup: int = 0) -> Serving:
     from ..data.tokenize import Encoder
     from ..eval.generate import stop_token_ids
     from ..model.load import load_model
@@ -68,5 +69,5 @@ def build_serving(cfg_args: list[str], *, run: str | None = None, adapters: list
         raise ConfigError(f"adapter name {base_name!r} is the base model's name; rename the adapter")
     store = AdapterStore(mm, adapters_dir, max_loaded=max(max_loaded, len(pinned)), pinned=pinned, host_max=host_max)
     engine = Engine(mm, tok, store=store, max_batch=max_batch, max_queue=max_queue, eos_ids=stop_token_ids(tok, encoder),
-                    max_context=max_context)
+                    max_context=max_context, lookup=lookup)
     return Serving(cfg, mm, tok, encoder, store, engine, base_name)
