@@ -156,3 +156,16 @@ def test_generate_with_lookup_gives_the_same_answers():
     assert gen.generate(model, tok, enc, prompts, max_new_tokens=10, lookup=4) == plain
     with pytest.raises(ConfigError, match="greedy only"):
         gen.generate(model, tok, enc, prompts, max_new_tokens=4, temperature=0.7, lookup=4)
+
+
+def test_every_lookup_setting_is_checked_by_one_rule_naming_the_flag():
+    from peftlab.errors import ConfigError
+    from peftlab.model.lookup import check_setting
+
+    check_setting(0, 0.9)  # off: any temperature
+    check_setting(4)
+    with pytest.raises(ConfigError, match=r"^--lookup is the number of tokens drafted per forward .* got -1$"):
+        check_setting(-1, flag="--lookup")
+    with pytest.raises(ConfigError, match=r"\(eval.lookup 3\) is greedy only; got eval.temperature 0.5\. "
+                                          r"Set eval.temperature to 0 or eval.lookup to 0"):
+        check_setting(3, 0.5, "eval.lookup", "eval.temperature")

@@ -157,15 +157,11 @@ class Chat:
 
 
 def run(args) -> int:
-    from ..errors import ConfigError
+    from ..model.lookup import check_setting
     from ..serve.loading import build_serving
     from ..train.runtime import set_threads
 
-    if args.lookup < 0:
-        raise ConfigError(f"--lookup is the number of tokens drafted per forward (>= 1, 0 = off); got {args.lookup}")
-    if args.lookup and args.temperature > 0:
-        raise ConfigError(f"prompt-lookup decoding (--lookup {args.lookup}) is greedy only; got --temperature "
-                          f"{args.temperature}. Set --temperature 0 or drop --lookup")
+    check_setting(args.lookup, args.temperature, "--lookup", "--temperature")
     set_threads(args.threads)
     serving = build_serving(args.args, run=args.run, adapters=args.adapter, adapters_dir=args.adapters,
                             max_batch=1, max_queue=1, lookup=args.lookup)

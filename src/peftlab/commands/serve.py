@@ -78,6 +78,7 @@ def exposure_warning(host: str, key: str | None) -> str | None:
 
 def run(args) -> int:
     from ..errors import ConfigError
+    from ..model.lookup import check_setting
     from ..serve.loading import build_serving
     from ..serve.server import Limits, _need_serve_extra, create_app
     from ..train.runtime import set_threads
@@ -87,8 +88,7 @@ def run(args) -> int:
 
     if args.port < 0 or args.port > 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
-    if args.lookup < 0:
-        raise ConfigError(f"--lookup is the number of tokens drafted per forward (>= 1, 0 = off); got {args.lookup}")
+    check_setting(args.lookup, flag="--lookup")  # per request: only greedy requests use it
     key = api_key(args)
     warning = exposure_warning(args.host, key)
     if warning:

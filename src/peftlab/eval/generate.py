@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data.prompts import stop_token_ids  # noqa: F401  (its old home: callers import it from here)
-from ..model.lookup import lookup_greedy
+from ..model.lookup import check_setting, lookup_greedy
 from . import decode
 
 
@@ -64,15 +64,7 @@ def generate(model: nn.Module, tokenizer, encoder, prompts: list, max_new_tokens
              lookup: int = 0) -> list[str]:
     """Answers for ``prompts`` (strings, or lists of {role, content} messages ending with a user turn).
     ``lookup`` > 0: prompt-lookup decoding, one prompt at a time (greedy only)."""
-    if lookup and temperature > 0:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"prompt-lookup decoding (lookup={lookup}) is greedy only; got temperature={temperature}. "
-                          "Set the temperature to 0 or drop --lookup")
-    if lookup < 0:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"lookup is the number of tokens drafted per forward (>= 1, 0 = off); got {lookup}")
+    check_setting(lookup, temperature)
     if lookup:
         batch_size = 1  # speculative verification is per sequence
     was_training = model.training

@@ -29,6 +29,7 @@ from ..data.formats import Conversation, PreferencePair
 from ..data.preference import PairExample
 from ..errors import ConfigError
 from ..io import atomic_write_text
+from ..model.lookup import check_setting
 from .metrics import DEFAULT_LONG_ANSWER_CHARS, score_corpus
 
 # The seeds' side-by-side prompts (their four "fixed prompt" generations).
@@ -65,12 +66,7 @@ class EvalConfig:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"eval.temperature must be >= 0 and eval.top_p in (0, 1]; "
                               f"got {self.temperature}, {self.top_p}")
-        if self.lookup < 0:
-            raise ConfigError(f"eval.lookup is the number of tokens drafted per forward (>= 1, 0 = off); "
-                              f"got {self.lookup}")
-        if self.lookup and self.temperature > 0:
-            raise ConfigError(f"prompt-lookup decoding (eval.lookup / --lookup {self.lookup}) is greedy only; got "
-                              f"temperature {self.temperature}. Set the temperature to 0 or the lookup to 0")
+        check_setting(self.lookup, self.temperature, "eval.lookup / --lookup", "eval.temperature / --temperature")
 
 
 @dataclass

@@ -29,7 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .decode import _rms, lean_weights, run_layers
+
+
+def check_setting(lookup: int, temperature: float = 0.0, flag: str = "lookup",
+                  temperature_flag: str = "temperature") -> None:
+    """A ConfigError naming ``flag`` unless ``lookup`` is 0 (off), or a draft length >= 1 with greedy
+    decoding (every caller: eval.generate, the serving engine, chat, serve, eval)."""
+    if lookup < 0:
+        raise ConfigError(f"{flag} is the number of tokens drafted per forward (>= 1, 0 = off); got {lookup}")
+    if lookup and temperature > 0:
+        raise ConfigError(f"prompt-lookup decoding ({flag} {lookup}) is greedy only; got {temperature_flag} "
+                          f"{temperature}. Set {temperature_flag} to 0 or {flag} to 0")
 
 
 def draft(seq: torch.Tensor, k: int, max_ngram: int = 2) -> torch.Tensor:

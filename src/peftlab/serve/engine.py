@@ -117,8 +117,7 @@ class Engine:
                  eos_ids: set[int] | None = None, max_context: int | None = None, lookup: int = 0):
         if max_batch < 1 or max_queue < 1:
             raise ConfigError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
-        if lookup < 0:
-            raise ConfigError(f"lookup is the number of tokens drafted per forward (>= 1, 0 = off); got {lookup}")
+        prompt_lookup.check_setting(lookup)  # sampling requests decode without it (module docstring)
         self.mm = mm
         self.tokenizer = tokenizer
         self.store = store
