@@ -108,6 +108,23 @@ def test_models_chat_and_streaming(server):
     assert got.choices[0].message.content == _reference(server, "alpha", _chat_ids(turns), 6)
 
 
+def _concurrent_greedy(client, server, jobs: list[tuple[str, str]], max_tokens: int) -> None:
+    """Send (adapter, prompt) completions at once; each greedy answer equals HF generate's."""
+    tok = tokenizer_for("llama")
+    results = {}
+
+    def call(i, model, prompt):
+        results[i] = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+
+    threads = [threading.Thread(target=call, args=(i, *j)) for i, j in enumerate(jobs)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    for i, (model, prompt) in enumerate(jobs):
+        ids = tok(prompt, add_special_tokens=False).input_ids
+        want = _reference(server, None if model == "base" else model, ids, max_tokens)
+        assert results[i].choices[0].text == want, model
+
+
 def test_completions_and_concurrent_mixed_adapters(server):
     client = _client(server)
     tok = tokenizer_for("llama")
@@ -115,19 +132,8 @@ def test_completions_and_concurrent_mixed_adapters(server):
                                        stream=True)
     text = "".join(c.choices[0].text for c in stream)
     assert text == _reference(server, None, tok("Once upon a time", add_special_tokens=False).input_ids, 8)
-    jobs = [("alpha", "The first"), ("beta", "A second prompt, longer"), ("gamma", "Third"), ("base", "Four"),
-            ("alpha", "Fifth and last")]
-    results = {}
-
-    def call(i, model, prompt):
-        results[i] = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
-
-    threads = [threading.Thread(target=call, args=(i, *j)) for i, j in enumerate(jobs)]
-    [t.start() for t in threads]
-    [t.join(120) for t in threads]
-    for i, (model, prompt) in enumerate(jobs):
-        ids = tok(prompt, add_special_tokens=False).input_ids
-        assert results[i].choices[0].text == _reference(server, None if model == "base" else model, ids, 12), model
+    _concurrent_greedy(client, server, [("alpha", "The first"), ("beta", "A second prompt, longer"), ("gamma", "Third"),
+                                        ("base", "Four"), ("alpha", "Fifth and last")], 12)
     health = httpx.get(server["url"].replace("/v1", "/health")).json()
     assert health["stats"]["max_rows"] >= 2  # requests really shared decode steps
     assert len(health["resident_adapters"]) <= 2  # the LRU bound held (3 adapters were used)
@@ -251,18 +257,8 @@ def test_lookup_server_gives_the_same_answers(server, tmp_path):
         assert text.choices[0].text == _reference(server, None, ids, 20)
         stats = _health(url)["stats"]
         assert 0 < stats["lookup_accepted"] <= stats["lookup_drafted"], stats
-        jobs = [("alpha", "The first"), ("gamma", "A second prompt, longer"), ("base", "Four")]
-        results = {}
-
-        def call(i, model, prompt):
-            results[i] = fast.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0)
-
-        threads = [threading.Thread(target=call, args=(i, *j)) for i, j in enumerate(jobs)]
-        [t.start() for t in threads]
-        [t.join(120) for t in threads]
-        for i, (model, prompt) in enumerate(jobs):
-            ids = tok(prompt, add_special_tokens=False).input_ids
-            assert results[i].choices[0].text == _reference(server, None if model == "base" else model, ids, 16)
+        _concurrent_greedy(fast, server, [("alpha", "The first"), ("gamma", "A second prompt, longer"),
+                                          ("base", "Four")], 16)
         before = _health(url)["stats"]
         sampled = [c.completions.create(model="alpha", prompt="Once upon", max_tokens=12, temperature=0.8,
                                         seed=7).choices[0].text for c in (fast, _client(server))]
