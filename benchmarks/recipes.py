@@ -61,6 +61,18 @@ RECIPES = {
                      "train.min_lr_ratio=0.1"],
     "default": [],
 }
+# The LoRA knobs study (issue 14 item 5): one knob of the baseline changed at a time, with peftlab's
+# default recipe; the baseline itself is the `default` row (r=8, alpha=16, all linear layers).
+KNOB_VARIANTS = {
+    "alpha32": ["peft.alpha=32"],
+    "r2": ["peft.r=2"],
+    "r32": ["peft.r=32"],
+    "qv-only": ["peft.targets=q_proj,v_proj"],
+    "rslora": ["peft.use_rslora=true"],
+    "dora": ["peft.method=dora"],
+    "loraplus": ["peft.loraplus_lr_ratio=16"],
+}
+RECIPES.update(KNOB_VARIANTS)
 
 
 def overrides(task: str, seed: int) -> list[str]:
