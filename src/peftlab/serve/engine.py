@@ -44,7 +44,7 @@ import torch
 
 from ..errors import ConfigError, PeftlabError
 from ..model import lookup as prompt_lookup
-from ..model.kv_cache import cache_arg, output_cache
+from ..model.kv_cache import cache_arg, join_caches, map_cache, output_cache
 from .multi_lora import MultiLoRAModel
 
 
@@ -301,32 +301,24 @@ class Engine:
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, DynamicCache(), [s.adapter for s in seqs])
         self.stats["prefills"] += 1
-        kv = [(k.masked_fill(~mask.bool()[:, None, :, None], 0), v.masked_fill(~mask.bool()[:, None, :, None], 0))
-              for k, v, *_ in cache]  # pad positions hold zeros, never NaN from fully masked rows
-        self._join(seqs, kv, mask)
+        pad = ~mask.bool()[:, None, :, None]
+        self._join(seqs, map_cache(cache, lambda t: t.masked_fill(pad, 0)), mask)  # pads hold 0, never NaN
         tokens = self._sample(logits, seqs)
         self._accept(seqs, tokens)
 
-    def _join(self, seqs: list[Sequence], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
-        """Append rows (their cache ``kv`` and ``mask``) to the running batch, left-padding to one length."""
-        from transformers import DynamicCache
-
+    def _join(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
+        """Append rows (their ``cache`` and ``mask``) to the running batch, left-padding to one length."""
         if self.cache is None or not self.running:
-            self.cache, self.mask, self.running = DynamicCache(ddp_cache_data=kv), mask, list(seqs)
+            self.cache, self.mask, self.running = cache, mask, list(seqs)
             return
-        old = [(k, v) for k, v, *_ in self.cache]
         length = max(self.mask.shape[1], mask.shape[1])
 
-        def pad(t: torch.Tensor, n: int) -> torch.Tensor:  # left-pad the sequence dimension (-2 for kv)
-            return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:  # left-pad the sequence dimension to `length`
+            n = length - t.shape[dim]
+            return torch.nn.functional.pad(t, (0, 0) * (-dim - 1) + (n, 0)) if n else t
 
-        merged = []
-        for (ko, vo), (kn, vn) in zip(old, kv):
-            po, pn = length - ko.shape[-2], length - kn.shape[-2]
-            merged.append((torch.cat([pad(ko, po), pad(kn, pn)]), torch.cat([pad(vo, po), pad(vn, pn)])))
-        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (length - self.mask.shape[1], 0)),
-                               torch.nn.functional.pad(mask, (length - mask.shape[1], 0))])
-        self.cache = DynamicCache(ddp_cache_data=merged)
+        self.cache = join_caches(self.cache, cache, lambda old, new: torch.cat([pad(old, -2), pad(new, -2)]))
+        self.mask = torch.cat([pad(self.mask, -1), pad(mask, -1)])
         self.running = self.running + list(seqs)
 
     def _decode(self) -> None:
@@ -357,10 +349,8 @@ class Engine:
         logits, cache = self._forward(ids, mask, positions, self.cache, [s.adapter], last_only=False)
         preds = logits[0].argmax(-1).cpu()  # [1 + k]: p_i, the greedy choice after x_last, d_1..d_i
         j = int((d == preds[:-1]).long().cumprod(0).sum())  # drafts accepted
-        from transformers import DynamicCache
-
         keep = width + 1 + j  # the rejected drafts' K/V go; the next forward starts at p_j's position
-        self.cache = DynamicCache(ddp_cache_data=[(k[..., :keep, :], v[..., :keep, :]) for k, v, *_ in cache])
+        self.cache = map_cache(cache, lambda t: t[..., :keep, :])
         self.mask = mask[:, :keep]
         if len(d):
             self.stats["lookup_forwards"] += 1
@@ -438,14 +428,11 @@ class Engine:
         if not keep:
             self.running, self.cache, self.mask = [], None, None
             return
-        from transformers import DynamicCache
-
         idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, idx)
         start = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every remaining row
         self.mask = mask[:, start:]
-        self.cache = DynamicCache(ddp_cache_data=[(k.index_select(0, idx)[..., start:, :],
-                                                   v.index_select(0, idx)[..., start:, :]) for k, v, *_ in self.cache])
+        self.cache = map_cache(self.cache, lambda t: t.index_select(0, idx)[..., start:, :])
         self.running = [self.running[i] for i in keep]
 
     def _finish(self, seq: Sequence, reason: str | None, error: str | None = None) -> None:

@@ -29,12 +29,11 @@ eager or SDPA attention, no gradient checkpointing (transformers turns the cache
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..model.kv_cache import cache_arg
 from .unpad import per_token_blocker
 
 ATTENTION = ("sdpa", "eager")  # kernels that take the dense 4-D mask built from the 2-D one
@@ -75,11 +74,6 @@ def share_layout(prompts: list[list[int]], completions: list[list[int]], pad_id:
     return {"prompt_ids": prompt_ids, "prompt_lengths": lengths, "completion_ids": completion_ids}
 
 
-def _cache_keyword(backbone: nn.Module) -> str:
-    """transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name warns)."""
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-
-
 def shared_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
     """[R, Lc, d]: at [r, j] the last hidden state that predicts completion token j of row r
     (batch: prompt_ids [P, Lp], prompt_lengths [P], completion_ids [R, Lc], completion_mask [R, Lc])."""
@@ -92,7 +86,7 @@ def shared_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
     r, lc = cmask.shape
     g = r // p
     assert g * p == r, f"{r} completions for {p} prompts"
-    cache, keyword = DynamicCache(config=backbone.config), _cache_keyword(backbone)
+    cache, keyword = DynamicCache(config=backbone.config), cache_arg(backbone)
     # right padding: causal attention alone keeps every real prompt token off the padding after it
     out = backbone(input_ids=prompt_ids, use_cache=True, **{keyword: cache})
     first = out.last_hidden_state[torch.arange(p, device=prompt_ids.device), lengths - 1]  # [P, d]
