@@ -2,7 +2,9 @@
 
 Sections: the trainable-parameter table (method, rank, trainable, total, %); learning curves
 (train and eval loss vs step, one line per run, PNG; embedded as base64 in the HTML, a file
-beside the Markdown); the quality table (losses, perplexity, BLEU-4, ROUGE-1/2/L, exact match,
+beside the Markdown); when runs differ only by seed (``seeds.group_by_seed``), "Across seeds":
+per group the mean (min–max) over its seeds of each quality column and the mean eval curve's
+lowest point, and ``curves_seeds.png`` (mean curves, min-max shaded); the quality table (losses, perplexity, BLEU-4, ROUGE-1/2/L, exact match,
 long-answer accuracy) and the cost table (train time, total time, peak memory, file size,
 throughput), each with the best value per column in bold; side-by-side generations of every run
 for a fixed prompt list (the seeds' four by default); failed runs with their error.
@@ -224,8 +226,7 @@ def _ppl(r: RunView):
 
 
 class Column(NamedTuple):
-    """A table column: the value of a run (or of a group of seeds; None: none), which end is best,
-    how a value is shown, and what follows it (the step of the curve's lowest point)."""
+    """A table column: a run's (or group's) value or None, which end is best, its format, what follows it."""
 
     key: str
     header: str
@@ -235,14 +236,10 @@ class Column(NamedTuple):
     note: Callable | None = None
 
 
-def _at_step(r: RunView) -> str:
-    return f" ({r.best_eval[0]})"
-
-
 QUALITY = [Column(*c) for c in [
     ("train_loss", "final train loss", lambda r: r.final_train_loss, "min", _f4),
     ("eval_loss", "eval loss", lambda r: r.final_eval_loss, "min", _f4),
-    ("best_eval", "curve's lowest eval loss (step)", _best_eval, "min", _f4, _at_step),
+    ("best_eval", "curve's lowest eval loss (step)", _best_eval, "min", _f4, lambda r: f" ({r.best_eval[0]})"),
     ("last_eval", "curve's last eval loss", lambda r: r.eval_curve[-1][1] if r.eval_curve else None, "min", _f4),
     ("perplexity", "perplexity", _ppl, "min", lambda v: f"{v:.3f}" if v < 1000 else f"{v:.3g}"),
     ("bleu4", "BLEU-4", lambda r: r.eval.get("bleu4"), "max", _pct),
