@@ -2,7 +2,9 @@
 
 Sections: the trainable-parameter table (method, rank, trainable, total, %); learning curves
 (train and eval loss vs step, one line per run, PNG; embedded as base64 in the HTML, a file
-beside the Markdown); the quality table (losses, perplexity, BLEU-4, ROUGE-1/2/L, exact match,
+beside the Markdown); when runs differ only by seed (``seeds.group_by_seed``), "Across seeds":
+per group the mean (min–max) over its seeds of each quality column and the mean eval curve's
+lowest point, and ``curves_seeds.png`` (mean curves, min-max shaded); the quality table (losses, perplexity, BLEU-4, ROUGE-1/2/L, exact match,
 long-answer accuracy) and the cost table (train time, total time, peak memory, file size,
 throughput), each with the best value per column in bold; side-by-side generations of every run
 for a fixed prompt list (the seeds' four by default); failed runs with their error.
@@ -22,8 +24,10 @@ import math
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import ConfigError
 from ..eval.harness import DEFAULT_PROMPTS
@@ -38,6 +42,8 @@ from ..rundir import (
     run_artifact,
     saved_config,
 )
+from .seeds import NOTE as SEEDS_NOTE
+from .seeds import group_by_seed, seed_columns
 
 
 @dataclass
@@ -219,11 +225,21 @@ def _ppl(r: RunView):
     return math.exp(min(loss, 700.0)) if loss is not None else None
 
 
-# columns: (key, header, getter, which is best: "min" | "max", formatter)
-QUALITY = [
+class Column(NamedTuple):
+    """A table column: a run's (or group's) value or None, which end is best, its format, what follows it."""
+
+    key: str
+    header: str
+    get: Callable
+    better: str  # "min" | "max"
+    fmt: Callable
+    note: Callable | None = None
+
+
+QUALITY = [Column(*c) for c in [
     ("train_loss", "final train loss", lambda r: r.final_train_loss, "min", _f4),
     ("eval_loss", "eval loss", lambda r: r.final_eval_loss, "min", _f4),
-    ("best_eval", "curve's lowest eval loss (step)", _best_eval, "min", _f4),
+    ("best_eval", "curve's lowest eval loss (step)", _best_eval, "min", _f4, lambda r: f" ({r.best_eval[0]})"),
     ("last_eval", "curve's last eval loss", lambda r: r.eval_curve[-1][1] if r.eval_curve else None, "min", _f4),
     ("perplexity", "perplexity", _ppl, "min", lambda v: f"{v:.3f}" if v < 1000 else f"{v:.3g}"),
     ("bleu4", "BLEU-4", lambda r: r.eval.get("bleu4"), "max", _pct),
@@ -234,8 +250,8 @@ QUALITY = [
     ("pref_accuracy", "preference acc. %", lambda r: r.eval.get("pref_accuracy"), "max", _pct),
     ("pref_margin", "reward margin", lambda r: r.eval.get("pref_margin"), "max", _f4),
     ("long", "long-answer acc. %", lambda r: r.eval.get("long_answer_accuracy"), "max", _pct),
-]
-COST = [
+]]
+COST = [Column(*c) for c in [
     ("train_time", "train time", lambda r: r.train_time, "min", _secs),
     ("train_cpu", "train CPU time", lambda r: r.train_cpu, "min", _secs),
     ("total_time", "total time (with eval)", lambda r: r.total_time, "min", _secs),
@@ -244,7 +260,7 @@ COST = [
     ("process_peak", "peak memory (whole run)", lambda r: r.process_peak, "min", _gib),
     ("file_size", "saved file size", lambda r: r.file_size, "min", _size),
     ("tokens_per_s", "tokens/s (median)", lambda r: r.tokens_per_s, "max", lambda v: f"{v:,.0f}"),
-]
+]]
 
 
 QUALITY_NOTE = (
@@ -260,25 +276,32 @@ QUALITY_NOTE = (
 )
 
 
-def _cells(runs: list[RunView], columns) -> tuple[list[str], list[list[tuple[str, bool]]]]:
-    """Headers and rows of (text, is_best) for the columns any run has a value in."""
-    cols = [c for c in columns if any(c[2](r) is not None for r in runs)]
+def _cells(items: list, columns: list[Column]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """Headers and rows of (text, is_best) for the columns any item (a run, a group of seeds) has a value in."""
+    cols = [c for c in columns if any(c.get(r) is not None for r in items)]
     best = {}
-    for key, _, get, better, _ in cols:
-        vals = [get(r) for r in runs if get(r) is not None]
+    for c in cols:
+        vals = [c.get(r) for r in items if c.get(r) is not None]
         if len(vals) >= 2 and len(set(vals)) > 1:
-            best[key] = min(vals) if better == "min" else max(vals)
+            best[c.key] = min(vals) if c.better == "min" else max(vals)
     rows = []
-    for r in runs:
+    for r in items:
         row = []
-        for key, _, get, _, fmt in cols:
-            v = get(r)
-            text = "–" if v is None else fmt(v)
-            if key == "best_eval" and r.best_eval:
-                text += f" ({r.best_eval[0]})"
-            row.append((text, v is not None and key in best and v == best[key]))
+        for c in cols:
+            v = c.get(r)
+            text = "–" if v is None else c.fmt(v) + (c.note(r) if c.note else "")
+            row.append((text, v is not None and c.key in best and v == best[c.key]))
         rows.append(row)
-    return [c[1] for c in cols], rows
+    return [c.header for c in cols], rows
+
+
+def seed_table(runs: list[RunView]) -> tuple[list[str], list[list]] | None:
+    """Headers and rows of the "Across seeds" table; None when no two runs differ only by seed."""
+    groups = group_by_seed(runs)
+    if not groups:
+        return None
+    headers, rows = _cells(groups, seed_columns(QUALITY))
+    return ["group", "seeds", *headers], [[g.name, g.seeds_text, *row] for g, row in zip(groups, rows)]
 
 
 def param_rows(runs: list[RunView]) -> list[list[str]]:
@@ -345,12 +368,16 @@ def _md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def render_markdown(runs, sweeps, png_name: str, title: str) -> str:
+def render_markdown(runs, sweeps, png_name: str, title: str, seeds_png_name: str | None = None) -> str:
     parts = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `peftlab report`.", ""]
     parts += [f"- {line}" for line in _setup_lines(runs, sweeps)] + [""]
     parts += ["## Trainable parameters", "",
               _md_table(["run", "method", "rank", "trainable", "total", "% trainable"], param_rows(runs)), ""]
     parts += ["## Learning curves", "", f"![train and eval loss vs step]({png_name})", ""]
+    seeds = seed_table(runs)
+    if seeds:
+        parts += ["## Across seeds (best mean per column in bold)", "", SEEDS_NOTE, "", _md_table(*seeds), ""]
+        parts += [f"![{SEEDS_ALT}]({seeds_png_name})", ""] if seeds_png_name else []
     done = [r for r in runs if r.status == "success" or r.metrics]
     headers, rows = _cells(done, QUALITY)
     parts += ["## Quality (best per column in bold)", "",
@@ -404,7 +431,14 @@ def _code(escaped: str) -> str:
     return re.sub(r"`([^`]*)`", r"<code>\1</code>", escaped)
 
 
-def render_html(runs, sweeps, png: bytes | None, title: str) -> str:
+def _img(png: bytes, alt: str) -> str:
+    return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+
+
+SEEDS_ALT = "mean train and eval loss over the seeds vs step, min-max shaded"
+
+
+def render_html(runs, sweeps, png: bytes | None, title: str, seeds_png: bytes | None = None) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{e(title)}</h1>", f"<p class=note>Generated {time.strftime('%Y-%m-%d %H:%M')} by peftlab report.</p>",
@@ -413,7 +447,11 @@ def render_html(runs, sweeps, png: bytes | None, title: str) -> str:
              _html_table(["run", "method", "rank", "trainable", "total", "% trainable"], param_rows(runs)),
              "<h2>Learning curves</h2>"]
     if png:
-        parts.append(f"<img alt='train and eval loss vs step' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        parts.append(_img(png, "train and eval loss vs step"))
+    seeds = seed_table(runs)
+    if seeds:
+        parts += [f"<h2>Across seeds</h2><p class=note>Best mean per column highlighted. {e(SEEDS_NOTE)}</p>",
+                  _html_table(*seeds)] + ([_img(seeds_png, SEEDS_ALT)] if seeds_png else [])
     done = [r for r in runs if r.status == "success" or r.metrics]
     headers, rows = _cells(done, QUALITY)
     parts += [f"<h2>Quality</h2><p class=note>Best per column highlighted. {e(QUALITY_NOTE)}</p>",
@@ -442,8 +480,9 @@ def render_html(runs, sweeps, png: bytes | None, title: str) -> str:
 def write_report(paths: list[str | Path], out_dir: str | Path, prompts: list[str] | None = None,
                  generate_missing: bool = True, title: str | None = None, say=print,
                  max_new_tokens: int = 128) -> dict[str, Path]:
-    """Write ``report.html``, ``report.md`` and ``curves.png`` into ``out_dir``; returns their paths."""
-    from .plots import plot_curves
+    """Write ``report.html``, ``report.md`` and ``curves.png`` into ``out_dir`` (and
+    ``curves_seeds.png`` when runs differ only by seed); returns their paths."""
+    from .plots import plot_curves, plot_seed_curves
 
     runs, sweeps = collect(paths)
     if generate_missing:
@@ -455,6 +494,14 @@ def write_report(paths: list[str | Path], out_dir: str | Path, prompts: list[str
     curves = {r.name: r.metrics for r in runs if r.metrics}
     png_path = plot_curves(curves, out / "curves.png", title=None)
     png = png_path.read_bytes()
-    atomic_write_text(out / "report.md", render_markdown(runs, sweeps, png_path.name, title))
-    atomic_write_text(out / "report.html", render_html(runs, sweeps, png, title))
-    return {"html": out / "report.html", "md": out / "report.md", "png": png_path}
+    paths = {"html": out / "report.html", "md": out / "report.md", "png": png_path}
+    groups, seeds_png = group_by_seed(runs), None
+    (out / "curves_seeds.png").unlink(missing_ok=True)  # from an earlier report of other runs
+    if groups:
+        paths["seeds_png"] = plot_seed_curves({g.name: [r.metrics for r in g.runs] for g in groups},
+                                              out / "curves_seeds.png")
+        seeds_png = paths["seeds_png"].read_bytes()
+    atomic_write_text(paths["md"], render_markdown(runs, sweeps, png_path.name, title,
+                                                   "curves_seeds.png" if groups else None))
+    atomic_write_text(paths["html"], render_html(runs, sweeps, png, title, seeds_png))
+    return paths
