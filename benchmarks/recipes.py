@@ -23,6 +23,13 @@ Run (each training in its own subprocess, results appended to a JSONL file so a 
     python benchmarks/recipes.py --recipes plain,default --seeds 1,2,3 --out benchmarks/results/recipes.jsonl
     python benchmarks/recipes.py --table benchmarks/results/recipes.jsonl
 
+The LoRA knobs study (KNOB_VARIANTS: one knob of the r=8/alpha=16/all-linear baseline changed at a
+time, the baseline being the suite's `default` rows):
+
+    python benchmarks/recipes.py --tasks tasks --recipes alpha32,r2,r32,qv-only,rslora,dora,loraplus \
+        --seeds 1,2,3 --parallel 1 --out benchmarks/results/recipes_knobs.jsonl
+    python benchmarks/recipes.py --table benchmarks/results/recipes.jsonl,benchmarks/results/recipes_knobs.jsonl
+
 The table gives held-out exact match per task and recipe: mean over seeds and (min-max).
 """
 
@@ -185,9 +192,9 @@ def run_all(tasks, recipes, seeds, out: Path, work: Path, parallel: int) -> None
                   f"loss {row['final_train_loss']:.3f}, {row['train_s']:.0f} s", flush=True)
 
 
-def table(path: Path) -> str:
+def table(paths: list[Path]) -> str:
     """Held-out exact match (%) and held-out eval loss per task and recipe: mean over seeds (min-max, n)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     return "\n\n".join(_table(rows, key, scale, fmt) for key, scale, fmt in
                         (("exact_match", 100, "{:.1f}"), ("eval_loss", 1, "{:.3f}")))
 
@@ -226,17 +233,17 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/recipes.jsonl"))
     p.add_argument("--work", default="/tmp/peftlab-recipes")
     p.add_argument("--parallel", type=int, default=2, help="trainings at once (one thread each)")
-    p.add_argument("--table", help="print the table of a results file and exit")
+    p.add_argument("--table", help="print the table of results files (comma-separated) and exit")
     a = p.parse_args()
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker)), ensure_ascii=False))
         return
     if a.table:
-        print(table(Path(a.table)))
+        print(table([Path(x) for x in a.table.split(",")]))
         return
     run_all(a.tasks.split(","), a.recipes.split(","), [int(s) for s in a.seeds.split(",")], Path(a.out),
             Path(a.work), a.parallel)
-    print(table(Path(a.out)))
+    print(table([Path(a.out)]))
 
 
 if __name__ == "__main__":
