@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -185,10 +186,26 @@ def test_no_groups_no_section_and_the_rest_unchanged(seeds_sweep, tmp_path, monk
     assert "seeds_png" not in paths and not (tmp_path / "r" / "curves_seeds.png").exists()
     assert html.count("data:image/png") == 1
     # with groups, the rest of the report is what it is without the feature
-    monkeypatch.setattr(report.time, "strftime", lambda fmt, *a: "2026-01-01 00:00")
+    from peftlab.lab import render
+
+    monkeypatch.setattr(render.time, "strftime", lambda fmt, *a: "2026-01-01 00:00")
     runs, sweeps = report.collect([seeds_sweep])
-    with_groups = report.render_markdown(runs, sweeps, "curves.png", "t", "curves_seeds.png")
-    monkeypatch.setattr(report, "group_by_seed", lambda runs: [])
-    without = report.render_markdown(runs, sweeps, "curves.png", "t", "curves_seeds.png")
+    with_groups = render.markdown(render.content(runs, sweeps, group_by_seed(runs), "t"), "curves.png",
+                                  "curves_seeds.png")
+    without = render.markdown(render.content(runs, sweeps, [], "t"), "curves.png", "curves_seeds.png")
     section = re.search(r"## Across seeds.*?(?=\n## )", with_groups, re.S).group(0)
     assert with_groups.replace(section + "\n", "") == without
+
+
+def test_setup_line_names_every_seed_and_the_budget_it_ran():
+    from peftlab.lab.render import setup_lines
+    from peftlab.lab.report import RunView
+
+    def run(name, seed, **train):
+        return RunView(name, Path(name), config={"model": {"name": "m"}, "data": {"path": "d"},
+                                                 "train": {"seed": seed, "lr": 1e-3, **train}})
+
+    line = setup_lines([run("a", 3, steps=48), run("b", 1, steps=48), run("c", 3, steps=48)], [])[0]
+    assert "48 steps of batch" in line and line.endswith("; seeds 3, 1")
+    line = setup_lines([run("a", 2, steps=None, epochs=3)], [])[0]
+    assert "3 epochs of batch" in line and "steps" not in line and line.endswith("; seed 2")

@@ -1,7 +1,8 @@
 """The compare page's content: what ``peftlab report`` shows, for runs picked on the board.
 
-Everything comes from lab/report.py (the same ``RunView``s, tables and best-per-column marks);
-the curves go to the page as the metrics records (drawn there as SVG) instead of a PNG. The
+Everything comes from the lab's report (lab/report.py and lab/tables.py: the same ``RunView``s,
+tables and best-per-column marks); the curves go to the page as the metrics records (drawn there as
+SVG) instead of a PNG. The
 side-by-side generations are the report's: stored samples, or generated on request with each
 run's model (``ensure_samples``, cached in ``RUN/samples.json``).
 """
@@ -10,17 +11,9 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..eval.harness import DEFAULT_PROMPTS
-from ..lab.report import (
-    COST,
-    QUALITY,
-    QUALITY_NOTE,
-    _answer,
-    _cells,
-    _prompts,
-    ensure_samples,
-    load_run,
-    param_rows,
-)
+from ..lab.render import sample_prompts
+from ..lab.report import ensure_samples, load_run
+from ..lab.tables import COST, QUALITY, QUALITY_NOTE, cells, param_rows
 from .workspace import Workspace
 
 MAX_RUNS = 8
@@ -38,7 +31,7 @@ def _views(ws: Workspace, run_ids) -> list:
 
 
 def _table(views, columns) -> dict:
-    headers, rows = _cells(views, columns)
+    headers, rows = cells(views, columns)
     return {"headers": ["run", *headers],
             "rows": [[{"text": v.name, "best": False}] + [{"text": t, "best": b} for t, b in row]
                      for v, row in zip(views, rows)]}
@@ -46,7 +39,7 @@ def _table(views, columns) -> dict:
 
 def compare(ws: Workspace, run_ids: list[str]) -> dict:
     views = _views(ws, run_ids)
-    prompts = _prompts(views)
+    prompts = sample_prompts(views)
     return {
         "runs": [v.name for v in views],
         "params": {"headers": ["run", "method", "rank", "trainable", "total", "% trainable"],
@@ -55,7 +48,7 @@ def compare(ws: Workspace, run_ids: list[str]) -> dict:
         "cost": _table(views, COST),
         "curves": {v.name: [{k: r[k] for k in CURVE_KEYS if r.get(k) is not None} for r in v.metrics]
                    for v in views},
-        "generations": [{"prompt": p, "answers": {v.name: _answer(v, p) for v in views if _answer(v, p) is not None}}
+        "generations": [{"prompt": p, "answers": {v.name: v.answer(p) for v in views if v.answer(p) is not None}}
                         for p in prompts],
         "default_prompts": list(DEFAULT_PROMPTS),
     }

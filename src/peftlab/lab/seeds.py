@@ -130,7 +130,7 @@ def _mean_curve_step(g: SeedGroup) -> str:
 
 
 def seed_columns(columns: list) -> list:
-    """Per-group versions of the report's per-run ``columns`` (``report.Column``): the mean over
+    """Per-group versions of the report's per-run ``columns`` (``tables.Column``): the mean over
     the seeds, (min–max) after it; then the mean eval curve's lowest point (step)."""
     out = [c._replace(header=_HEADERS.get(c.key, c.header), get=_mean_of(c.get), note=_range_of(c.get, c.fmt))
            for c in columns if c.key not in _NOT_AVERAGED]
