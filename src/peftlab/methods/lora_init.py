@@ -23,7 +23,7 @@ LoftQ (Li et al. 2023, arXiv:2310.08659), ``init=loftq``: with q the base's quan
     (PEFT's loftq_init leaves out 1/s: the same factors when alpha = r.)
 
 CorDA and LoRA-GA change W, so like PiSSA they keep A0/B0 buffers and are saved as a rank-2r LoRA
-against the untouched W (``lora.to_peft_keys``). EVA changes ranks per layer (saved as PEFT's
+against the untouched W (``lora_files.to_peft_keys``). EVA changes ranks per layer (saved as PEFT's
 ``rank_pattern`` / ``alpha_pattern``; layers with rank 0 lose their adapter).
 """
 
