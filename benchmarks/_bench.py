@@ -75,6 +75,30 @@ def run_worker(script: Path, spec: dict, env_extra: dict | None = None, timeout:
     return out
 
 
+def cpu_info() -> dict:
+    """The CPU's model name and its vector flags (avx*, amx*, fma): the CPU class a figure belongs to."""
+    text = Path("/proc/cpuinfo").read_text()
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return {"cpu": name, "cpu_flags": sorted(f for f in set(flags) if f.startswith(("avx", "amx")) or f == "fma")}
+
+
+def side_by_side(script: Path, spec_of, repeats: int, show: tuple[str, ...], summary, setup: dict, out: str) -> dict:
+    """peftlab's and the peer's workers (``script --worker``, ``spec_of(name)``), one thread each, run
+    alternately ``repeats`` times; prints each run's ``show`` keys, writes the JSON report (CPU class,
+    ``setup``, ``summary(results)``, every run) to ``out`` and prints the summary."""
+    results = []
+    for name in alternate(["peftlab", "trl"], repeats):
+        r = run_worker(script, spec_of(name), {"OMP_NUM_THREADS": "1"})
+        print(f"{name}: {json.dumps({k: r[k] for k in show})}", file=sys.stderr)
+        results.append(r)
+    report = {**cpu_info(), "setup": setup, "summary": summary(results), "runs": results}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["summary"], indent=2))
+    return report
+
+
 def alternate(names: list[str], repeats: int) -> list[str]:
     """Run order: every repeat runs every name once, the order rotating by one each repeat."""
     order = []

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, alternate, peak_rss_gb, run_worker  # noqa: E402
+from _bench import ROOT, peak_rss_gb, side_by_side  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "dpo_en_demo.json"
 MAX_LENGTH, BATCH, LR, BETA, RANK = 192, 2, 5e-4, 0.1, 8
@@ -160,19 +159,10 @@ def main() -> None:
         return
     data = Path(tempfile.mkdtemp()) / "pairs.json"
     data.write_text(json.dumps(select_pairs(a.steps * BATCH)))
-    results = []
-    for name in alternate(["peftlab", "trl"], a.repeats):
-        r = run_worker(Path(__file__), {"name": name, "data": str(data), "steps": a.steps}, {"OMP_NUM_THREADS": "1"})
-        print(f"{name}: {json.dumps({k: r[k] for k in ('step_s', 'tokens', 'peak_rss_gb')})}", file=sys.stderr)
-        results.append(r)
-    report = {"cpu": os.popen("grep -m1 'model name' /proc/cpuinfo").read().split(":")[-1].strip(),
-              "setup": {"model": "smollm2-135m", "lora": f"r={RANK} alpha=16 all-linear", "batch_pairs": BATCH,
-                        "steps": a.steps, "max_length": MAX_LENGTH, "dtype": "float32", "threads": 1},
-              "summary": summary(results), "runs": results}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps(report["summary"], indent=2))
-
+    side_by_side(Path(__file__), lambda name: {"name": name, "data": str(data), "steps": a.steps}, a.repeats,
+                 ("step_s", "tokens", "peak_rss_gb"), summary,
+                 {"model": "smollm2-135m", "lora": f"r={RANK} alpha=16 all-linear", "batch_pairs": BATCH,
+                  "steps": a.steps, "max_length": MAX_LENGTH, "dtype": "float32", "threads": 1}, a.out)
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import sys
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, alternate, peak_rss_gb, run_worker  # noqa: E402
+from _bench import ROOT, peak_rss_gb, side_by_side  # noqa: E402
 
 PROMPTS, GROUP, MAX_NEW, LR, RANK = 2, 8, 24, 5e-4, 8
 
@@ -156,23 +155,13 @@ def main() -> None:
     (data / "sft.jsonl").write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant",
                                                                                       "content": r["answer"]}]}) + "\n"
                                             for r in records))  # peftlab's side: SFT data, the answer is the reference
-    results = []
-    for name in alternate(["peftlab", "trl"], a.repeats):
-        path = data / ("sft.jsonl" if name == "peftlab" else "prompts.json")
-        r = run_worker(Path(__file__), {"name": name, "data": str(path), "steps": a.steps}, {"OMP_NUM_THREADS": "1"})
-        print(f"{name}: {json.dumps({k: r[k] for k in ('step_s', 'completion_length', 'reward')})}", file=sys.stderr)
-        results.append(r)
-    flags = set(open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split())
-    report = {"cpu": os.popen("grep -m1 'model name' /proc/cpuinfo").read().split(":")[-1].strip(),
-              "cpu_flags": sorted(f for f in flags if f.startswith("avx") or f == "fma"),
-              "setup": {"model": "smollm2-135m", "lora": f"r={RANK} alpha=16 all-linear", "prompts_per_step": PROMPTS,
-                        "num_generations": GROUP, "max_completion_length": MAX_NEW, "steps": a.steps,
-                        "dtype": "float32", "threads": 1, "beta": 0.0, "loss_type": "grpo"},
-              "summary": summary(results), "runs": results}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps(report["summary"], indent=2))
-
+    side_by_side(Path(__file__),
+                 lambda name: {"name": name, "data": str(data / ("sft.jsonl" if name == "peftlab" else "prompts.json")),
+                               "steps": a.steps},
+                 a.repeats, ("step_s", "completion_length", "reward"), summary,
+                 {"model": "smollm2-135m", "lora": f"r={RANK} alpha=16 all-linear", "prompts_per_step": PROMPTS,
+                  "num_generations": GROUP, "max_completion_length": MAX_NEW, "steps": a.steps,
+                  "dtype": "float32", "threads": 1, "beta": 0.0, "loss_type": "grpo"}, a.out)
 
 if __name__ == "__main__":
     main()
