@@ -330,3 +330,38 @@ def test_mixed_generate_both_sides_equal_the_fp64_greedy_answer(tmp_path):
         out = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=n,
                           do_sample=False, pad_token_id=0)
     assert out[:, width:].tolist() == ref
+
+
+def test_per_layer_ranks_and_alphas_are_served_as_peft_reads_them(tmp_path):
+    """rank_pattern / alpha_pattern (EVA's adapters, PEFT's): each module gets its own rank and
+    scaling, equal to PEFT's logits, also beside a plain adapter in one mixed batch."""
+    import json
+
+    base = save_tiny_base("llama", tmp_path / "base")
+    torch.manual_seed(7)
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                   rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"q_proj": 32}),
+    )
+    pm.save_pretrained(tmp_path / "pattern")
+    plain = make_adapter(base, tmp_path / "plain", r=2, alpha=4.0, seed=3)
+    mm = _multi(base, {"pattern": tmp_path / "pattern", "plain": plain})
+    layers = mm.layers()
+    assert layers["model.layers.0.self_attn.v_proj"].ranks[mm.adapters["pattern"].slot] == 2
+    assert layers["model.layers.1.mlp.down_proj"].ranks[mm.adapters["pattern"].slot] == 6
+    scale = layers["model.layers.0.self_attn.q_proj"].stack_scale[mm.adapters["pattern"].slot]
+    assert scale.item() == pytest.approx(32 / 4)
+    with torch.no_grad():
+        want = pm.eval()(input_ids=IDS).logits
+        with mm.route(["pattern"] * 5):
+            torch.testing.assert_close(mm(input_ids=IDS).logits, want, atol=1e-5, rtol=0)
+        with mm.route(["pattern", "plain", None, "pattern", "plain"]):
+            mixed = mm(input_ids=IDS).logits
+        torch.testing.assert_close(mixed[[0, 3]], want[[0, 3]], atol=1e-5, rtol=0)
+    # a pattern that disagrees with the weights file is refused, naming the module
+    cfg = json.loads((tmp_path / "pattern" / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {"v_proj": 3}
+    (tmp_path / "pattern" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"v_proj has rank 2 in the weights file but r=3"):
+        mm.check_dir("again", tmp_path / "pattern")

@@ -48,6 +48,7 @@ from ..export.adapter import (
     read_adapter_config,
 )
 from ..io import atomic_dir
+from ..methods.lora_init import pattern_value
 from ..methods.lowrank import lora_scaling
 from ..model.params import freeze
 from ..model.targets import is_linear, linear_shape, peft_target_modules, set_submodule
@@ -216,7 +217,8 @@ def read_lora_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, tuple[torch.
     """(adapter_config dict, {module path: (A [r, in], B [out, r])}) of a LoRA adapter directory.
 
     Refuses what the stacked layers cannot represent, naming the key: other methods, DoRA,
-    biases, modules_to_save, per-layer rank/alpha patterns and embedding LoRA.
+    biases, modules_to_save and embedding LoRA. Per-layer ranks and alphas (``rank_pattern``,
+    ``alpha_pattern``: EVA's adapters, PEFT's) are served; ``module_scalings`` reads them.
     """
     d = Path(adapter_dir)
     config, _ = read_adapter_config(d)
@@ -226,8 +228,7 @@ def read_lora_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, tuple[torch.
             "(and LoRA-drop's, which are LoRA with shared factors; serve it alone with `peftlab generate "
             "--adapter`, or merge it with `peftlab merge`)"
         )
-    for key, bad in (("use_dora", bool), ("modules_to_save", bool), ("rank_pattern", bool),
-                     ("alpha_pattern", bool), ("bias", lambda v: v not in (None, "none"))):
+    for key, bad in (("use_dora", bool), ("modules_to_save", bool), ("bias", lambda v: v not in (None, "none"))):
         if key in config and bad(config[key]):
             raise ConfigError(f"{d / CONFIG_NAME}: {key}={config[key]!r} is not supported by multi-adapter "
                               "serving; merge this adapter (peftlab merge) or retrain without it")
@@ -261,7 +262,25 @@ def read_lora_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, tuple[torch.
         out[module] = (a, b)
     if not out:
         raise ConfigError(f"{d / WEIGHTS_NAME} holds no LoRA tensors")
+    module_scalings(config, out, d / CONFIG_NAME)  # a rank that is not the pattern's is refused here
     return config, out
+
+
+def module_scalings(config: dict, factors: dict, where: str | Path = CONFIG_NAME) -> dict[str, float]:
+    """{module path: s}: s = alpha / r (alpha / sqrt(r) with ``use_rslora``), r and alpha the module's
+    entry in PEFT's ``rank_pattern`` / ``alpha_pattern`` (the first key matching the end of its
+    path) or else the file's ``r`` and ``lora_alpha``. A module whose factors' rank is not that r
+    is refused: its scaling would be wrong."""
+    r0, alpha0 = int(config["r"]), float(config["lora_alpha"])
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    out = {}
+    for path, (a, _) in factors.items():
+        r, alpha = int(pattern_value(ranks, path, r0)), float(pattern_value(alphas, path, alpha0))
+        if a.shape[0] != r:
+            raise ConfigError(f"{where}: {path} has rank {a.shape[0]} in the weights file but r={r} in the config "
+                              f"({'rank_pattern' if ranks else 'r'}); the two files do not belong together")
+        out[path] = lora_scaling(alpha, r, bool(config.get("use_rslora", False)))
+    return out
 
 
 class MultiLoRAModel(nn.Module):
@@ -382,9 +401,8 @@ class MultiLoRAModel(nn.Module):
 
     def load_checked(self, name: str, config: dict, factors: dict, source: str | Path) -> AdapterInfo:
         """``load`` from what ``check_dir`` returned (an adapter server keeps those in host memory)."""
-        r, alpha = int(config["r"]), float(config["lora_alpha"])
-        rslora = bool(config.get("use_rslora", False))
-        return self.add(name, factors, lora_scaling(alpha, r, rslora), alpha=alpha, use_rslora=rslora,
+        alpha, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+        return self.add(name, factors, module_scalings(config, factors), alpha=alpha, use_rslora=rslora,
                         source=str(source), meta={"target_modules": config.get("target_modules")})
 
     def replace(self, name: str, adapter_dir: str | Path) -> AdapterInfo:
@@ -396,14 +414,13 @@ class MultiLoRAModel(nn.Module):
         info = self._info(name)
         adapter_dir = Path(adapter_dir)
         config, factors = self.check_dir(name, adapter_dir)
-        r, alpha = int(config["r"]), float(config["lora_alpha"])
-        rslora = bool(config.get("use_rslora", False))
-        scaling = lora_scaling(alpha, r, rslora)
+        alpha, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+        scalings = module_scalings(config, factors)
         for path, layer in self.layers().items():
             if path not in factors:
                 layer.clear_slot(info.slot)
         for path, (a, b) in factors.items():
-            self._layer(path).set_slot(info.slot, a.to(self.device), b.to(self.device), scaling)
+            self._layer(path).set_slot(info.slot, a.to(self.device), b.to(self.device), scalings[path])
         new = AdapterInfo(name, info.slot, max(a.shape[0] for a, _ in factors.values()), alpha, rslora,
                           list(factors), str(adapter_dir), {"target_modules": config.get("target_modules")})
         self.adapters[name] = new
