@@ -101,7 +101,7 @@ def worker(spec: dict) -> dict:
     mm = MultiLoRAModel(model)
     store = None
     if spec["kind"] == "merged":
-        from peftlab.serve.multi_lora import read_lora_dir
+        from peftlab.serve.lora_dir import read_lora_dir
 
         _, factors = read_lora_dir(root / spec["names"][0])
         with torch.no_grad():

@@ -1,27 +1,12 @@
 """Many LoRA adapters on one frozen base, and batches that mix them row by row.
 
-S-LoRA (Sheng et al., arXiv:2311.03285) and Punica (Chen et al., arXiv:2310.18547): one copy of
-the base serves every adapter; each row b of a batch picks its own adapter a(b) (or none):
-
-    y_b = W x_b + s_a · B_a A_a x_b,     a = a(b);   no adapter: y_b = W x_b
-
-Every loaded adapter owns a *slot*. A wrapped layer keeps the adapters stacked,
-``stack_A`` [slots, R, in] and ``stack_B`` [slots, out, R] with R the largest rank loaded;
-smaller ranks are zero-padded (zero rows of A and columns of B add exactly nothing) and slot 0 is
-all zeros ("no adapter"). Three ways to run a batch (``mode``):
-
-- ``gather`` (Punica's BGMV, in PyTorch): gather A and B per row and run two batched matmuls,
-  ``h = bmm(x [b,T,in], A[slot]ᵀ [b,in,R])``, ``y = bmm(h, B[slot]ᵀ [b,R,out]) · s[slot]``;
-  one kernel launch for any mix, at the padded rank.
-- ``grouped`` (S-LoRA/SGMV-like): one pair of matmuls per distinct adapter on its rows, at that
-  adapter's own rank (no padding waste; a launch per adapter).
-- ``auto``: a plain matmul when the whole batch uses one adapter, ``gather`` otherwise.
-
 ``MultiLoRAModel`` holds the base and names: ``load`` / ``add`` / ``delete`` adapters, ``replace``
 one in place (hot-swap: its slot gets the new version's factors, the base is never reloaded),
 ``set_active``, ``disabled()``, ``route(names)`` for per-row adapters, ``combine`` (PEFT's
-``linear``, ``cat`` and ``svd`` combinations) and ``save`` (a PEFT LoRA directory). The base's
-own ``LoRALinear`` (training) is untouched: this module wraps plain linear layers itself.
+``linear``, ``cat`` and ``svd`` combinations) and ``save`` (a PEFT LoRA directory). The layers it
+wraps, the slots and the three ways to run a mixed batch (``gather``, ``grouped``, ``auto``) are
+``serve/stacked.py``; reading an adapter directory is ``serve/lora_dir.py``. The base's own
+``LoRALinear`` (training) is untouched: this module wraps plain linear layers itself.
 """
 
 from __future__ import annotations
@@ -35,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ConfigError
@@ -48,145 +33,16 @@ from ..export.adapter import (
     read_adapter_config,
 )
 from ..io import atomic_dir
-from ..methods.lora_init import pattern_value
-from ..methods.lowrank import lora_scaling
 from ..model.params import freeze
 from ..model.targets import is_linear, linear_shape, peft_target_modules, set_submodule
 from ..registry import PEFT_PREFIX
 from ..version import __version__
+from .lora_dir import SERVED_TYPES, module_scalings, read_lora_dir
+from .stacked import MODES, MultiLoRALinear, Router
 
-MODES = ("auto", "gather", "grouped")
+__all__ = ["MODES", "SERVED_TYPES", "AdapterInfo", "MultiLoRALinear", "MultiLoRAModel", "Router", "read_lora_dir"]
 NAME_RX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 COMBINATIONS = ("linear", "cat", "svd")
-
-
-class Router:
-    """Which slot each row uses, shared by every wrapped layer of one model.
-
-    ``rows`` [batch] (long) for per-row adapters, or ``single`` (one slot for the whole batch).
-    """
-
-    def __init__(self, mode: str = "auto"):
-        if mode not in MODES:
-            raise ConfigError(f"multi-adapter mode {mode!r} is not one of {', '.join(MODES)}")
-        self.mode = mode
-        self.single: int = 0
-        self.rows: torch.Tensor | None = None
-
-
-class MultiLoRALinear(nn.Module):
-    """A frozen linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) plus stacked LoRA adapters.
-
-    x [..., in] -> [..., out]. With per-row routing the leading dimension of x is the batch.
-    """
-
-    def __init__(self, base_layer: nn.Module, router: Router, dtype: torch.dtype):
-        super().__init__()
-        self.base_layer = base_layer
-        self.router = router
-        self.in_features, self.out_features = linear_shape(base_layer)
-        device = base_layer.weight.device
-        self.register_buffer("stack_A", torch.zeros(1, 0, self.in_features, device=device, dtype=dtype),
-                             persistent=False)
-        self.register_buffer("stack_B", torch.zeros(1, self.out_features, 0, device=device, dtype=dtype),
-                             persistent=False)
-        self.register_buffer("stack_scale", torch.zeros(1, device=device, dtype=torch.float32), persistent=False)
-        self.ranks: dict[int, int] = {}  # slot -> rank of the adapter in this layer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    def _grow(self, slots: int, rank: int) -> None:
-        s0, r0 = self.stack_A.shape[0], self.stack_A.shape[1]
-        if slots <= s0 and rank <= r0:
-            return
-        slots, rank = max(slots, s0), max(rank, r0)
-        a = self.stack_A.new_zeros(slots, rank, self.in_features)
-        b = self.stack_B.new_zeros(slots, self.out_features, rank)
-        s = self.stack_scale.new_zeros(slots)
-        a[:s0, :r0] = self.stack_A
-        b[:s0, :, :r0] = self.stack_B
-        s[:s0] = self.stack_scale
-        self.stack_A, self.stack_B, self.stack_scale = a, b, s
-
-    def ensure_slots(self, slots: int) -> None:
-        """Room for ``slots`` slots (every layer of a model has the same number, so any slot index
-        routes safely to every layer: a slot this layer does not use holds zeros)."""
-        self._grow(slots, 0)
-
-    @torch.no_grad()
-    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
-        """Put adapter ``A`` [r, in], ``B`` [out, r] with scaling s into ``slot``."""
-        r = A.shape[0]
-        assert A.shape == (r, self.in_features) and B.shape == (self.out_features, r), (A.shape, B.shape)
-        self._grow(slot + 1, r)
-        self.stack_A[slot].zero_()
-        self.stack_B[slot].zero_()
-        self.stack_A[slot, :r] = A.to(self.stack_A)
-        self.stack_B[slot, :, :r] = B.to(self.stack_B)
-        self.stack_scale[slot] = scaling
-        self.ranks[slot] = r
-
-    @torch.no_grad()
-    def clear_slot(self, slot: int) -> None:
-        if slot in self.ranks:
-            self.stack_A[slot].zero_()
-            self.stack_B[slot].zero_()
-            self.stack_scale[slot] = 0.0
-            del self.ranks[slot]
-
-    def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A [r, in], B [out, r], s) of the adapter in ``slot``, or None if it skips this layer."""
-        r = self.ranks.get(slot)
-        if r is None:
-            return None
-        return self.stack_A[slot, :r], self.stack_B[slot, :, :r], float(self.stack_scale[slot])
-
-    def delta_weight(self, slot: int) -> torch.Tensor:
-        """s·BA [out, in] in fp32 (zeros when the adapter skips this layer)."""
-        f = self.factors(slot)
-        if f is None:
-            return torch.zeros(self.out_features, self.in_features, device=self.stack_A.device)
-        a, b, s = f
-        return (b.float() @ a.float()) * s
-
-    def _one(self, x: torch.Tensor, slot: int) -> torch.Tensor | None:
-        f = self.factors(slot)
-        if f is None:
-            return None
-        a, b, s = f
-        return ((x @ a.T) @ b.T) * s
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        router = self.router
-        if not self.ranks:
-            return result
-        xa = x.to(self.stack_A.dtype)
-        rows = router.rows
-        if rows is None:
-            lora = self._one(xa, router.single) if router.single else None
-            return result if lora is None else result + lora.to(result.dtype)
-        batch = x.shape[0]
-        assert rows.shape == (batch,), (rows.shape, x.shape)
-        if router.mode == "grouped":
-            out = torch.zeros_like(result, dtype=xa.dtype)
-            for slot in rows.unique().tolist():
-                if slot not in self.ranks:
-                    continue
-                idx = (rows == slot).nonzero().flatten()
-                out.index_copy_(0, idx, self._one(xa.index_select(0, idx), slot))
-            return result + out.to(result.dtype)
-        x3 = xa.reshape(batch, -1, self.in_features)  # [b, T, in]
-        a = self.stack_A.index_select(0, rows)  # [b, R, in]
-        b = self.stack_B.index_select(0, rows)  # [b, out, R]
-        h = torch.bmm(x3, a.transpose(1, 2))  # [b, T, R]
-        y = torch.bmm(h, b.transpose(1, 2)) * self.stack_scale.index_select(0, rows).to(h.dtype)[:, None, None]
-        return result + y.reshape(result.shape).to(result.dtype)
-
-    def extra_repr(self) -> str:
-        return f"adapters={len(self.ranks)}, max_rank={self.stack_A.shape[1]}"
 
 
 @dataclass
@@ -208,79 +64,6 @@ def _validate_name(name: str) -> str:
             "letter or digit (no '/', no '..')"
         )
     return name
-
-
-SERVED_TYPES = ("LORA", "LORA_DROP")  # adapter_config peft_types whose tensors are (A, B) per module
-
-
-def read_lora_dir(adapter_dir: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(adapter_config dict, {module path: (A [r, in], B [out, r])}) of a LoRA adapter directory.
-
-    Refuses what the stacked layers cannot represent, naming the key: other methods, DoRA,
-    biases, modules_to_save and embedding LoRA. Per-layer ranks and alphas (``rank_pattern``,
-    ``alpha_pattern``: EVA's adapters, PEFT's) are served; ``module_scalings`` reads them.
-    """
-    d = Path(adapter_dir)
-    config, _ = read_adapter_config(d)
-    if config.get("peft_type") not in SERVED_TYPES:
-        raise ConfigError(
-            f"{d} is a {config.get('peft_type')!r} adapter; multi-adapter serving runs LoRA adapters only "
-            "(and LoRA-drop's, which are LoRA with shared factors; serve it alone with `peftlab generate "
-            "--adapter`, or merge it with `peftlab merge`)"
-        )
-    for key, bad in (("use_dora", bool), ("modules_to_save", bool), ("bias", lambda v: v not in (None, "none"))):
-        if key in config and bad(config[key]):
-            raise ConfigError(f"{d / CONFIG_NAME}: {key}={config[key]!r} is not supported by multi-adapter "
-                              "serving; merge this adapter (peftlab merge) or retrain without it")
-    for key in ("r", "lora_alpha"):
-        if key not in config:
-            raise ConfigError(f"{d / CONFIG_NAME} has no {key!r}")
-    try:
-        tensors = load_file(str(d / WEIGHTS_NAME))
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ConfigError(f"{d / WEIGHTS_NAME} cannot be read as safetensors ({e}); is the file damaged?") from None
-    if config["peft_type"] == "LORA_DROP":  # each module on a shared pair is a LoRA with that pair's factors
-        from ..methods.lora_drop import as_lora_tensors
-
-        tensors = as_lora_tensors(config, tensors, str(d))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        key = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-        parts = key.split(".")
-        if len(parts) < 3 or parts[-1] != "weight" or parts[-2] not in ("lora_A", "lora_B"):
-            raise ConfigError(f"{d / WEIGHTS_NAME}: tensor {name!r} is not a LoRA factor (<module>.lora_A.weight or "
-                              "lora_B.weight); embedding LoRA and extra tensors are not supported when serving")
-        pairs.setdefault(".".join(parts[:-2]), {})[parts[-2]] = t
-    out = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise ConfigError(f"{d / WEIGHTS_NAME}: module {module} has only {sorted(ab)}")
-        a, b = ab["lora_A"], ab["lora_B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ConfigError(f"{d / WEIGHTS_NAME}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                              "expected [r, in] and [out, r]")
-        out[module] = (a, b)
-    if not out:
-        raise ConfigError(f"{d / WEIGHTS_NAME} holds no LoRA tensors")
-    module_scalings(config, out, d / CONFIG_NAME)  # a rank that is not the pattern's is refused here
-    return config, out
-
-
-def module_scalings(config: dict, factors: dict, where: str | Path = CONFIG_NAME) -> dict[str, float]:
-    """{module path: s}: s = alpha / r (alpha / sqrt(r) with ``use_rslora``), r and alpha the module's
-    entry in PEFT's ``rank_pattern`` / ``alpha_pattern`` (the first key matching the end of its
-    path) or else the file's ``r`` and ``lora_alpha``. A module whose factors' rank is not that r
-    is refused: its scaling would be wrong."""
-    r0, alpha0 = int(config["r"]), float(config["lora_alpha"])
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    out = {}
-    for path, (a, _) in factors.items():
-        r, alpha = int(pattern_value(ranks, path, r0)), float(pattern_value(alphas, path, alpha0))
-        if a.shape[0] != r:
-            raise ConfigError(f"{where}: {path} has rank {a.shape[0]} in the weights file but r={r} in the config "
-                              f"({'rank_pattern' if ranks else 'r'}); the two files do not belong together")
-        out[path] = lora_scaling(alpha, r, bool(config.get("use_rslora", False)))
-    return out
 
 
 class MultiLoRAModel(nn.Module):

@@ -37,7 +37,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..export.adapter import CONFIG_NAME, WEIGHTS_NAME
-from .multi_lora import NAME_RX, SERVED_TYPES, MultiLoRAModel
+from .lora_dir import SERVED_TYPES
+from .multi_lora import NAME_RX, MultiLoRAModel
 
 _ABS_PATH = re.compile(r"(?<![\w.])/[^\s'\"(),;:]+")  # an absolute path inside a message
 
