@@ -1,9 +1,11 @@
 """The recipe suite: which training defaults give the best model on short runs (issue 14).
 
-Four closed tasks whose answers are computed (so held-out exact match is a fair score), each with
-the knobs a user would pick for it and a budget between 50 and 500 optimiser steps, 3 seeds each:
+Four closed tasks (one of them at two budgets) whose answers are computed (so held-out exact match
+is a fair score), each with the knobs a user would pick for it and a budget between 50 and 500
+optimiser steps, 3 seeds each:
 
     tasks       builtin:tasks (six short transformations), held-out records      50 steps
+    tasks-500   the same at the long budget                                      500 steps (1.4 epochs)
     codes       builtin:codes (message -> 1 of 12 codes), held-out phrasings     5 epochs  (~110 steps)
     multicode   builtin:multicode (two codes joined by "; "), held-out phrasings 3 epochs  (~113 steps)
     zh-numbers  builtin:zh-numbers (0..999 -> Chinese numerals), held-out values 4 epochs  (200 steps)
@@ -30,6 +32,12 @@ time, the baseline being the suite's `default` rows):
         --seeds 1,2,3 --parallel 1 --out benchmarks/results/recipes_knobs.jsonl
     python benchmarks/recipes.py --table benchmarks/results/recipes.jsonl,benchmarks/results/recipes_knobs.jsonl
 
+The long budget and the LoRA learning rate (the `lr*` variants, the default recipe at another lr):
+
+    python benchmarks/recipes.py --tasks tasks-500 --recipes plain,default --out benchmarks/results/recipes_500.jsonl
+    python benchmarks/recipes.py --tasks tasks --recipes lr1e-4,lr2e-4,lr1e-3 --parallel 1 \
+        --out benchmarks/results/recipes_lr.jsonl
+
 The table gives held-out exact match per task and recipe: mean over seeds and (min-max).
 """
 
@@ -48,6 +56,8 @@ from _bench import ROOT, worker_env  # noqa: E402
 
 TASKS = {
     "tasks": {"data": ["data.path=builtin:tasks", "data.eval_split=90"], "steps": 50, "max_new_tokens": 24},
+    # the same task at the suite's long budget: 500 steps of 8 are 1.4 epochs of its 2910 training records
+    "tasks-500": {"data": ["data.path=builtin:tasks", "data.eval_split=90"], "steps": 500, "max_new_tokens": 24},
     "codes": {"data": ["data.path=builtin:codes", "data.eval_path=builtin:codes/heldout"], "epochs": 5,
               "max_new_tokens": 8},
     "multicode": {"data": ["data.path=builtin:multicode", "data.eval_path=builtin:multicode/heldout"], "epochs": 3,
@@ -78,6 +88,10 @@ KNOB_VARIANTS = {
     "rslora": ["peft.use_rslora=true"],
     "dora": ["peft.method=dora"],
     "loraplus": ["peft.loraplus_lr_ratio=16"],
+    # the LoRA learning-rate default (issue 14 item 2): the baseline's 5e-4 against lower and higher
+    "lr1e-4": ["train.lr=1e-4"],
+    "lr2e-4": ["train.lr=2e-4"],
+    "lr1e-3": ["train.lr=1e-3"],
 }
 RECIPES.update(KNOB_VARIANTS)
 
