@@ -38,6 +38,12 @@ The long budget and the LoRA learning rate (the `lr*` variants, the default reci
     python benchmarks/recipes.py --tasks tasks --recipes lr1e-4,lr2e-4,lr1e-3 --parallel 1 \
         --out benchmarks/results/recipes_lr.jsonl
 
+The per-method lr default (config classes' `default_lr`): "<method>@<lr>" trains that method with its
+own defaults for its other keys, "<method>@default" leaves train.lr unset:
+
+    python benchmarks/recipes.py --tasks tasks --recipes ia3@2e-4,ia3@1e-3,ia3@5e-3,full@5e-5,lora@default \
+        --seeds 1 --out benchmarks/results/recipes_methods_lr.jsonl
+
 The table gives held-out exact match per task and recipe: mean over seeds and (min-max).
 """
 
@@ -94,13 +100,28 @@ KNOB_VARIANTS = {
     "lr1e-3": ["train.lr=1e-3"],
 }
 RECIPES.update(KNOB_VARIANTS)
+# The per-method learning rate (issue 14 item 2): a recipe named "<method>@<lr>" trains peft.method=<method>
+# with its own defaults for every other method key (LoRA keeps the suite's r=8/alpha=16/all-linear) at
+# train.lr=<lr>, or with train.lr left unset for "<method>@default" (the method's own default lr).
 
 
-def overrides(task: str, seed: int) -> list[str]:
+def recipe_settings(recipe: str) -> list[str] | None:
+    """The overrides a recipe adds to the task's knobs (None: the plain PEFT loop)."""
+    if "@" in recipe:
+        method, lr = recipe.split("@", 1)
+        return [f"peft.method={method}"] + ([] if lr == "default" else [f"train.lr={lr}"])
+    if recipe not in RECIPES:
+        raise SystemExit(f"unknown recipe {recipe!r}: one of {', '.join(RECIPES)} or <method>@<lr|default>")
+    return RECIPES[recipe]
+
+
+def overrides(task: str, seed: int, recipe: str = "default") -> list[str]:
     t = TASKS[task]
     budget = [f"train.steps={t['steps']}"] if "steps" in t else [f"train.epochs={t['epochs']}"]
-    return ["model.name=smollm2-135m", "peft.method=lora", f"peft.r={KNOBS['r']}", f"peft.alpha={KNOBS['alpha']}",
-            "peft.targets=all-linear", f"train.batch_size={KNOBS['batch_size']}", f"train.lr={KNOBS['lr']}",
+    method, _, lr = recipe.partition("@")
+    lora_knobs = [f"peft.r={KNOBS['r']}", f"peft.alpha={KNOBS['alpha']}", "peft.targets=all-linear"]
+    return ["model.name=smollm2-135m", "peft.method=lora", *(lora_knobs if not lr or method == "lora" else []),
+            f"train.batch_size={KNOBS['batch_size']}", *([] if lr else [f"train.lr={KNOBS['lr']}"]),
             f"train.seed={seed}", "train.eval_every=0", "train.threads=1", "train.progress=false",
             "train.mixed_precision=no", "train.overwrite=true", *t["data"], *budget]
 
@@ -150,11 +171,12 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(1)
     task, recipe, seed = spec["task"], spec["recipe"], spec["seed"]
     out_dir = Path(spec["work"]) / f"{task}-{recipe}-{seed}"
-    cfg = load_config(None, overrides(task, seed) + (RECIPES[recipe] or []) + [f"train.output_dir={out_dir}"])
+    settings = recipe_settings(recipe)
+    cfg = load_config(None, overrides(task, seed, recipe) + (settings or []) + [f"train.output_dir={out_dir}"])
     model, tok = load_model(cfg.model, seed=seed)
     data = build_datasets(cfg.data, tok, seed)
     started = time.time()
-    if RECIPES[recipe] is None:
+    if settings is None:
         model, steps, last_loss = plain_peft_loop(cfg, model, data)
     else:
         result = train(cfg, model=model, tokenizer=tok)
@@ -169,7 +191,8 @@ def worker(spec: dict) -> dict:
     hits = [exact_match(p, r) for p, r in zip(preds, refs)]
     return {"task": task, "recipe": recipe, "seed": seed, "exact_match": sum(hits) / len(hits),
             "n_eval": len(hits), "eval_loss": round(eval_loss, 5), "steps": steps, "final_train_loss": last_loss, "train_s": round(train_s, 1),
-            "settings": RECIPES[recipe], "samples": [[p, r] for p, r in list(zip(preds, refs))[:5]]}
+            "lr": cfg.train.lr,
+            "settings": settings, "samples": [[p, r] for p, r in list(zip(preds, refs))[:5]]}
 
 
 def done_keys(path: Path) -> set:
@@ -216,6 +239,7 @@ def table(paths: list[Path]) -> str:
 def _table(rows: list[dict], key: str, scale: float, fmt: str) -> str:
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
     recipes = [r for r in RECIPES if any(x["recipe"] == r for x in rows)]
+    recipes += list(dict.fromkeys(x["recipe"] for x in rows if x["recipe"] not in RECIPES))  # <method>@<lr>
     lines = [f"| {key} | " + " | ".join(f"{t} ({_steps(rows, t)} steps)" for t in tasks) + " | mean |",
              "|---|" + "---|" * (len(tasks) + 1)]
     for rec in recipes:
@@ -255,6 +279,8 @@ def main() -> None:
     if a.table:
         print(table([Path(x) for x in a.table.split(",")]))
         return
+    for recipe in a.recipes.split(","):
+        recipe_settings(recipe)  # an unknown name fails before any training
     run_all(a.tasks.split(","), a.recipes.split(","), [int(s) for s in a.seeds.split(",")], Path(a.out),
             Path(a.work), a.parallel)
     print(table([Path(a.out)]))

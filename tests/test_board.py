@@ -50,7 +50,7 @@ def test_form_has_every_key_of_every_section_and_the_methods_own(board):
         assert got == want - {"train.output_dir", "train.overwrite"}, method  # the board places runs itself
     lora = httpx.get(f"{url}/api/schema").json()["sections"]
     train = {f["key"]: f for f in lora[3]["fields"]}
-    assert train["train.lr"]["default"] == "0.0002" and train["train.schedule"]["choices"][0] == "cosine"
+    assert train["train.lr"]["default"] == "0.0005" and train["train.schedule"]["choices"][0] == "cosine"
     assert "optimiser steps" in train["train.steps"]["help"]  # the comment beside the field in config.py
 
 

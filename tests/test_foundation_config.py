@@ -98,3 +98,44 @@ def test_valid_eval_splits_keep_working():
     for value, expected in (("0", 0.0), ("0.05", 0.05), ("0.999", 0.999), ("1", 1.0), ("1.0", 1.0), ("96", 96.0)):
         assert load_config(None, [f"data.eval_split={value}"]).data.eval_split == expected
     assert load_config(None, ["train.lr=1e-6"]).train.lr == 1e-6
+
+
+# ---------------------------------------------------------------------------- the per-method lr default
+
+
+def test_unset_lr_is_the_methods_own_default_and_a_given_one_wins():
+    from peftlab.config import DEFAULT_LR
+
+    lr = {m: load_config(None, [f"peft.method={m}"]).train.lr for m in ("lora", "dora", "relora", "full", "loha")}
+    assert lr["lora"] == lr["dora"] == lr["relora"] == 5e-4  # the LoRA family inherits LoRAConfig's
+    assert lr["full"] == 5e-5
+    assert lr["loha"] == DEFAULT_LR == 2e-4  # a method that names no default of its own
+    assert load_config(None, ["peft.method=full", "train.lr=1e-3"]).train.lr == 1e-3
+    assert load_config(None, ["train.lr=none"]).train.lr == 5e-4  # none spelled out: the default too
+    # GRPO takes a fifth of the method's lr (1e-4 beat 5e-4 for LoRA on builtin:tasks)
+    assert load_config(None, ["train.objective=grpo"]).train.lr == pytest.approx(1e-4)
+    assert load_config(None, ["train.objective=grpo", "train.lr=5e-4"]).train.lr == 5e-4
+
+
+def test_the_python_api_resolves_the_default_too_and_the_saved_config_names_it(tmp_path):
+    from peftlab.config import Config, TrainConfig
+    from peftlab.methods.full import FullConfig
+    from peftlab.methods.lora import LoRAConfig
+
+    assert Config(peft=LoRAConfig(), train=TrainConfig()).train.lr == 5e-4
+    assert Config(peft=FullConfig(), train=TrainConfig(lr=1e-5)).train.lr == 1e-5
+    path = tmp_path / "config.yaml"
+    load_config(None, ["peft.method=full"]).save(path)
+    assert "lr: 5.0e-05" in path.read_text()  # a run's saved config carries the number it trained with
+    assert load_config(path).train.lr == 5e-5
+
+
+def test_every_methods_default_lr_is_a_positive_number():
+    import math
+
+    from peftlab import registry
+    from peftlab.config import default_lr
+
+    for name in registry.names():
+        lr = default_lr(registry.get(name).config_cls)
+        assert isinstance(lr, float) and math.isfinite(lr) and 0 < lr < 1, name

@@ -28,6 +28,11 @@ import yaml
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
+# train.lr left unset takes the method's own default: its config class's ``default_lr`` attribute (a
+# plain class attribute, not a key), chosen by benchmarks/recipes.py (docs/results.md); a method that
+# names none takes DEFAULT_LR. GRPO takes GRPO_LR_SHARE of it (1e-4 beat 5e-4 for LoRA there).
+DEFAULT_LR = 2e-4
+GRPO_LR_SHARE = 0.2
 SCHEDULES = ("cosine", "linear", "constant", "wsd")  # train.schedule: the decay after warm-up (train/optim.py)
 
 
@@ -186,7 +191,7 @@ class GRPOConfig:
 @dataclass
 class TrainConfig:
     objective: str = "lm"  # one of OBJECTIVES: lm (next-token loss; SFT, pre-training) | dpo | orpo | simpo | kto | reward
-    lr: float = 2e-4
+    lr: float | None = None  # None: the method's own default (LoRA family 5e-4, full 5e-5; see default_lr)
     steps: int | None = None  # optimiser steps; None means train.epochs over the data
     epochs: float = 1.0
     batch_size: int = 4  # examples per micro-batch
@@ -234,8 +239,9 @@ class TrainConfig:
             raise ConfigError(f"train.steps must be >= 1 (or none to train by epochs), got {self.steps}")
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ConfigError(f"train.eval_batches must be >= 1 (or none for all), got {self.eval_batches}")
-        finite(self.lr, "train.lr", 0.0, low_open=True,
-               hint="a learning rate of 0 trains nothing; LoRA usually takes 1e-4 to 1e-3")
+        if self.lr is not None:  # None is filled with the method's default by Config
+            finite(self.lr, "train.lr", 0.0, low_open=True,
+                   hint="a learning rate of 0 trains nothing; LoRA usually takes 1e-4 to 1e-3")
         finite(self.epochs, "train.epochs", 0.0, low_open=True)
         self.warmup = warmup_setting(self.warmup)
         finite(self.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0)
@@ -269,6 +275,10 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     notes: list = field(default_factory=list, repr=False, compare=False)  # what loading mapped (not saved)
 
+    def __post_init__(self) -> None:
+        if self.train.lr is None and self.peft is not None:
+            self.train.lr = default_lr(self.peft, self.train.objective)
+
     def to_dict(self) -> dict:
         return {
             "model": dataclasses.asdict(self.model),
@@ -281,6 +291,12 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def default_lr(peft_cfg: Any, objective: str = "lm") -> float:
+    """The learning rate a run of this method and objective gets when train.lr is not given."""
+    lr = float(getattr(peft_cfg, "default_lr", DEFAULT_LR))
+    return lr * GRPO_LR_SHARE if objective == "grpo" else lr
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "pref": PreferenceConfig,

@@ -21,7 +21,7 @@ from functools import cache
 import yaml
 
 from .. import registry
-from ..config import OBJECTIVES, SCHEDULES, SECTIONS, apply_overrides
+from ..config import OBJECTIVES, SCHEDULES, SECTIONS, apply_overrides, default_lr
 from ..configure import load_config
 from ..errors import ConfigError, PeftlabError
 from ..model.load import ASSET_ALIASES, ASSETS
@@ -99,7 +99,11 @@ def schema(method: str = "lora") -> dict:
     """Every section and key of a run's config, the ``peft`` section for ``method``."""
     m = registry.get(method)
     classes = {**SECTIONS, "peft": m.config_cls}
-    return {"method": m.name, "sections": [{"name": s, "fields": section_fields(s, classes[s])} for s in ORDER]}
+    sections = [{"name": s, "fields": section_fields(s, classes[s])} for s in ORDER]
+    for f in (f for s in sections for f in s["fields"] if f["key"] == "train.lr"):
+        f["default"] = as_text(default_lr(m.config_cls))  # unset, the run takes the method's own
+        f["help"] = f"{m.name}'s own learning rate when left as it is (train.objective=grpo takes a fifth of it)"
+    return {"method": m.name, "sections": sections}
 
 
 def overrides_of(values: dict) -> list[str]:

@@ -19,6 +19,7 @@ from ..registry import Method, register
 
 @dataclass
 class FullConfig:
+    default_lr = 5e-5  # train.lr when unset (not a key): the full-vs-LoRA study's pick, docs/results.md §1
     method: str = "full"
     freeze: str | list[str] | None = None  # modules kept frozen (names or a regex)
 

@@ -69,6 +69,7 @@ LORA_TENSORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 @dataclass
 class LoRAConfig:
+    default_lr = 5e-4  # train.lr when unset (not a key): benchmarks/recipes.py, docs/results.md §0; subclasses inherit
     method: str = "lora"
     r: int = 8
     alpha: float = 16.0
