@@ -139,6 +139,7 @@ def test_cli_train_lowers_eval_loss_then_generates(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "peftlab", "train", *args], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "40 steps at lr 0.01 (wsd)" in proc.stderr  # the run says which lr it took before the first step
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 41))
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(metrics[0])

@@ -264,7 +264,8 @@ def _announce(run: _Run, notes: list[str], threads: int) -> None:
     print(f"data: {run.data.stats.summary()}", file=sys.stderr)
     engine_note = f"; {dist.world_size} processes ({dist.mode})" if dist.world_size > 1 else ""
     print(f"{cfg.peft.method}: trainable {report.trainable:,} / {report.total:,} "
-          f"({report.percent:.4f}%); {run.total} steps; threads {threads}{engine_note}; "
+          f"({report.percent:.4f}%); {run.total} steps at lr {cfg.train.lr:g} ({cfg.train.schedule}); "
+          f"threads {threads}{engine_note}; "
           f"precision {run.state.amp or torch.float32}".replace("torch.", "")
           + (" with dynamic loss scaling" if run.state.scaler is not None else ""), file=sys.stderr)
 
