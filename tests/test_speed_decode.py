@@ -73,6 +73,22 @@ def test_supports_declines_other_architectures_and_wrappers():
     model, _ = tiny_model("llama")
     model.model.layers[0].mlp.register_forward_hook(lambda *a: None)
     assert not decode.supports(model)
+    for hooked in (lambda m: m, lambda m: m.model, lambda m: m.model.embed_tokens, lambda m: m.lm_head):
+        model, _ = tiny_model("llama")
+        hooked(model).register_forward_pre_hook(lambda *a: None)  # what the decoder would not run
+        assert not decode.supports(model)
+
+
+def test_mlp_biases_on_some_layers_decode_like_hf():
+    """gate/up biases (Llama's mlp_bias, BitFit's added biases, on some layers only) enter the fused GEMM."""
+    model, _ = tiny_model("llama")
+    g = torch.Generator().manual_seed(3)
+    for layer in model.model.layers[:1]:
+        for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.self_attn.k_proj):
+            lin.bias = torch.nn.Parameter(torch.randn(lin.out_features, generator=g) * 0.5)
+    assert decode.supports(model)
+    ids, mask = _prompts(3, seed=11)
+    assert torch.equal(decode.lean_greedy(model, ids, mask, 12, [10_000], 0), _hf(model, ids, mask, 12, [10_000]))
 
 
 def test_generate_uses_lean_path_and_matches_hf(monkeypatch):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
+from transformers import PreTrainedModel
 
 ARCHS = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3")
@@ -66,6 +67,11 @@ def supports(model: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if backbone is None or type(head) is not nn.Linear or type(getattr(backbone, "embed_tokens", None)) is not nn.Embedding:
         return False
+    if not isinstance(backbone, PreTrainedModel):  # a wrapped backbone (prompt/prefix methods' virtual tokens)
+        return False  # does more than its layers: only its own forward, through HF generate, decodes it right
+    if any(h for m in (model, backbone, backbone.embed_tokens, getattr(backbone, "norm", None), head) if m is not None
+           for h in (m._forward_hooks, m._forward_pre_hooks)):
+        return False
     for layer in getattr(backbone, "layers", []):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None:
@@ -91,6 +97,16 @@ def _weight(m: nn.Module) -> torch.Tensor:
 
 def _bias(m: nn.Module) -> torch.Tensor | None:
     return (m.base_layer if _is_lora(m) else m).bias
+
+
+def _fused_bias(mods: list[nn.Module]) -> torch.Tensor | None:
+    """The bias of the layers' fused GEMM: theirs end to end, zeros for a layer without one (Qwen2's
+    q/k/v have biases, BitFit's added ones may sit on some layers only); None when none has one."""
+    biases = [_bias(x) for x in mods]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else torch.zeros(_weight(x).shape[0], dtype=_weight(x).dtype,
+                                                          device=_weight(x).device) for b, x in zip(biases, mods)])
 
 
 def _fingerprint(model: nn.Module) -> tuple:
@@ -122,21 +138,15 @@ class LeanWeights:
         with torch.no_grad():
             for layer in backbone.layers:
                 a, m = layer.self_attn, layer.mlp
-                qkv = [a.q_proj, a.k_proj, a.v_proj]
-                biases = [_bias(x) for x in qkv]
-                b_qkv = torch.cat(biases) if all(b is not None for b in biases) else None
-                if b_qkv is None and any(b is not None for b in biases):
-                    b_qkv = torch.cat([b if b is not None else torch.zeros(_weight(x).shape[0], dtype=_weight(x).dtype)
-                                       for b, x in zip(biases, qkv)])
+                qkv, gu = [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
                 self.layers.append((
                     layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                    torch.cat([_weight(x) for x in qkv]), b_qkv,
+                    torch.cat([_weight(x) for x in qkv]), _fused_bias(qkv),
                     _weight(a.o_proj), _bias(a.o_proj),
                     layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                    torch.cat([_weight(m.gate_proj), _weight(m.up_proj)]),
+                    torch.cat([_weight(x) for x in gu]), _fused_bias(gu),
                     _weight(m.down_proj), _bias(m.down_proj),
                 ))
-        self.has_mlp_bias = any(_bias(layer.mlp.gate_proj) is not None for layer in backbone.layers)
 
 
 def lean_weights(model: nn.Module) -> LeanWeights:
@@ -177,7 +187,7 @@ def run_layers(lw: LeanWeights, cache: list[torch.Tensor], x: torch.Tensor, cos:
     # fp32 GEMMs give the same bits fused or not; in half precision a fused product can round
     # differently from HF's separate ones, and greedy decoding then drifts
     split = x.dtype != torch.float32
-    for i, (n1, e1, w_qkv, b_qkv, w_o, b_o, n2, e2, w_gu, w_d, b_d) in enumerate(lw.layers):
+    for i, (n1, e1, w_qkv, b_qkv, w_o, b_o, n2, e2, w_gu, b_gu, w_d, b_d) in enumerate(lw.layers):
         h = _rms(x, n1, e1)
         if split:  # bf16/fp16: HF's three GEMMs, so every product rounds exactly as in HF
             qkv = torch.cat([F.linear(h, w_qkv[a:z], None if b_qkv is None else b_qkv[a:z])
@@ -197,9 +207,10 @@ def run_layers(lw: LeanWeights, cache: list[torch.Tensor], x: torch.Tensor, cos:
         h = _rms(x, n2, e2)
         if split:
             half = w_gu.shape[0] // 2
-            g, u = F.linear(h, w_gu[:half]), F.linear(h, w_gu[half:])
+            g = F.linear(h, w_gu[:half], None if b_gu is None else b_gu[:half])
+            u = F.linear(h, w_gu[half:], None if b_gu is None else b_gu[half:])
         else:
-            g, u = F.linear(h, w_gu).chunk(2, dim=-1)
+            g, u = F.linear(h, w_gu, b_gu).chunk(2, dim=-1)
         x = x + F.linear(F.silu(g) * u, w_d, b_d)
     return x
 
