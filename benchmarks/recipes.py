@@ -257,6 +257,32 @@ def _table(rows: list[dict], key: str, scale: float, fmt: str) -> str:
     return "\n".join(lines)
 
 
+def lr_table(paths: list[Path]) -> str:
+    """The per-method lr study ("<method>@<lr>" rows): one line per method, one cell per lr tried:
+    held-out exact match % per seed (seeds 1, 2, ...) and the mean eval loss; the method's default marked."""
+    from peftlab import registry
+    from peftlab.config import default_lr
+
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    grid: dict[str, dict[float, list[dict]]] = {}
+    for r in rows:
+        method, _, lr = r["recipe"].partition("@")
+        if lr:
+            grid.setdefault(method, {}).setdefault(float(r["lr"]), []).append(r)
+    lines = ["| method | default | exact match %, seeds in order (eval loss) at each lr |", "|---|---|---|"]
+    for method, by_lr in grid.items():
+        own = default_lr(registry.get(method).config_cls)
+        cells = []
+        for lr in sorted(by_lr):
+            runs = sorted(by_lr[lr], key=lambda r: r["seed"])
+            ems = " / ".join(f"{100 * r['exact_match']:.1f}" for r in runs)
+            loss = statistics.mean(r["eval_loss"] for r in runs)
+            cell = f"{lr:g}: {ems} ({loss:.3f})"
+            cells.append(f"**{cell}**" if lr == own else cell)
+        lines.append(f"| `{method}` | {own:g} | " + "; ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _steps(rows, task) -> str:
     steps = sorted({x["steps"] for x in rows if x["task"] == task})
     return "/".join(map(str, steps))
@@ -272,9 +298,13 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/peftlab-recipes")
     p.add_argument("--parallel", type=int, default=2, help="trainings at once (one thread each)")
     p.add_argument("--table", help="print the table of results files (comma-separated) and exit")
+    p.add_argument("--lr-table", help="print the per-method lr table of results files (comma-separated) and exit")
     a = p.parse_args()
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker)), ensure_ascii=False))
+        return
+    if a.lr_table:
+        print(lr_table([Path(x) for x in a.lr_table.split(",")]))
         return
     if a.table:
         print(table([Path(x) for x in a.table.split(",")]))

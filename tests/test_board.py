@@ -48,6 +48,8 @@ def test_form_has_every_key_of_every_section_and_the_methods_own(board):
         classes = {**SECTIONS, "peft": registry.get(method).config_cls}
         want = {f"{s}.{f.name}" for s, cls in classes.items() for f in dataclasses.fields(cls)}
         assert got == want - {"train.output_dir", "train.overwrite"}, method  # the board places runs itself
+        lr = next(f for s in schema["sections"] for f in s["fields"] if f["key"] == "train.lr")
+        assert float(lr["default"]) == load_config(None, [f"peft.method={method}"]).train.lr, method  # the method's own
     lora = httpx.get(f"{url}/api/schema").json()["sections"]
     train = {f["key"]: f for f in lora[3]["fields"]}
     assert train["train.lr"]["default"] == "0.0005" and train["train.schedule"]["choices"][0] == "cosine"

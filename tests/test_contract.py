@@ -79,8 +79,8 @@ from conftest import (
 from peftlab import api, registry
 from peftlab.config import build_dataclass
 from peftlab.errors import ConfigError
-from peftlab.model import decode
 from peftlab.export.adapter import WEIGHTS_NAME, load_adapter, save_adapter
+from peftlab.model import decode
 from peftlab.model.load import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -106,10 +106,10 @@ def test_valid_eval_splits_keep_working():
 def test_unset_lr_is_the_methods_own_default_and_a_given_one_wins():
     from peftlab.config import DEFAULT_LR
 
-    lr = {m: load_config(None, [f"peft.method={m}"]).train.lr for m in ("lora", "dora", "relora", "full", "loha")}
+    lr = {m: load_config(None, [f"peft.method={m}"]).train.lr for m in ("lora", "dora", "relora", "full", "boft")}
     assert lr["lora"] == lr["dora"] == lr["relora"] == 5e-4  # the LoRA family inherits LoRAConfig's
     assert lr["full"] == 5e-5
-    assert lr["loha"] == DEFAULT_LR == 2e-4  # a method that names no default of its own
+    assert lr["boft"] == DEFAULT_LR == 2e-4  # a method that names no default of its own
     assert load_config(None, ["peft.method=full", "train.lr=1e-3"]).train.lr == 1e-3
     assert load_config(None, ["train.lr=none"]).train.lr == 5e-4  # none spelled out: the default too
     # GRPO takes a fifth of the method's lr (1e-4 beat 5e-4 for LoRA on builtin:tasks)

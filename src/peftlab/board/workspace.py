@@ -37,7 +37,7 @@ BOARD_DIR = ".board"
 RUNS_DIR = "runs"
 SCAN_DEPTH = 4  # runs/<name>, sweeps/<sweep>/runs/<name>
 RECENT_S = 120.0  # a run not launched here whose metrics changed this recently counts as running
-STEPS_RX = re.compile(r"^\w+: trainable [\d,]+ / [\d,]+ \([\d.]+%\); (\d+) steps;", re.M)  # train's announcement
+STEPS_RX = re.compile(r"^\w+: trainable [\d,]+ / [\d,]+ \([\d.]+%\); (\d+) steps\b", re.M)  # train's announcement
 
 
 class Workspace:
@@ -119,7 +119,7 @@ class Workspace:
         return "\n".join(rows[-lines:])
 
     def announced_steps(self, run_id: str) -> int | None:
-        """The run's total steps as train announces them in its log ("...; 120 steps; ..."): a run
+        """The run's total steps as train announces them in its log ("...; 120 steps at lr 0.0005 (wsd); ..."): a run
         by epochs knows its length only once the data is loaded."""
         try:
             with open(self.record_path(run_id, ".log"), "rb") as f:

@@ -54,6 +54,7 @@ from .modules_to_save import add_additional_targets
 
 @dataclass
 class AdaLoRAConfig:
+    default_lr = 5e-3  # train.lr when unset (not a key): docs/results.md §2b
     method: str = "adalora"
     init_r: int = 12  # initial rank of every layer
     target_r: int = 8  # average rank per layer at the end

@@ -46,6 +46,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tan
 
 @dataclass
 class AdapterConfig:
+    default_lr = 1e-3  # train.lr when unset (not a key): docs/results.md §2b
     method: str = "adapter"
     placement: str = "serial"  # serial (Houlsby) | parallel (He et al.)
     sites: list[str] = field(default_factory=lambda: ["attn", "ffn"])  # attn and/or ffn of every layer

@@ -50,6 +50,7 @@ DEFAULTS = {
 
 @dataclass
 class IA3Config:
+    default_lr = 1e-2  # train.lr when unset (not a key): docs/results.md §2b
     method: str = "ia3"
     targets: str | list[str] | None = None  # default: keys, values and the FFN down projection
     feedforward: str | list[str] | None = None  # targets whose *input* is scaled (default: the FFN down proj)

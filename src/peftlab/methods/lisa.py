@@ -31,6 +31,7 @@ from .adapter import decoder_layers
 
 @dataclass
 class LISAConfig:
+    default_lr = 2e-4  # train.lr when unset (not a key): docs/results.md §2b (the shared default, measured best)
     method: str = "lisa"
     layers: int = 2  # γ: decoder layers trained at a time
     interval: int = 20  # K: optimizer steps between switches

@@ -57,6 +57,7 @@ from .modules_to_save import add_additional_targets
 
 @dataclass
 class LoHaConfig:
+    default_lr = 5e-3  # train.lr when unset (not a key): docs/results.md §2b
     method: str = "loha"
     r: int = 8
     alpha: float = 8.0  # s = alpha / r (PEFT's default alpha is r: s = 1)

@@ -53,6 +53,7 @@ from .virtual_tokens import (
 
 @dataclass
 class PrefixTuningConfig:
+    default_lr = 1e-3  # train.lr when unset (not a key): docs/results.md §2b
     method: str = "prefix_tuning"
     num_virtual_tokens: int = 20
     encoder_hidden_size: int | None = None  # h of the reparameterisation MLP (default t = H_kv·d_h)

@@ -43,6 +43,7 @@ ENCODERS = ("mlp", "lstm")
 
 @dataclass
 class PromptTuningConfig:
+    default_lr = 3e-2  # train.lr when unset (not a key): docs/results.md §2b
     method: str = "prompt_tuning"
     num_virtual_tokens: int = 20
     init: str = "random"  # random (N(0, σ_E²), σ_E the embeddings' std) | vocab (random rows of E) | text

@@ -43,6 +43,7 @@ HOLDER = "peftlab_vera"  # the shared projections hang off the model under this 
 
 @dataclass
 class VeRAConfig:
+    default_lr = 2e-2  # train.lr when unset (not a key): docs/results.md §2b
     method: str = "vera"
     r: int = 256
     targets: str | list[str] = "all-linear"
