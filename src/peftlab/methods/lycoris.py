@@ -74,6 +74,7 @@ class LoHaConfig:
 
 @dataclass
 class LoKrConfig:
+    default_lr = 5e-3  # train.lr when unset (not a key): docs/results.md §2b
     method: str = "lokr"
     r: int = 8
     alpha: float = 8.0
