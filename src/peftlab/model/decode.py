@@ -105,8 +105,8 @@ def _fused_bias(mods: list[nn.Module]) -> torch.Tensor | None:
     biases = [_bias(x) for x in mods]
     if all(b is None for b in biases):
         return None
-    return torch.cat([b if b is not None else torch.zeros(_weight(x).shape[0], dtype=_weight(x).dtype,
-                                                          device=_weight(x).device) for b, x in zip(biases, mods)])
+    plain = [m.base_layer if _is_lora(m) else m for m in mods]  # shapes only: no LoRA delta built for them
+    return torch.cat([b if b is not None else x.weight.new_zeros(x.weight.shape[0]) for b, x in zip(biases, plain)])
 
 
 def _fingerprint(model: nn.Module) -> tuple:
