@@ -83,23 +83,31 @@ def _batch(prompts, pad):
 
 
 def gemv_bandwidth(threads: int) -> dict:
-    """GB/s that a batch-1 product with a [49152, 576] matrix (the LM head) streams, per dtype:
-    batch-1 decoding reads every weight once per token, so weight bytes / this is its floor."""
+    """GB/s that a batch-1 product with a [49152, 576] matrix (the LM head) streams, per dtype and
+    kernel: ``F.linear`` (torch's CPU GEMV, one thread whatever the thread count) and, in fp32,
+    ``decode.linear`` (the same product cut into one block of rows per thread). Batch-1 decoding
+    reads every weight once per token, so weight bytes / the faster one is its floor."""
     import torch
+    import torch.nn.functional as F
+
+    from peftlab.model.decode import linear
 
     torch.set_num_threads(threads)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         w, x = torch.randn(49152, 576).to(dtype), torch.randn(1, 576).to(dtype)
-        for _ in range(3):
-            x @ w.T
-        times = []
-        for _ in range(30):
-            t0 = time.perf_counter()
-            x @ w.T
-            times.append(time.perf_counter() - t0)
-        times.sort()
-        out[str(dtype).replace("torch.", "")] = w.numel() * w.element_size() / times[len(times) // 4] / 1e9
+        kernels = {"F.linear": F.linear} | ({"split": linear} if dtype == torch.float32 else {})
+        for name, fn in kernels.items():
+            for _ in range(3):
+                fn(x, w)
+            times = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                fn(x, w)
+                times.append(time.perf_counter() - t0)
+            times.sort()
+            key = str(dtype).replace("torch.", "") + ("" if name == "F.linear" else " split")
+            out[key] = w.numel() * w.element_size() / times[len(times) // 4] / 1e9
     return out
 
 
@@ -278,10 +286,10 @@ def main() -> None:
                             "peak RSS GB", "tokens == HF generate"])
     bw = run_worker(Path(__file__), {"side": "gemv", "threads": args.threads, "name": "gemv"})["gbps"]
     weights = 134_515_008  # SmolLM2-135M parameters, each read once per decoded token at batch 1
-    floor = "; ".join(f"{d}: {g:.1f} GB/s -> at best {g * 1e9 / (weights * (4 if d == 'float32' else 2)):.1f} "
+    floor = "; ".join(f"{d}: {g:.1f} GB/s -> at best {g * 1e9 / (weights * (2 if 'bfloat16' in d else 4)):.1f} "
                       f"tokens/s at batch 1" for d, g in bw.items())
     print(f"\n## Generation, {args.new_tokens} new tokens, greedy, {args.threads} threads\n\n{text}\n\n"
-          f"Memory-bandwidth ceiling (batch-1 GEMV over the LM head): {floor}")
+          f"Batch-1 GEMV over the LM head (F.linear; split = decode.linear, a block of rows per thread): {floor}")
     summary["gemv_gbps"] = bw
     if args.json:
         Path(args.json).write_text(json.dumps({**out, "summary": summary}, indent=1))

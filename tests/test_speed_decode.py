@@ -140,3 +140,64 @@ def test_repeated_rows_share_one_prefill_and_still_equal_hf():
     sampled = decode.lean_decode(model, ids, mask, 12, [10_000], 0, temperature=1.0,
                                  generator=torch.Generator().manual_seed(0))
     assert not torch.equal(sampled[0], sampled[1]) and torch.equal(sampled[:, :ids.shape[1]], ids)
+
+
+def _threads(n: int):
+    """A context that runs its body at ``n`` intra-op threads and restores the count."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        old = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+    return ctx()
+
+
+def test_split_gemv_equals_f_linear_bit_for_bit(monkeypatch):
+    """decode.linear cuts a one-row fp32 product into one block of rows per thread (a bmm) and must
+    give F.linear's exact bits: the decoder's shapes (SmolLM2, Qwen2-0.5B), with and without bias;
+    shapes it cannot cut evenly, several rows, and non-fp32 inputs take F.linear itself."""
+    from peftlab.model.decode import linear
+
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[1].shape) or real_bmm(*a))
+    g = torch.Generator().manual_seed(0)
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (1152, 896), (896, 4864), (97, 64)]
+    for threads in (2, 3, 4):
+        with _threads(threads):
+            for out_f, in_f in shapes:
+                w, b = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g)
+                for x in (torch.randn(1, in_f, generator=g), torch.randn(1, 1, in_f, generator=g)):
+                    for bias in (None, b):
+                        calls.clear()
+                        got = linear(x, w, bias)
+                        assert got.shape == (*x.shape[:-1], out_f)
+                        assert torch.equal(got, torch.nn.functional.linear(x, w, bias)), (threads, out_f, in_f)
+                        assert len(calls) == (out_f % threads == 0), (threads, out_f, calls)
+    with _threads(2):
+        w = torch.randn(64, 32, generator=g)
+        for x in (torch.randn(3, 32, generator=g), torch.randn(1, 32, generator=g).bfloat16()):
+            calls.clear()
+            assert torch.equal(linear(x, w.to(x.dtype)), torch.nn.functional.linear(x, w.to(x.dtype)))
+            assert not calls  # several rows / half precision: F.linear itself
+
+
+def test_lean_greedy_at_two_threads_takes_the_split_products_and_equals_hf(monkeypatch):
+    model, _ = tiny_model("llama")
+    lora_mod.apply(model, LoRAConfig(r=4))
+    randomize(model, std=0.3)
+    model.eval()
+    ids, mask = _prompts(1, seed=11)
+    with _threads(2):
+        ref = _hf(model, ids, mask, 16, [10_000])
+        calls = []
+        real_bmm = torch.bmm
+        monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
+        got = decode.lean_greedy(model, ids, mask, 16, [10_000], 0)
+    assert calls, "batch-1 decoding at 2 threads should run its products through the split GEMV"
+    assert torch.equal(got, ref)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .decode import _rms, lean_weights, run_layers
+from .decode import _rms, lean_weights, linear, run_layers
 
 
 def check_setting(lookup: int, temperature: float = 0.0, flag: str = "lookup",
@@ -98,7 +98,7 @@ def lookup_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
                        sin[:, :, start:start + n], start, mask)[0]
         if last_only:
             x = x[-1:]
-        return F.linear(_rms(x, *lw.final_norm), lw.head).float().argmax(-1)
+        return linear(_rms(x, *lw.final_norm), lw.head).float().argmax(-1)
 
     eos = torch.tensor(sorted(set(eos_ids)), dtype=prompt.dtype, device=dev)
     seq = torch.empty(total, dtype=prompt.dtype, device=dev)
