@@ -130,6 +130,20 @@ def test_the_python_api_resolves_the_default_too_and_the_saved_config_names_it(t
     assert load_config(path).train.lr == 5e-5
 
 
+def test_a_config_without_a_method_is_refused_by_name_and_one_given_later_gets_its_lr(tmp_path):
+    from peftlab.config import Config, TrainConfig
+    from peftlab.methods.full import FullConfig
+    from peftlab.train.setup import check_inputs
+
+    bare = Config(train=TrainConfig(output_dir=str(tmp_path / "run")))
+    assert bare.train.lr is None
+    with pytest.raises(ConfigError, match=r"Config\.peft is None.*LoRAConfig"):
+        check_inputs(bare)
+    bare.peft = FullConfig()  # the method set after construction: its default lr, before anything loads
+    check_inputs(bare)
+    assert bare.train.lr == 5e-5
+
+
 def test_every_methods_default_lr_is_a_positive_number():
     import math
 

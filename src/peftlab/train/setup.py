@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import registry, rundir
-from ..config import Config
+from ..config import Config, default_lr
 from ..data import sample_types
 from ..data.dataset import build_datasets
 from ..errors import ConfigError, DataError, PeftlabError
@@ -138,6 +138,11 @@ def load_data(cfg: Config, tokenizer, seed: int):
 
 def check_inputs(cfg: Config) -> None:
     """Config values that reach the filesystem, checked before anything is loaded."""
+    if cfg.peft is None:
+        raise ConfigError("the config names no method (Config.peft is None): pass one, e.g. "
+                          "Config(peft=LoRAConfig()), or load a config with peft.method=lora")
+    if cfg.train.lr is None:  # a Config built without its method and given one afterwards
+        cfg.train.lr = default_lr(cfg.peft, cfg.train.objective)
     cfg.train.validate()
     check_data_settings(cfg.data)
     check_path(cfg.model.name, "model.name")
