@@ -6,8 +6,9 @@ the same seed, the same tokens. ``peftlab.eval.decode`` re-exports it.
 
 Hugging Face ``generate`` wraps each token in 30 layers of module calls, cache objects, mask
 building and logits processors. This decoder runs the same math with the fewest ops it can
-(at batch 1 both end up bound by memory bandwidth — every weight is read once per token —
-so the gain is largest in bf16 and at larger batches; benchmarks/README.md):
+(at batch 1 every weight is read once per token, so the products are matrix-vector ones; torch's
+CPU GEMV runs them on one thread, and ``linear`` below spreads each over the threads with the
+same bits: 2.1x HF ``generate`` at batch 1 in fp32, benchmarks/README.md):
 
     per layer:  h = rms(x) ; [q k v] = h W_qkv^T            (q/k/v fused into one GEMM)
                 q, k = rope(q), rope(k) ; K[:, t], V[:, t] = k, v     (preallocated cache)

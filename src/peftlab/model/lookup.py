@@ -2,7 +2,7 @@
 
 Saxena 2023, "Prompt Lookup Decoding" (github.com/apoorvumang/prompt-lookup-decoding); Hugging
 Face ``generate(prompt_lookup_num_tokens=k)`` implements the same idea. At batch 1 in fp32 a
-token costs one pass over every weight (benchmarks/README.md: bound by memory bandwidth), and a
+token costs one pass over every weight (matrix-vector products, benchmarks/README.md), and a
 forward over k+1 positions reads the same weights once, so it costs about as much as one token.
 Text that copies from its prompt (rewriting, extraction, code edits, quoting) can be drafted for
 free by looking the last n-gram up in the text so far:
