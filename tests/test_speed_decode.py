@@ -201,3 +201,28 @@ def test_lean_greedy_at_two_threads_takes_the_split_products_and_equals_hf(monke
         got = decode.lean_greedy(model, ids, mask, 16, [10_000], 0)
     assert calls, "batch-1 decoding at 2 threads should run its products through the split GEMV"
     assert torch.equal(got, ref)
+
+
+def test_split_products_of_several_rows_take_bmm_up_to_max_rows():
+    """Prompt lookup's verify forwards (2-16 rows) split too: F.linear's values, rows in order, within
+    fp32 rounding (a small GEMM per block may round differently from one over the whole); more rows than max_rows, or max_rows 1 (plain decoding), take F.linear."""
+    from peftlab.model.decode import linear
+
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(960, 576, generator=g), torch.randn(960, generator=g)
+    with _threads(2):
+        for rows in (2, 5, 11, 16):
+            x = torch.randn(1, rows, 576, generator=g)
+            got = linear(x, w, b, max_rows=16)
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)  # outputs ~ 24
+        calls = []
+        real_bmm = torch.bmm
+        try:
+            torch.bmm = lambda *a: calls.append(1) or real_bmm(*a)
+            linear(torch.randn(17, 576, generator=g), w, b, max_rows=16)
+            linear(torch.randn(3, 576, generator=g), w, b)
+            assert not calls
+            linear(torch.randn(3, 576, generator=g), w, b, max_rows=16)
+            assert calls
+        finally:
+            torch.bmm = real_bmm

@@ -167,7 +167,7 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * h.to(dtype)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, max_rows: int = 1) -> torch.Tensor:
     """``F.linear(x, w, b)``, the same bits, with a one-row fp32 product on the CPU spread over the threads.
 
     At batch 1 every product is a matrix-vector one, and torch's CPU GEMV runs on one thread
@@ -175,13 +175,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     2-core EPYC, the same at 1 and 2 threads). Cut into p blocks of rows, ``w`` becomes a batch of
     p GEMVs, and ``bmm`` hands one block to each thread: every output is the same dot product over
     the same inputs in the same order, so the result equals ``F.linear``'s bit for bit
-    (tests/test_speed_decode.py) at 1.7-1.9x its speed on the decoder's shapes."""
+    (tests/test_speed_decode.py) at 1.7-1.9x its speed on the decoder's shapes.
+
+    ``max_rows`` > 1 lets products of up to that many rows take the split too (1.05-1.3x at 5-16
+    rows, 1.5-2x at 2-4). Those are small GEMMs, whose kernel may round differently per block than
+    over the whole matrix (seen at 5 rows), so only prompt lookup's verify forwards use it: their
+    several-row products already round differently from one-token decoding (model/lookup.py)."""
     p = torch.get_num_threads()
     out_f, in_f = w.shape
-    if p < 2 or x.numel() != in_f or x.dtype != torch.float32 or x.device.type != "cpu" or out_f % p:
+    rows = x.numel() // in_f if x.shape[-1] == in_f else 0
+    if (p < 2 or not 1 <= rows <= max_rows or x.dtype != torch.float32 or x.device.type != "cpu"
+            or out_f % p):
         return F.linear(x, w, b)
-    y = torch.bmm(x.reshape(1, 1, in_f).expand(p, 1, in_f), w.view(p, out_f // p, in_f).transpose(1, 2))
-    y = y.reshape(*x.shape[:-1], out_f)
+    y = torch.bmm(x.reshape(1, rows, in_f).expand(p, rows, in_f), w.view(p, out_f // p, in_f).transpose(1, 2))
+    y = y.transpose(0, 1).reshape(*x.shape[:-1], out_f)  # [p, rows, O/p] -> rows of [block 0 | block 1 | ...]
     return y if b is None else y + b
 
 
@@ -192,11 +199,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def run_layers(lw: LeanWeights, cache: list[torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               start: int, attn_mask: torch.Tensor) -> torch.Tensor:
+               start: int, attn_mask: torch.Tensor, max_rows: int = 1) -> torch.Tensor:
     """The decoder layers over n new positions start..start+n-1: embeddings x [B, n, H] -> hidden
     states [B, n, H] before the final norm. cos, sin [B, 1, n, hd]; cache = [K, V], each
     [layers, B, n_kv, T, hd], receives the new positions' keys and values, and attention reads
-    positions 0..start+n-1 of it under attn_mask [B, 1, n, start+n] (additive)."""
+    positions 0..start+n-1 of it under attn_mask [B, 1, n, start+n] (additive). Products of up to
+    ``max_rows`` rows are split over the threads (``linear``)."""
     bb, n, _ = x.shape
     nh, nkv, hd = lw.n_heads, lw.n_kv, lw.head_dim
     q_size, kv_size = nh * hd, nkv * hd
@@ -213,7 +221,7 @@ def run_layers(lw: LeanWeights, cache: list[torch.Tensor], x: torch.Tensor, cos:
                              for a, z in ((0, q_size), (q_size, q_size + kv_size),
                                           (q_size + kv_size, q_size + 2 * kv_size))], dim=-1)
         else:
-            qkv = linear(h, w_qkv, b_qkv)
+            qkv = linear(h, w_qkv, b_qkv, max_rows)
         q = qkv[..., :q_size].view(bb, n, nh, hd).transpose(1, 2)
         k = qkv[..., q_size:q_size + kv_size].view(bb, n, nkv, hd).transpose(1, 2)
         v = qkv[..., q_size + kv_size:].view(bb, n, nkv, hd).transpose(1, 2)
@@ -222,15 +230,15 @@ def run_layers(lw: LeanWeights, cache: list[torch.Tensor], x: torch.Tensor, cos:
         v_cache[i, :, :, start:start + n] = v
         keys, vals = k_cache[i, :, :, :start + n], v_cache[i, :, :, :start + n]
         o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
-        x = x + linear(o.transpose(1, 2).reshape(bb, n, q_size), w_o, b_o)
+        x = x + linear(o.transpose(1, 2).reshape(bb, n, q_size), w_o, b_o, max_rows)
         h = _rms(x, n2, e2)
         if split:
             half = w_gu.shape[0] // 2
             g = F.linear(h, w_gu[:half], None if b_gu is None else b_gu[:half])
             u = F.linear(h, w_gu[half:], None if b_gu is None else b_gu[half:])
         else:
-            g, u = linear(h, w_gu, b_gu).chunk(2, dim=-1)
-        x = x + linear(F.silu(g) * u, w_d, b_d)
+            g, u = linear(h, w_gu, b_gu, max_rows).chunk(2, dim=-1)
+        x = x + linear(F.silu(g) * u, w_d, b_d, max_rows)
     return x
 
 

@@ -3,7 +3,8 @@
 Saxena 2023, "Prompt Lookup Decoding" (github.com/apoorvumang/prompt-lookup-decoding); Hugging
 Face ``generate(prompt_lookup_num_tokens=k)`` implements the same idea. At batch 1 in fp32 a
 token costs one pass over every weight (matrix-vector products, benchmarks/README.md), and a
-forward over k+1 positions reads the same weights once, so it costs about as much as one token.
+forward over k+1 positions reads the same weights once: on the 2-core EPYC it costs 1.5-2x a
+one-token step (k = 4-10), not k+1 steps.
 Text that copies from its prompt (rewriting, extraction, code edits, quoting) can be drafted for
 free by looking the last n-gram up in the text so far:
 
@@ -31,6 +32,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from .decode import _rms, lean_weights, linear, run_layers
+
+VERIFY_SPLIT_ROWS = 16  # verify forwards of up to this many positions split their products over the threads
 
 
 def check_setting(lookup: int, temperature: float = 0.0, flag: str = "lookup",
@@ -94,11 +97,12 @@ def lookup_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         n = ids.shape[0]
         future = positions[None, :start + n] > positions[start:start + n, None]  # query i sees keys <= start + i
         mask = torch.zeros(1, 1, n, start + n, dtype=dtype, device=dev).masked_fill_(future, neg)
+        split = 1 if last_only else VERIFY_SPLIT_ROWS  # the prefill's products round as plain decoding's
         x = run_layers(lw, cache, F.embedding(ids[None], lw.embed), cos[:, :, start:start + n],
-                       sin[:, :, start:start + n], start, mask)[0]
+                       sin[:, :, start:start + n], start, mask, split)[0]
         if last_only:
             x = x[-1:]
-        return linear(_rms(x, *lw.final_norm), lw.head).float().argmax(-1)
+        return linear(_rms(x, *lw.final_norm), lw.head, None, split).float().argmax(-1)
 
     eos = torch.tensor(sorted(set(eos_ids)), dtype=prompt.dtype, device=dev)
     seq = torch.empty(total, dtype=prompt.dtype, device=dev)
