@@ -50,6 +50,10 @@ def test_form_has_every_key_of_every_section_and_the_methods_own(board):
         assert got == want - {"train.output_dir", "train.overwrite"}, method  # the board places runs itself
         lr = next(f for s in schema["sections"] for f in s["fields"] if f["key"] == "train.lr")
         assert float(lr["default"]) == load_config(None, [f"peft.method={method}"]).train.lr, method  # the method's own
+        for objective, text in lr["by_objective"].items():  # what the page shows as train.objective changes
+            want = load_config(None, [f"peft.method={method}", f"train.objective={objective}"]).train.lr
+            assert float(text) == pytest.approx(want), (method, objective)
+        assert float(lr["by_objective"]["grpo"]) == pytest.approx(float(lr["default"]) / 5)
     lora = httpx.get(f"{url}/api/schema").json()["sections"]
     train = {f["key"]: f for f in lora[3]["fields"]}
     assert train["train.lr"]["default"] == "0.0005" and train["train.schedule"]["choices"][0] == "cosine"

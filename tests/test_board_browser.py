@@ -138,6 +138,18 @@ def test_form_launch_watch_done(board, page):
     assert shown == ia3, (shown, ia3)  # IA3's own keys, LoRA's gone
     page.select_option("#method", "lora")
     page.wait_for_selector("[id='f-peft.r']")
+    # train.lr left as it is follows the objective (GRPO: a fifth of LoRA's 5e-4); a typed one stays
+    lr = page.locator("[id='f-train.lr']")
+    assert lr.input_value() == "0.0005"
+    page.select_option("[id='f-train.objective']", "grpo")
+    assert lr.input_value() == "0.0001" and "default: 0.0001" in page.inner_text("[id='help-train.lr']")
+    page.select_option("[id='f-train.objective']", "lm")
+    assert lr.input_value() == "0.0005"
+    lr.fill("0.002")
+    page.select_option("[id='f-train.objective']", "grpo")
+    assert lr.input_value() == "0.002"
+    page.select_option("[id='f-train.objective']", "lm")
+    lr.fill("0.0005")
     shot(page, "new")
     launch_and_watch(page, url, ws, "r4", {"peft.r": "4", "train.steps": str(STEPS)})
     shot(page, "run")

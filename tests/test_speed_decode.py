@@ -159,7 +159,7 @@ def _threads(n: int):
 
 def test_split_gemv_equals_f_linear_bit_for_bit(monkeypatch):
     """decode.linear cuts a one-row fp32 product into one block of rows per thread (a bmm) and must
-    give F.linear's exact bits: the decoder's shapes (SmolLM2, Qwen2-0.5B), with and without bias;
+    give F.linear's exact bits: the decoder's shapes (SmolLM2, Qwen2-0.5B; a head-like 8192 rows), with and without bias;
     shapes it cannot cut evenly, several rows, and non-fp32 inputs take F.linear itself."""
     from peftlab.model.decode import linear
 
@@ -167,7 +167,7 @@ def test_split_gemv_equals_f_linear_bit_for_bit(monkeypatch):
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[1].shape) or real_bmm(*a))
     g = torch.Generator().manual_seed(0)
-    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (1152, 896), (896, 4864), (97, 64)]
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536), (8192, 576), (1152, 896), (896, 4864), (97, 64)]
     for threads in (2, 3, 4):
         with _threads(threads):
             for out_f, in_f in shapes:

@@ -102,6 +102,7 @@ def schema(method: str = "lora") -> dict:
     sections = [{"name": s, "fields": section_fields(s, classes[s])} for s in ORDER]
     for f in (f for s in sections for f in s["fields"] if f["key"] == "train.lr"):
         f["default"] = as_text(default_lr(m.config_cls))  # unset, the run takes the method's own
+        f["by_objective"] = {o: as_text(default_lr(m.config_cls, o)) for o in OBJECTIVES}  # the page follows train.objective
         f["help"] = f"{m.name}'s own learning rate when left as it is (train.objective=grpo takes a fifth of it)"
     return {"method": m.name, "sections": sections}
 
