@@ -428,7 +428,9 @@ CONTRACT: dict[str, list[Case]] = {
     "lora": [
         Case("lora", SMALL, lora_expected),
         Case("rslora", {**SMALL, "use_rslora": True}, lora_expected),
-        Case("lora_gaussian", {**SMALL, "init": "gaussian"}, lora_expected),
+        # merge_atol 2e-5: Gaussian A's larger delta put one logit of 1.2M at 1.04e-5 x the largest
+        # on an AVX-512 CPU (the fp64 run still checks 1e-9)
+        Case("lora_gaussian", {**SMALL, "init": "gaussian"}, lora_expected, merge_atol=2e-5),
         # PiSSA/OLoRA factors are large (sqrt of singular values): fp32 rounding, amplified by the tiny
         # models' large init, reaches ~1.3e-5 of the logits' scale; the fp64 merge run proves exactness
         Case("pissa", {**SMALL, "init": "pissa"}, lora_expected, randomize=("lora_A", "lora_B"),

@@ -143,9 +143,11 @@ def test_a_run_that_learnt_all_it_could_gets_no_verdict(tmp_path, capsys):
 
 
 def test_a_run_that_memorises_is_told_it_overfits(tmp_path, capsys):
-    """LoRA at 1e-2 on 32 records: by step 12 the eval loss turns up and keeps rising while the
-    train loss falls; the advice names the best evaluation's step."""
-    d = run(tmp_path, "late", 32, "train.lr=1e-2", "train.steps=24", "train.eval_every=6")
+    """LoRA at 2e-2 on 32 records: after step 12 the eval loss turns up and keeps rising while the
+    train loss falls; the advice names the best evaluation's step. (At 1e-2 the turn was 2.1%
+    on an AVX2 CPU and 0.5% on an AVX-512 one, whose fp32 kernels round differently; at 2e-2 it
+    is 8% on the AVX-512 CPU: 12.46, 12.37, 12.86, 13.37.)"""
+    d = run(tmp_path, "late", 32, "train.lr=2e-2", "train.steps=24", "train.eval_every=6")
     assert d is not None and d["code"] == "overfitting", d
     best = d["evidence"]["best_step"]
     assert best < 24 and f"train.steps={best}" in d["advice"]

@@ -320,7 +320,9 @@ def test_disconnect_cancels_the_row(busy):
         health = _settled(url, within=5.0)
         assert health["running"] == 0 and health["waiting"] == 0, (stream, health)  # the row is free
         generated = health["stats"]["tokens"] - before["tokens"]
-        assert generated < BUSY_TOKENS // 4, (stream, generated)
+        # stopped long before the end: ~150 tokens on the AVX2 CPU (7 ms a token), 536 on an AVX-512
+        # one where the tiny model decodes ~3x faster (the client waits 1 s before it goes away)
+        assert generated < BUSY_TOKENS // 2, (stream, generated)
         assert health["stats"]["cancelled"] == before["cancelled"] + 1
     _quiet_log(busy)
 
