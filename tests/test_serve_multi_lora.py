@@ -365,3 +365,30 @@ def test_per_layer_ranks_and_alphas_are_served_as_peft_reads_them(tmp_path):
     (tmp_path / "pattern" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=r"v_proj has rank 2 in the weights file but r=3"):
         mm.check_dir("again", tmp_path / "pattern")
+
+
+def test_one_row_decode_steps_split_their_products_with_the_same_bits(setup, monkeypatch):
+    """The served model's plain linear layers take decode.linear: at 2 threads a one-token forward
+    runs its products as bmm over row blocks, and its logits equal those of the same served model
+    with its layers' own forward, bit for bit."""
+    base, dirs, _ = setup
+    mm = _multi(base, {"a": dirs["a"]})
+    mm.set_active("a")
+    linears = [m for m in mm.model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all("forward" in vars(m) for m in linears)  # GPT-2: its lm_head (the rest is Conv1D)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            calls = []
+            real_bmm = torch.bmm
+            monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
+            got = mm(input_ids=IDS[:1, :1]).logits
+            assert bool(calls) == any(m.out_features % 2 == 0 for m in linears)  # GPT-2's odd vocabulary: none
+            monkeypatch.setattr(torch, "bmm", real_bmm)
+            for m in linears:
+                del m.forward  # the class's own forward again
+            ref = mm(input_ids=IDS[:1, :1]).logits
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got, ref)

@@ -30,6 +30,8 @@ a static RoPE type, plain or LoRA linear layers); anything else is left to HF ``
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -190,6 +192,23 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, max_
     y = torch.bmm(x.reshape(1, rows, in_f).expand(p, rows, in_f), w.view(p, out_f // p, in_f).transpose(1, 2))
     y = y.transpose(0, 1).reshape(*x.shape[:-1], out_f)  # [p, rows, O/p] -> rows of [block 0 | block 1 | ...]
     return y if b is None else y + b
+
+
+def _split_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, module.weight, module.bias)
+
+
+def split_products(model: nn.Module) -> int:
+    """Give every plain ``nn.Linear`` of ``model`` ``linear`` as its forward (an attribute of the
+    instance; hooks still run): the same bits, with one-row products spread over the threads. For
+    a model decoded through Hugging Face's forward at batch 1 (the serving engine). Returns how many
+    layers it changed; a layer already changed is left as it is."""
+    changed = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and "forward" not in vars(m):
+            m.forward = functools.partial(_split_forward, m)
+            changed += 1
+    return changed
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from ..export.adapter import (
     read_adapter_config,
 )
 from ..io import atomic_dir
+from ..model.decode import split_products
 from ..model.params import freeze
 from ..model.targets import is_linear, linear_shape, peft_target_modules, set_submodule
 from ..registry import PEFT_PREFIX
@@ -77,6 +78,7 @@ class MultiLoRAModel(nn.Module):
         super().__init__()
         self.model = model
         freeze(model)
+        split_products(model)  # decode steps at batch 1: one-row products over the threads, the same bits
         self.router = Router(mode)
         self.adapters: dict[str, AdapterInfo] = {}
         self.active: str | None = None
