@@ -12,6 +12,7 @@ the head's size only costs time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -150,6 +151,18 @@ def randomize(module: torch.nn.Module, names=("lora_B",), std: float = 0.1, seed
         for n, p in module.named_parameters():
             if any(part in names for part in n.split(".")):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@contextlib.contextmanager
+def at_threads(n: int):
+    """Run the body at ``n`` intra-op threads (decode.linear's split products need 2 or more),
+    then restore the count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.fixture

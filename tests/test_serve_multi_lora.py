@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from conftest import at_threads
 from peftlab.errors import ConfigError
 from peftlab.export.adapter import load_adapter
 from peftlab.serve.multi_lora import MultiLoRAModel
@@ -376,19 +377,14 @@ def test_one_row_decode_steps_split_their_products_with_the_same_bits(setup, mon
     mm.set_active("a")
     linears = [m for m in mm.model.modules() if type(m) is torch.nn.Linear]
     assert linears and all("forward" in vars(m) for m in linears)  # GPT-2: its lm_head (the rest is Conv1D)
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            calls = []
-            real_bmm = torch.bmm
-            monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
-            got = mm(input_ids=IDS[:1, :1]).logits
-            assert bool(calls) == any(m.out_features % 2 == 0 for m in linears)  # GPT-2's odd vocabulary: none
-            monkeypatch.setattr(torch, "bmm", real_bmm)
-            for m in linears:
-                del m.forward  # the class's own forward again
-            ref = mm(input_ids=IDS[:1, :1]).logits
-    finally:
-        torch.set_num_threads(old)
+    with at_threads(2), torch.no_grad():
+        calls = []
+        real_bmm = torch.bmm
+        monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
+        got = mm(input_ids=IDS[:1, :1]).logits
+        assert bool(calls) == any(m.out_features % 2 == 0 for m in linears)  # GPT-2's odd vocabulary: none
+        monkeypatch.setattr(torch, "bmm", real_bmm)
+        for m in linears:
+            del m.forward  # the class's own forward again
+        ref = mm(input_ids=IDS[:1, :1]).logits
     assert torch.equal(got, ref)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import randomize, tiny_model
+from conftest import at_threads, randomize, tiny_model
 from peftlab.eval import decode
 from peftlab.methods import lora as lora_mod
 from peftlab.methods.lora import LoRAConfig
@@ -142,21 +142,6 @@ def test_repeated_rows_share_one_prefill_and_still_equal_hf():
     assert not torch.equal(sampled[0], sampled[1]) and torch.equal(sampled[:, :ids.shape[1]], ids)
 
 
-def _threads(n: int):
-    """A context that runs its body at ``n`` intra-op threads and restores the count."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        old = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(old)
-    return ctx()
-
-
 def test_split_gemv_equals_f_linear_bit_for_bit(monkeypatch):
     """decode.linear cuts a one-row fp32 product into one block of rows per thread (a bmm) and must
     give F.linear's exact bits: the decoder's shapes (SmolLM2, Qwen2-0.5B; a head-like 8192 rows), with and without bias;
@@ -169,7 +154,7 @@ def test_split_gemv_equals_f_linear_bit_for_bit(monkeypatch):
     g = torch.Generator().manual_seed(0)
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536), (8192, 576), (1152, 896), (896, 4864), (97, 64)]
     for threads in (2, 3, 4):
-        with _threads(threads):
+        with at_threads(threads):
             for out_f, in_f in shapes:
                 w, b = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g)
                 for x in (torch.randn(1, in_f, generator=g), torch.randn(1, 1, in_f, generator=g)):
@@ -179,7 +164,7 @@ def test_split_gemv_equals_f_linear_bit_for_bit(monkeypatch):
                         assert got.shape == (*x.shape[:-1], out_f)
                         assert torch.equal(got, torch.nn.functional.linear(x, w, bias)), (threads, out_f, in_f)
                         assert len(calls) == (out_f % threads == 0), (threads, out_f, calls)
-    with _threads(2):
+    with at_threads(2):
         w = torch.randn(64, 32, generator=g)
         for x in (torch.randn(3, 32, generator=g), torch.randn(1, 32, generator=g).bfloat16()):
             calls.clear()
@@ -193,7 +178,7 @@ def test_lean_greedy_at_two_threads_takes_the_split_products_and_equals_hf(monke
     randomize(model, std=0.3)
     model.eval()
     ids, mask = _prompts(1, seed=11)
-    with _threads(2):
+    with at_threads(2):
         ref = _hf(model, ids, mask, 16, [10_000])
         calls = []
         real_bmm = torch.bmm
@@ -203,26 +188,23 @@ def test_lean_greedy_at_two_threads_takes_the_split_products_and_equals_hf(monke
     assert torch.equal(got, ref)
 
 
-def test_split_products_of_several_rows_take_bmm_up_to_max_rows():
+def test_split_products_of_several_rows_take_bmm_up_to_max_rows(monkeypatch):
     """Prompt lookup's verify forwards (2-16 rows) split too: F.linear's values, rows in order, within
     fp32 rounding (a small GEMM per block may round differently from one over the whole); more rows than max_rows, or max_rows 1 (plain decoding), take F.linear."""
     from peftlab.model.decode import linear
 
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(960, 576, generator=g), torch.randn(960, generator=g)
-    with _threads(2):
+    with at_threads(2):
         for rows in (2, 5, 11, 16):
             x = torch.randn(1, rows, 576, generator=g)
             got = linear(x, w, b, max_rows=16)
             torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)  # outputs ~ 24
         calls = []
         real_bmm = torch.bmm
-        try:
-            torch.bmm = lambda *a: calls.append(1) or real_bmm(*a)
-            linear(torch.randn(17, 576, generator=g), w, b, max_rows=16)
-            linear(torch.randn(3, 576, generator=g), w, b)
-            assert not calls
-            linear(torch.randn(3, 576, generator=g), w, b, max_rows=16)
-            assert calls
-        finally:
-            torch.bmm = real_bmm
+        monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
+        linear(torch.randn(17, 576, generator=g), w, b, max_rows=16)
+        linear(torch.randn(3, 576, generator=g), w, b)
+        assert not calls
+        linear(torch.randn(3, 576, generator=g), w, b, max_rows=16)
+        assert calls
